@@ -1,0 +1,118 @@
+//! Builds the running agent from one [`Config`] and runs it until a stop signal.
+//!
+//! Order matters and is chosen so that failures are loud and early: check eBPF
+//! prerequisites, open the store, bind every listener (a port conflict fails here),
+//! attach eBPF last, then serve. On stop: stop accepting, drain, detach.
+
+use std::sync::Arc;
+
+use crate::{
+    api,
+    config::{Config, StoreUrl},
+    redirect::{self, RedirectConfig, Redirector},
+    shutdown::{DRAIN_DEADLINE, Shutdown, Signal, Signals},
+    store::{self, Store},
+};
+
+/// Everything the API handlers and proxies share.
+#[derive(Debug)]
+pub struct Agent {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    /// Present when the agent runs with `--cgroup`.
+    pub redirect: Option<Arc<Redirector>>,
+    pub shutdown: Shutdown,
+}
+
+/// Why the agent could not start or stopped with a failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Redirect(#[from] redirect::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Api(#[from] api::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("the HTTP API failed: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the etcd store is not available in this build yet")]
+    EtcdUnsupported,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), Error> {
+    tracing::info!(config = ?config, "starting connect-agent");
+    if let Some(cgroup) = &config.cgroup {
+        redirect::preflight(cgroup)?;
+    }
+    let mut signals = Signals::install().map_err(Error::Signals)?;
+    let store = open_store(&config).await?;
+    let http = api::bind(config.http_addr).await?;
+
+    let redirect = match &config.cgroup {
+        Some(cgroup) => {
+            let r = Redirector::attach(
+                cgroup,
+                RedirectConfig {
+                    proxy: config.outbound_addr,
+                    debug: false,
+                },
+            )?;
+            tracing::info!(cgroup = %cgroup.display(), "eBPF programs attached");
+            Some(Arc::new(r))
+        }
+        None => None,
+    };
+
+    let shutdown = Shutdown::new();
+    let agent = Arc::new(Agent {
+        config,
+        store,
+        redirect,
+        shutdown: shutdown.clone(),
+    });
+
+    let stop = shutdown.stop.clone();
+    let server = tokio::spawn(api::serve(http, agent.clone(), async move {
+        stop.cancelled().await
+    }));
+    tracing::info!(addr = %agent.config.http_addr, "HTTP API listening");
+
+    loop {
+        match signals.next().await {
+            Signal::Stop => break,
+            Signal::Reload => tracing::info!("reload requested"),
+        }
+    }
+    tracing::info!("stopping");
+    shutdown.drain(DRAIN_DEADLINE).await;
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Serve(e)),
+        Err(e) => tracing::error!(error = %e, "HTTP API task failed"),
+    }
+    drop(agent);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Error> {
+    match &config.store {
+        StoreUrl::Embedded => {
+            std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
+            Ok(Arc::new(store::memory::MemStore::new()))
+        }
+        StoreUrl::Etcd { .. } => Err(Error::EtcdUnsupported),
+    }
+}

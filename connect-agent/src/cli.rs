@@ -1,0 +1,151 @@
+//! The command line: `connect-agent [flags]` runs the agent; subcommands talk to a
+//! running agent's HTTP API, with flags and output like `consul`'s.
+//!
+//! Consul's CLI takes Go-style flags (`-service web`, `-http-addr=...`); clap wants
+//! `--service`. [`normalize_args`] rewrites single-dash long flags before parsing, so
+//! both spellings work, as they do for `consul`.
+
+pub mod http;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::AgentArgs;
+
+/// Connect: service identities, intentions and transparent mutual TLS for a node.
+#[derive(Debug, Parser)]
+#[command(
+    name = "connect-agent",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub agent: AgentArgs,
+}
+
+/// Subcommands that talk to a running agent.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ask the running agent to re-read its config directory (like SIGHUP).
+    Reload(http::HttpArgs),
+}
+
+/// Rewrites `-flag` and `-flag=value` to `--flag...` (Go flag style, as `consul`
+/// takes), leaving short flags (`-h`, `-V`), negative numbers, lone `-` and
+/// everything after `--` alone.
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut passthrough = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        if i == 0 || passthrough {
+            out.push(arg);
+            continue;
+        }
+        let Some(s) = arg.to_str() else {
+            out.push(arg);
+            continue;
+        };
+        if s == "--" {
+            passthrough = true;
+            out.push(arg);
+            continue;
+        }
+        let is_go_long = s.starts_with('-')
+            && !s.starts_with("--")
+            && s.len() > 2
+            && s[1..]
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic())
+            && s[1..].split('=').next().is_some_and(|name| name.len() > 1);
+        if is_go_long {
+            out.push(OsString::from(format!("-{s}")));
+        } else {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+/// Runs a subcommand and turns its result into Consul's exit codes.
+pub async fn run(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Reload(args) => reload(&args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn reload(args: &http::HttpArgs) -> anyhow::Result<ExitCode> {
+    let client = http::Client::new(args)?;
+    client.put_empty("/v1/agent/reload").await?;
+    println!("Configuration reload triggered");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(args: &[&str]) -> Vec<String> {
+        normalize_args(args.iter().map(OsString::from))
+            .into_iter()
+            .map(|s| s.into_string().expect("utf-8"))
+            .collect()
+    }
+
+    #[test]
+    fn go_style_flags_become_long_flags() {
+        assert_eq!(
+            norm(&[
+                "c",
+                "proxy",
+                "-service",
+                "web",
+                "-upstream=socat:9191",
+                "--x",
+                "-h",
+                "-1",
+                "-",
+                "--",
+                "-raw"
+            ]),
+            [
+                "c",
+                "proxy",
+                "--service",
+                "web",
+                "--upstream=socat:9191",
+                "--x",
+                "-h",
+                "-1",
+                "-",
+                "--",
+                "-raw"
+            ]
+        );
+    }
+
+    #[test]
+    fn cli_parses() {
+        Cli::try_parse_from(norm(&["connect-agent", "--dev"])).expect("agent flags");
+        Cli::try_parse_from(norm(&[
+            "connect-agent",
+            "reload",
+            "-http-addr",
+            "127.0.0.1:8500",
+        ]))
+        .expect("reload");
+    }
+}

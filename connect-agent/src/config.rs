@@ -1,0 +1,206 @@
+//! The agent's flags, turned into one validated [`Config`] before anything binds.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+};
+
+use clap::Args;
+
+use crate::identity::Datacenter;
+
+/// Default HTTP API address (Consul's).
+pub const DEFAULT_HTTP_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8500);
+/// Default DNS address (Consul's).
+pub const DEFAULT_DNS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8600);
+/// Default transparent outbound listener; eBPF redirects here.
+pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15001);
+/// Default inbound mTLS port on the node's address.
+pub const DEFAULT_INBOUND_PORT: u16 = 20000;
+
+/// Flags of `connect-agent` when it runs the agent.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// cgroup (v2) directory whose processes are the applications: eBPF programs attach
+    /// here and cover every cgroup below it. Without it, no transparent redirection.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Directory of service definition files (`*.json`, Consul's shape).
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Where durable state lives (the embedded store).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/connect")]
+    pub data_dir: PathBuf,
+
+    /// Development mode: state in a temporary directory, intentions default to allow.
+    #[arg(long)]
+    pub dev: bool,
+
+    /// Address of the HTTP API. Plaintext HTTP binds loopback only.
+    #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_HTTP_ADDR)]
+    pub http_addr: SocketAddr,
+
+    /// Address of the DNS server (UDP and TCP).
+    #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_DNS_ADDR)]
+    pub dns_addr: SocketAddr,
+
+    /// The transparent outbound listener that eBPF sends redirected connections to.
+    #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_OUTBOUND_ADDR)]
+    pub outbound_addr: SocketAddr,
+
+    /// The inbound mTLS listener other nodes dial (default: the advertise address, port 20000).
+    #[arg(long, value_name = "ADDR")]
+    pub inbound_addr: Option<SocketAddr>,
+
+    /// The node's address, used for services registered without one.
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    pub advertise_addr: IpAddr,
+
+    /// This node's name in the catalog (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// Datacenter name, part of every SPIFFE ID.
+    #[arg(long, value_name = "DC", default_value = "dc1")]
+    pub datacenter: Datacenter,
+
+    /// Where cluster state lives: `embedded` (a file under --data-dir) or
+    /// `etcd://host:port,host:port`.
+    #[arg(long, value_name = "URL", default_value = "embedded")]
+    pub store: String,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// Validated configuration of a running agent.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cgroup: Option<PathBuf>,
+    pub config_dir: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub dev: bool,
+    pub http_addr: SocketAddr,
+    pub dns_addr: SocketAddr,
+    pub outbound_addr: std::net::SocketAddrV4,
+    pub inbound_addr: SocketAddr,
+    pub advertise_addr: IpAddr,
+    pub node_name: String,
+    pub datacenter: Datacenter,
+    pub store: StoreUrl,
+    /// The decision when no intention matches: allow in `--dev`, deny otherwise.
+    pub default_allow: bool,
+}
+
+/// Where cluster state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Embedded,
+    Etcd { endpoints: Vec<String> },
+}
+
+/// A flag value the agent cannot run with. The user is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "--http-addr {0} is not a loopback address: plaintext HTTP binds loopback only (use --https-addr for remote access)"
+    )]
+    HttpNotLoopback(SocketAddr),
+    #[error("--store {0:?} is invalid: expected `embedded` or `etcd://host:port[,host:port...]`")]
+    Store(String),
+    #[error("--outbound-addr {0} must be an IPv4 address: eBPF redirects IPv4 connections")]
+    OutboundNotV4(SocketAddr),
+    #[error("--node-name {0:?} is invalid: {1}")]
+    NodeName(String, &'static str),
+}
+
+impl AgentArgs {
+    /// Checks the flags and fills in defaults that depend on each other.
+    pub fn into_config(self) -> Result<Config, Error> {
+        if !self.http_addr.ip().is_loopback() {
+            return Err(Error::HttpNotLoopback(self.http_addr));
+        }
+        let outbound_addr = match self.outbound_addr {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => return Err(Error::OutboundNotV4(self.outbound_addr)),
+        };
+        let store = parse_store(&self.store)?;
+        let node_name = match self.node_name {
+            Some(n) => n,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "node".to_owned()),
+        };
+        if node_name.is_empty()
+            || node_name.len() > 128
+            || node_name.chars().any(char::is_whitespace)
+        {
+            return Err(Error::NodeName(
+                node_name,
+                "it must be 1-128 characters without spaces",
+            ));
+        }
+        let inbound_addr = self
+            .inbound_addr
+            .unwrap_or(SocketAddr::new(self.advertise_addr, DEFAULT_INBOUND_PORT));
+        Ok(Config {
+            cgroup: self.cgroup,
+            config_dir: self.config_dir,
+            data_dir: self.data_dir,
+            dev: self.dev,
+            http_addr: self.http_addr,
+            dns_addr: self.dns_addr,
+            outbound_addr,
+            inbound_addr,
+            advertise_addr: self.advertise_addr,
+            node_name,
+            datacenter: self.datacenter,
+            store,
+            default_allow: self.dev,
+        })
+    }
+}
+
+fn parse_store(s: &str) -> Result<StoreUrl, Error> {
+    if s == "embedded" {
+        return Ok(StoreUrl::Embedded);
+    }
+    let rest = s
+        .strip_prefix("etcd://")
+        .ok_or_else(|| Error::Store(s.to_owned()))?;
+    let endpoints: Vec<String> = rest.split(',').map(str::trim).map(str::to_owned).collect();
+    if endpoints.iter().any(|e| e.is_empty() || !e.contains(':')) {
+        return Err(Error::Store(s.to_owned()));
+    }
+    Ok(StoreUrl::Etcd { endpoints })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls() {
+        assert_eq!(parse_store("embedded").ok(), Some(StoreUrl::Embedded));
+        assert_eq!(
+            parse_store("etcd://198.18.0.1:2379,198.18.0.2:2379").ok(),
+            Some(StoreUrl::Etcd {
+                endpoints: vec!["198.18.0.1:2379".into(), "198.18.0.2:2379".into()]
+            })
+        );
+        for bad in [
+            "",
+            "etcd://",
+            "etcd://host",
+            "redis://x:1",
+            "etcd://a:1,,b:2",
+        ] {
+            assert!(parse_store(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! Names and identities: [`ServiceName`], [`TrustDomain`], [`SpiffeId`].
+//!
+//! Everything a user, file or peer names enters the agent through `FromStr` here, so
+//! the rest of the code handles only valid values. `Display` round-trips `FromStr`.
+//! This module knows nothing of certificates; `ca` puts these values into them.
+
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a name or identity was refused. The input is at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("{what} {value:?} is invalid: {reason}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+fn invalid(what: &'static str, value: &str, reason: &'static str) -> Error {
+    Error::Invalid {
+        what,
+        value: value.chars().take(128).collect(),
+        reason,
+    }
+}
+
+/// Longest service name: a DNS label, so `<svc>.service.consul` stays valid.
+const MAX_NAME_LEN: usize = 63;
+
+/// Checks a DNS-label-like name: ASCII letters, digits, `-` and `_`, not starting or
+/// ending with `-`. Consul's service names follow the same rule (see the reference).
+fn check_label(what: &'static str, s: &str) -> Result<(), Error> {
+    if s.is_empty() {
+        return Err(invalid(what, s, "it is empty"));
+    }
+    if s.len() > MAX_NAME_LEN {
+        return Err(invalid(what, s, "it is longer than 63 characters"));
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(
+            what,
+            s,
+            "only ASCII letters, digits, '-' and '_' are allowed",
+        ));
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err(invalid(what, s, "it may not start or end with '-'"));
+    }
+    Ok(())
+}
+
+/// A service's name (`web`, `socat`). Case is kept, as Consul does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ServiceName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        check_label("service name", s)?;
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for ServiceName {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        check_label("service name", &s)?;
+        Ok(Self(s))
+    }
+}
+
+impl From<ServiceName> for String {
+    fn from(n: ServiceName) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A datacenter name (`dc1`), same rules as a service name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Datacenter(String);
+
+impl Datacenter {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Datacenter {
+    fn default() -> Self {
+        Self("dc1".to_owned())
+    }
+}
+
+impl FromStr for Datacenter {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        check_label("datacenter", s)?;
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for Datacenter {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        s.parse()
+    }
+}
+
+impl From<Datacenter> for String {
+    fn from(d: Datacenter) -> String {
+        d.0
+    }
+}
+
+impl fmt::Display for Datacenter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A SPIFFE trust domain, `<cluster-id>.consul` for the built-in CA. Lower case,
+/// DNS-like (letters, digits, `.`, `-`, `_`), as the SPIFFE ID spec requires.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TrustDomain(String);
+
+impl TrustDomain {
+    /// The trust domain of a cluster: `<cluster-id>.consul`.
+    pub fn for_cluster(cluster_id: &uuid::Uuid) -> Self {
+        Self(format!("{}.consul", cluster_id.hyphenated()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The trust domain's own SPIFFE ID, `spiffe://<td>`, carried by CA roots.
+    pub fn spiffe_uri(&self) -> String {
+        format!("spiffe://{}", self.0)
+    }
+}
+
+impl FromStr for TrustDomain {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if s.is_empty() {
+            return Err(invalid("trust domain", s, "it is empty"));
+        }
+        if s.len() > 255 {
+            return Err(invalid(
+                "trust domain",
+                s,
+                "it is longer than 255 characters",
+            ));
+        }
+        if !s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'_'
+        }) {
+            return Err(invalid(
+                "trust domain",
+                s,
+                "only lower-case letters, digits, '.', '-' and '_' are allowed",
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for TrustDomain {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        s.parse()
+    }
+}
+
+impl From<TrustDomain> for String {
+    fn from(t: TrustDomain) -> String {
+        t.0
+    }
+}
+
+impl fmt::Display for TrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A service's SPIFFE ID: `spiffe://<td>/ns/<ns>/dc/<dc>/svc/<name>`, as Consul issues.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    pub trust_domain: TrustDomain,
+    pub namespace: String,
+    pub datacenter: Datacenter,
+    pub service: ServiceName,
+}
+
+impl SpiffeId {
+    /// The ID of `service` in the default namespace.
+    pub fn service(
+        trust_domain: TrustDomain,
+        datacenter: Datacenter,
+        service: ServiceName,
+    ) -> Self {
+        Self {
+            trust_domain,
+            namespace: "default".to_owned(),
+            datacenter,
+            service,
+        }
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        const WHAT: &str = "SPIFFE ID";
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| invalid(WHAT, s, "it does not start with spiffe://"))?;
+        let (td, path) = rest
+            .split_once('/')
+            .ok_or_else(|| invalid(WHAT, s, "it has no path"))?;
+        let trust_domain: TrustDomain = td
+            .parse()
+            .map_err(|_| invalid(WHAT, s, "its trust domain is invalid"))?;
+        let parts: Vec<&str> = path.split('/').collect();
+        match parts.as_slice() {
+            ["ns", ns, "dc", dc, "svc", svc] => {
+                check_label("namespace", ns)
+                    .map_err(|_| invalid(WHAT, s, "its namespace is invalid"))?;
+                Ok(Self {
+                    trust_domain,
+                    namespace: (*ns).to_owned(),
+                    datacenter: dc
+                        .parse()
+                        .map_err(|_| invalid(WHAT, s, "its datacenter is invalid"))?,
+                    service: svc
+                        .parse()
+                        .map_err(|_| invalid(WHAT, s, "its service name is invalid"))?,
+                })
+            }
+            _ => Err(invalid(
+                WHAT,
+                s,
+                "its path is not /ns/<namespace>/dc/<datacenter>/svc/<service>",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/dc/{}/svc/{}",
+            self.trust_domain, self.namespace, self.datacenter, self.service
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names() {
+        for ok in ["web", "socat", "a", "web-2", "web_v2", "Web"] {
+            assert_eq!(
+                ok.parse::<ServiceName>().map(|n| n.to_string()).as_deref(),
+                Ok(ok)
+            );
+        }
+        let long = "x".repeat(64);
+        for bad in [
+            "",
+            "-web",
+            "web-",
+            "we b",
+            "web/1",
+            "wéb",
+            "a.b",
+            "*",
+            long.as_str(),
+        ] {
+            assert!(bad.parse::<ServiceName>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn spiffe_ids_round_trip() {
+        let s = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/web";
+        let id: SpiffeId = s.parse().expect("valid id");
+        assert_eq!(id.service.as_str(), "web");
+        assert_eq!(id.datacenter.as_str(), "dc1");
+        assert_eq!(id.to_string(), s);
+    }
+
+    #[test]
+    fn spiffe_ids_rejected() {
+        for bad in [
+            "",
+            "http://td.consul/ns/default/dc/dc1/svc/web",
+            "spiffe://td.consul",
+            "spiffe://td.consul/",
+            "spiffe://TD.consul/ns/default/dc/dc1/svc/web",
+            "spiffe://td.consul/ns/default/dc/dc1/svc/",
+            "spiffe://td.consul/ns/default/dc/dc1/svc/web/extra",
+            "spiffe://td.consul/ns/default/dc/dc1/agent/web",
+            "spiffe://td.consul/ns/default/dc/dc1/svc/we b",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn trust_domain_for_cluster() {
+        let id = uuid::Uuid::nil();
+        let td = TrustDomain::for_cluster(&id);
+        assert_eq!(td.as_str(), "00000000-0000-0000-0000-000000000000.consul");
+        assert_eq!(
+            td.spiffe_uri(),
+            "spiffe://00000000-0000-0000-0000-000000000000.consul"
+        );
+        assert_eq!(td.as_str().parse::<TrustDomain>(), Ok(td));
+    }
+}

@@ -1,0 +1,19 @@
+//! Connect's node agent.
+//!
+//! One process per node: it gives each local service a SPIFFE identity from the CA,
+//! keeps the catalog and intentions in a durable store with an in-memory cache,
+//! answers authorize checks from that cache, attaches the eBPF programs that send
+//! applications' connections to its mTLS proxy, and serves Consul's HTTP API.
+//!
+//! Modules, from the edge in: `cli` and `api` (the interfaces), `app` (wiring and
+//! lifecycle), `redirect` (eBPF), `store` (durable state), `identity` (names).
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod duration;
+pub mod identity;
+pub mod redirect;
+pub mod shutdown;
+pub mod store;

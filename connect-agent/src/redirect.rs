@@ -1,0 +1,414 @@
+//! The eBPF side of the agent: loads the embedded object, attaches its programs to
+//! the application cgroup, owns the maps, and detaches everything when dropped.
+//!
+//! What it owns: the programs' lifetime (through BPF links, so a killed agent leaves
+//! nothing attached), the maps' contents (mesh destinations and protected ports,
+//! written from the catalog; redirect records, read and removed for the proxy) and
+//! the counters. What it does not: deciding what is a mesh destination — the catalog
+//! says so and calls [`Redirector`]'s setters.
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps},
+};
+use connect_common::{
+    Config as BpfConfig, Counter, DEST_INSTANCE, DEST_VIRTUAL_IP, Ipv4Key, MeshDestination,
+    PortKey, ProtectedPort, RedirectRecord, map, program,
+};
+
+/// The kernel object, built by `cargo xtask build-ebpf` and embedded at compile time.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CONNECT_EBPF_OBJECT"));
+
+/// `statfs` magic of a cgroup v2 mount.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Why redirection could not start or a map operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "eBPF needs root (or CAP_BPF and CAP_NET_ADMIN): run connect-agent with sudo, or without --cgroup"
+    )]
+    NotRoot,
+    #[error(
+        "cgroup {path} does not exist: create it (mkdir) and move the applications into cgroups below it"
+    )]
+    CgroupMissing { path: PathBuf },
+    #[error(
+        "{path} is not a cgroup v2 directory: pass a directory under the cgroup2 mount (see `grep cgroup2 /proc/mounts`)"
+    )]
+    NotCgroup2 { path: PathBuf },
+    #[error("cannot open cgroup {path}: {source}")]
+    OpenCgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): Connect needs a kernel built with CONFIG_DEBUG_INFO_BTF"
+    )]
+    NoBtf,
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("cannot load eBPF program {name}: {source} (does the kernel support cgroup BPF?)")]
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("cannot attach eBPF program {name} to {path}: {source}")]
+    Attach {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error(
+        "the eBPF object has no {kind} named {name} (the object and the agent are out of step: rebuild with `cargo xtask build`)"
+    )]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
+/// Where redirected connections go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// The outbound listener (IPv4).
+    pub proxy: SocketAddrV4,
+    /// Emit a debug log line per redirected connection through aya-log.
+    pub debug: bool,
+}
+
+/// The origin of a redirected connection, as eBPF recorded it at `connect()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redirect {
+    /// The address the application dialed.
+    pub orig_dst: SocketAddrV4,
+    /// The cgroup (v2) id of the dialing process.
+    pub cgroup_id: u64,
+}
+
+/// Kind of a mesh destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationKind {
+    /// A service instance's `IP:port`.
+    Instance,
+    /// A service virtual IP: every port of it.
+    VirtualIp,
+}
+
+/// Loaded and attached programs plus the maps the agent drives. Dropping it detaches
+/// every program (the links close with their file descriptors).
+pub struct Redirector {
+    cgroup: PathBuf,
+    // Field order matters for drop: maps and links go before the logger.
+    mesh: Mutex<HashMap<MapData, Ipv4Key, MeshDestination>>,
+    protected: Mutex<HashMap<MapData, PortKey, ProtectedPort>>,
+    by_port: Mutex<HashMap<MapData, Ipv4Key, RedirectRecord>>,
+    counters: PerCpuArray<MapData, u64>,
+    ebpf: Ebpf,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Checks what loading needs, so the user gets one line that says what is missing.
+pub fn preflight(cgroup: &Path) -> Result<(), Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::NotRoot);
+    }
+    if !cgroup.is_dir() {
+        return Err(Error::CgroupMissing {
+            path: cgroup.to_owned(),
+        });
+    }
+    match nix::sys::statfs::statfs(cgroup) {
+        Ok(fs) if fs.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC => {}
+        _ => {
+            return Err(Error::NotCgroup2 {
+                path: cgroup.to_owned(),
+            });
+        }
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(Error::NoBtf);
+    }
+    Ok(())
+}
+
+impl Redirector {
+    /// Loads the embedded object, writes the config, and attaches every program to
+    /// `cgroup` (and so to every cgroup below it) beside programs others attached.
+    pub fn attach(cgroup: &Path, config: RedirectConfig) -> Result<Self, Error> {
+        preflight(cgroup)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        // aya-log needs its map alive for as long as the programs run; keep the logger.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(error) => {
+                tracing::debug!(%error, "eBPF logging unavailable");
+                None
+            }
+        };
+
+        let mut cfg_map: Array<MapData, BpfConfig> = take_map(&mut ebpf, map::CONFIG)?;
+        cfg_map
+            .set(
+                connect_common::CONFIG_KEY,
+                BpfConfig {
+                    proxy_ip_be: u32::from(*config.proxy.ip()).to_be(),
+                    proxy_port: config.proxy.port(),
+                    enabled: 1,
+                    debug: u8::from(config.debug),
+                },
+                0,
+            )
+            .map_err(map_err(map::CONFIG))?;
+
+        let file = File::open(cgroup).map_err(|source| Error::OpenCgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let fd = file.as_fd();
+        let attach_err = |name: &'static str| {
+            let path = cgroup.to_owned();
+            move |e: aya::programs::ProgramError| Error::Attach {
+                name,
+                path: path.clone(),
+                source: Box::new(e),
+            }
+        };
+        let load_err = |name: &'static str| {
+            move |e: aya::programs::ProgramError| Error::LoadProgram {
+                name,
+                source: Box::new(e),
+            }
+        };
+        for name in [program::CONNECT4, program::GETPEERNAME4] {
+            let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            prog.load().map_err(load_err(name))?;
+            prog.attach(fd, CgroupAttachMode::AllowMultiple)
+                .map_err(attach_err(name))?;
+        }
+        let prog: &mut SockOps = program_mut(&mut ebpf, program::SOCK_OPS)?;
+        prog.load().map_err(load_err(program::SOCK_OPS))?;
+        prog.attach(fd, CgroupAttachMode::AllowMultiple)
+            .map_err(attach_err(program::SOCK_OPS))?;
+        let prog: &mut CgroupSkb = program_mut(&mut ebpf, program::INGRESS)?;
+        prog.load().map_err(load_err(program::INGRESS))?;
+        prog.attach(
+            fd,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::AllowMultiple,
+        )
+        .map_err(attach_err(program::INGRESS))?;
+
+        Ok(Self {
+            cgroup: cgroup.to_owned(),
+            mesh: Mutex::new(take_map(&mut ebpf, map::MESH_DESTINATIONS)?),
+            protected: Mutex::new(take_map(&mut ebpf, map::PROTECTED_PORTS)?),
+            by_port: Mutex::new(take_map(&mut ebpf, map::REDIRECT_BY_PORT)?),
+            counters: take_map(&mut ebpf, map::COUNTERS)?,
+            ebpf,
+            _logger: logger,
+        })
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Makes `addr` a mesh destination: connections to it go to the proxy.
+    pub fn add_destination(&self, addr: SocketAddrV4, kind: DestinationKind) -> Result<(), Error> {
+        let (port, kind) = match kind {
+            DestinationKind::Instance => (addr.port(), DEST_INSTANCE),
+            DestinationKind::VirtualIp => (0, DEST_VIRTUAL_IP),
+        };
+        lock(&self.mesh)
+            .insert(
+                ip_key(*addr.ip(), port),
+                MeshDestination { kind, _pad: 0 },
+                0,
+            )
+            .map_err(map_err(map::MESH_DESTINATIONS))
+    }
+
+    /// Stops redirecting connections to `addr`. Removing a missing entry is fine.
+    pub fn remove_destination(
+        &self,
+        addr: SocketAddrV4,
+        kind: DestinationKind,
+    ) -> Result<(), Error> {
+        let port = match kind {
+            DestinationKind::Instance => addr.port(),
+            DestinationKind::VirtualIp => 0,
+        };
+        ignore_missing(lock(&self.mesh).remove(&ip_key(*addr.ip(), port)))
+            .map_err(map_err(map::MESH_DESTINATIONS))
+    }
+
+    /// Protects a plaintext service port: off-node packets to it are dropped, and
+    /// application connections to it on loopback go through the proxy.
+    pub fn protect_port(&self, port: u16) -> Result<(), Error> {
+        lock(&self.protected)
+            .insert(
+                PortKey::new(port),
+                ProtectedPort {
+                    redirect_loopback: 1,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_err(map::PROTECTED_PORTS))
+    }
+
+    /// Stops protecting a port.
+    pub fn unprotect_port(&self, port: u16) -> Result<(), Error> {
+        ignore_missing(lock(&self.protected).remove(&PortKey::new(port)))
+            .map_err(map_err(map::PROTECTED_PORTS))
+    }
+
+    /// Claims the origin of a connection the outbound listener accepted from `peer`.
+    /// The record is removed: each is claimed once.
+    pub fn take_redirect(&self, peer: SocketAddrV4) -> Result<Option<Redirect>, Error> {
+        let key = ip_key(*peer.ip(), peer.port());
+        let mut m = lock(&self.by_port);
+        let rec = match m.get(&key, 0) {
+            Ok(r) => r,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(map::REDIRECT_BY_PORT)(e)),
+        };
+        ignore_missing(m.remove(&key)).map_err(map_err(map::REDIRECT_BY_PORT))?;
+        Ok(Some(Redirect {
+            orig_dst: SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(rec.orig_ip_be)),
+                rec.orig_port,
+            ),
+            cgroup_id: rec.cgroup_id,
+        }))
+    }
+
+    /// The programs' counters, summed over CPUs, with their metric names.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|(c, name)| {
+                let sum = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*name, sum)
+            })
+            .collect()
+    }
+
+    /// The loaded object, for callers that need a program or map this type does not wrap.
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+}
+
+impl std::fmt::Debug for Redirector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirector")
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ip_key(ip: Ipv4Addr, port: u16) -> Ipv4Key {
+    Ipv4Key::new(u32::from(ip).to_be(), port)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Map handles hold no invariants across a panic: keep using a poisoned lock.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, Error>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf
+        .take_map(name)
+        .ok_or(Error::Missing { kind: "map", name })?;
+    M::try_from(m).map_err(map_err(name))
+}
+
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, Error>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(Error::Missing {
+        kind: "program",
+        name,
+    })?;
+    p.try_into().map_err(|e| Error::LoadProgram {
+        name,
+        source: Box::new(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every map and program named in connect-common is in the embedded object.
+    #[test]
+    fn object_has_every_named_map_and_program() {
+        let obj = aya_obj_names();
+        for name in program::ALL.iter().chain(map::ALL) {
+            assert!(
+                obj.iter().any(|n| n == name),
+                "{name} missing from the object"
+            );
+        }
+    }
+
+    /// Symbol names in the object, read without loading it (no privileges needed).
+    fn aya_obj_names() -> Vec<String> {
+        // The object is an ELF file; its symbol string table holds every program and
+        // map name. A byte search is enough and needs no ELF parser dependency.
+        let mut names = Vec::new();
+        for chunk in OBJECT.split(|b| *b == 0) {
+            if let Ok(s) = std::str::from_utf8(chunk) {
+                if !s.is_empty() && s.len() < 64 {
+                    names.push(s.to_owned());
+                }
+            }
+        }
+        names
+    }
+}

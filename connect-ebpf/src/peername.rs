@@ -1,0 +1,22 @@
+//! `cgroup/getpeername4`: an application sees the address it dialed, not the proxy's.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SockAddrContext};
+use connect_common::Counter;
+
+use crate::{REDIRECT_BY_COOKIE, count};
+
+pub fn try_getpeername4(ctx: &SockAddrContext) {
+    // SAFETY: the helper is allowed in cgroup/getpeername4 and takes the context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    // SAFETY: the value is copied out at once.
+    let Some(record) = (unsafe { REDIRECT_BY_COOKIE.get(&cookie) }).copied() else {
+        return;
+    };
+    // SAFETY: the kernel hands a valid `bpf_sock_addr` for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    sa.user_ip4 = record.orig_ip_be;
+    sa.user_port = u32::from(record.orig_port.to_be());
+    count(Counter::PeerNameRestored);
+}
