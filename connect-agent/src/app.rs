@@ -73,12 +73,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
 
     let shutdown = Shutdown::new();
-    let agent = Arc::new(Agent {
-        config,
-        store,
-        redirect,
-        shutdown: shutdown.clone(),
-    });
+    let agent = build(config, store, redirect, shutdown.clone()).await?;
 
     let stop = shutdown.stop.clone();
     let server = tokio::spawn(api::serve(http, agent.clone(), async move {
@@ -102,6 +97,22 @@ pub async fn run(config: Config) -> Result<(), Error> {
     drop(agent);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Builds every component on top of an opened store. Tests call this with a
+/// [`crate::store::memory::MemStore`] and [`Config::for_tests`].
+pub async fn build(
+    config: Config,
+    store: Arc<dyn Store>,
+    redirect: Option<Arc<Redirector>>,
+    shutdown: Shutdown,
+) -> Result<Arc<Agent>, Error> {
+    Ok(Arc::new(Agent {
+        config,
+        store,
+        redirect,
+        shutdown,
+    }))
 }
 
 async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Error> {

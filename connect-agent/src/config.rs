@@ -166,6 +166,29 @@ impl AgentArgs {
     }
 }
 
+impl Config {
+    /// A development config on loopback with port 0 everywhere, for in-process tests.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn for_tests() -> Self {
+        let any = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        Config {
+            cgroup: None,
+            config_dir: None,
+            data_dir: std::env::temp_dir().join("connect-test-unused"),
+            dev: true,
+            http_addr: any(0),
+            dns_addr: any(0),
+            outbound_addr: std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            inbound_addr: any(0),
+            advertise_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            node_name: "test-node".to_owned(),
+            datacenter: Datacenter::default(),
+            store: StoreUrl::Embedded,
+            default_allow: true,
+        }
+    }
+}
+
 fn parse_store(s: &str) -> Result<StoreUrl, Error> {
     if s == "embedded" {
         return Ok(StoreUrl::Embedded);

@@ -175,17 +175,13 @@ impl State {
             if mine.is_empty() {
                 return !w.tx.is_closed();
             }
-            match w.tx.try_send(WatchMessage::Events(mine)) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // The consumer is behind: tell it to resync (best effort; if even
-                    // that does not fit, dropping the sender ends its stream, which
-                    // the consumer also treats as "re-list").
-                    let _ = w.tx.try_send(WatchMessage::Resync);
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            // One slot is kept for the Resync, so a consumer that falls behind is
+            // always told so rather than finding its stream silently ended.
+            if w.tx.capacity() <= 1 {
+                let _ = w.tx.try_send(WatchMessage::Resync);
+                return false;
             }
+            w.tx.try_send(WatchMessage::Events(mine)).is_ok()
         });
     }
 
@@ -193,7 +189,7 @@ impl State {
     /// from before the current index starts with a resync: the consumer re-lists,
     /// which is always correct, and watches again from the listing's index.
     pub fn watch(&mut self, prefix: &str, after: Index) -> Watch {
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER + 1);
         if after < self.index {
             let _ = tx.try_send(WatchMessage::Resync);
             return Watch { rx };
