@@ -43,8 +43,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("the etcd store is not available in this build yet")]
-    EtcdUnsupported,
+    #[error(transparent)]
+    Etcd(#[from] store::etcd::Error),
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -124,6 +124,9 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Error> {
             })?;
             Ok(Arc::new(store::memory::MemStore::new()))
         }
-        StoreUrl::Etcd { .. } => Err(Error::EtcdUnsupported),
+        StoreUrl::Etcd { endpoints } => Ok(Arc::new(
+            store::etcd::EtcdStore::connect(endpoints, store::etcd::EtcdOptions::default())
+                .await?,
+        )),
     }
 }
