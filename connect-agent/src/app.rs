@@ -125,8 +125,7 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Error> {
             Ok(Arc::new(store::memory::MemStore::new()))
         }
         StoreUrl::Etcd { endpoints } => Ok(Arc::new(
-            store::etcd::EtcdStore::connect(endpoints, store::etcd::EtcdOptions::default())
-                .await?,
+            store::etcd::EtcdStore::connect(endpoints, store::etcd::EtcdOptions::default()).await?,
         )),
     }
 }

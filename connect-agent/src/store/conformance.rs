@@ -25,6 +25,7 @@ pub async fn run(store: Arc<dyn Store>) {
     let s = store.as_ref();
     put_get_list_delete(s, "conformance/basic/").await;
     listing_is_ordered_and_bounded_by_its_prefix(s, "conformance/order/").await;
+    large_listings_are_complete_and_consistent(s, "conformance/large/").await;
     compare_and_set(s, "conformance/cas/").await;
     failed_transactions_write_nothing(s, "conformance/failed/").await;
     transactions_are_atomic_and_see_their_own_writes(s, "conformance/atomic/").await;
@@ -84,12 +85,31 @@ async fn listing_is_ordered_and_bounded_by_its_prefix(s: &dyn Store, ns: &str) {
         [k("a"), k("a/b"), k("a/x"), k("a0"), k("ab")]
     );
     assert_eq!(l.items[3].value, b"");
+    assert!(s.list(&k("none/")).await.expect("list").items.is_empty());
+}
+
+/// More keys than one etcd response page holds (256), written in transactions of
+/// fewer operations than etcd allows in one (128).
+async fn large_listings_are_complete_and_consistent(s: &dyn Store, ns: &str) {
+    const KEYS: usize = 600;
+    const PER_TXN: usize = 100;
+    let base = s.index();
+    for chunk in 0..KEYS / PER_TXN {
+        let mut txn = Txn::new();
+        for i in chunk * PER_TXN..(chunk + 1) * PER_TXN {
+            txn = txn.put(format!("{ns}{i:04}"), i.to_string().into_bytes());
+        }
+        assert!(s.txn(txn).await.expect("txn").is_committed());
+    }
+    let l = s.list(ns).await.expect("list");
+    assert_eq!(l.index, base + (KEYS / PER_TXN) as Index);
+    let expected: Vec<String> = (0..KEYS).map(|i| format!("{ns}{i:04}")).collect();
+    assert_eq!(keys(&l.items), expected);
     assert!(
-        s.list(&k("none/"))
-            .await
-            .expect("list")
-            .items
-            .is_empty()
+        l.items
+            .iter()
+            .enumerate()
+            .all(|(i, kv)| kv.value == i.to_string().into_bytes())
     );
 }
 

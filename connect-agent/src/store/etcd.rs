@@ -25,7 +25,7 @@
 //!
 //! Transactions: etcd rejects a transaction that puts a key it also deletes (a put
 //! inside a deleted range, or two puts of one key), while [`Txn`] runs its operations
-//! in order with later ones seeing earlier ones. [`translate`] turns a [`Txn`] into the
+//! in order with later ones seeing earlier ones. [`translate`] (in `txn`) turns a [`Txn`] into the
 //! equivalent etcd request: one put per surviving key, and the deleted ranges with
 //! those keys cut out. One difference remains, documented on [`translate`]: a key
 //! deleted and put again in one transaction keeps its create index here.
@@ -43,19 +43,20 @@ use std::{
 };
 
 use async_trait::async_trait;
-use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, GetOptions,
-    Txn as EtcdTxn, TxnOp, WatchOptions, WatchResponse,
-};
+use etcd_client::{Client, ConnectOptions, GetOptions};
 use rand::Rng;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Compare, Event, Index, KeyValue, Listing, Op, Store, Txn, TxnOutcome, Watch, WatchMessage,
-    memory::WATCH_BUFFER,
-};
+use super::{Index, KeyValue, Listing, Store, Txn, TxnOutcome, Watch, memory::WATCH_BUFFER};
 use crate::store;
+
+mod txn;
+mod watch;
+
+use txn::prefix_end;
+pub use txn::{EtcdCmp, EtcdDelete, Translated, translate};
+use watch::WatchTask;
 
 /// Where Connect's keys live in etcd unless configured otherwise.
 pub const DEFAULT_ROOT: &str = "/connect/";
@@ -117,7 +118,8 @@ pub enum Error {
     /// Startup could not read from etcd in time: etcd is down, elsewhere, or has no
     /// quorum. The operator must act.
     #[error(
-        "cannot reach etcd at {endpoints} (tried for {waited:?}): {source}; check that etcd runs and listens there"
+        "cannot reach etcd at {endpoints} (tried for {waited:.1?}): {cause}; check that etcd runs and listens there",
+        cause = Cause(source)
     )]
     Unreachable {
         endpoints: String,
@@ -148,6 +150,32 @@ pub enum Error {
     /// A paged listing kept losing its read revision to compaction.
     #[error("listing {prefix:?} from etcd raced compaction {attempts} times")]
     ListRace { prefix: String, attempts: usize },
+}
+
+/// The root cause of a failed request in a few words ("Connection refused"), for
+/// the one line an operator reads; the full chain stays available as `source`.
+struct Cause<'a>(&'a Error);
+
+impl fmt::Display for Cause<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Error::Request { source, .. } = self.0 else {
+            return self.0.fmt(f);
+        };
+        let etcd_client::Error::GRpcStatus(status) = source else {
+            return source.fmt(f);
+        };
+        // The innermost error names the cause best (an io::Error from the connect).
+        let mut deepest: Option<&(dyn std::error::Error + 'static)> = None;
+        let mut next = std::error::Error::source(status);
+        while let Some(e) = next {
+            deepest = Some(e);
+            next = e.source();
+        }
+        match deepest {
+            Some(e) => write!(f, "{}: {e}", status.message()),
+            None => f.write_str(status.message()),
+        }
+    }
 }
 
 impl Error {
@@ -333,12 +361,13 @@ impl EtcdStore {
         let mut backoff = Backoff::new(REQUEST_BACKOFF);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let result = tokio::time::timeout(remaining, call())
-                .await
-                .map_err(|_| Error::Timeout {
-                    op,
-                    after: self.request_timeout,
-                })?;
+            let result =
+                tokio::time::timeout(remaining, call())
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        op,
+                        after: self.request_timeout,
+                    })?;
             let source = match result {
                 Ok(v) => return Ok(v),
                 Err(source) => source,
@@ -380,7 +409,9 @@ impl EtcdStore {
                 Ok(r) => r,
                 // The revision of the first page was compacted before a later page
                 // was read: start over at a new revision.
-                Err(Error::Request { source, .. }) if read_at.is_some() && is_compacted(&source) => {
+                Err(Error::Request { source, .. })
+                    if read_at.is_some() && is_compacted(&source) =>
+                {
                     return Ok(None);
                 }
                 Err(e) => return Err(e),
@@ -391,7 +422,7 @@ impl EtcdStore {
             let more = resp.more();
             let kvs = resp.take_kvs();
             let last_key = kvs.last().map(|kv| kv.key().to_vec());
-            items.extend(kvs.into_iter().filter_map(|kv| self.from_etcd(kv)));
+            items.extend(kvs.into_iter().filter_map(|kv| self.own_kv(kv)));
             match last_key {
                 Some(mut last) if more => {
                     // The next page starts right after the last key read.
@@ -411,7 +442,7 @@ impl EtcdStore {
     /// A store key-value from an etcd one, or `None` (logged) for a key that is not
     /// ours: outside the root, or not UTF-8. Such keys were written by something else
     /// and are skipped rather than failing every read of their prefix.
-    fn from_etcd(&self, kv: etcd_client::KeyValue) -> Option<KeyValue> {
+    fn own_kv(&self, kv: etcd_client::KeyValue) -> Option<KeyValue> {
         let create_index = rev_to_index(kv.create_revision());
         let mod_index = rev_to_index(kv.mod_revision());
         let (key, value) = kv.into_key_value();
@@ -440,7 +471,7 @@ impl Store for EtcdStore {
             .take_kvs()
             .into_iter()
             .next()
-            .and_then(|kv| self.from_etcd(kv)))
+            .and_then(|kv| self.own_kv(kv)))
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, store::Error> {
@@ -495,367 +526,6 @@ impl Store for EtcdStore {
     }
 }
 
-/// Follows one watch: opens it, forwards events grouped by revision, and reopens
-/// after failures from the revision after the last one delivered.
-struct WatchTask {
-    client: Client,
-    root: String,
-    start: Vec<u8>,
-    end: Vec<u8>,
-    /// The first revision not yet delivered.
-    next: Index,
-    tx: mpsc::Sender<WatchMessage>,
-    index: Arc<AtomicU64>,
-    stop: CancellationToken,
-    open_timeout: Duration,
-}
-
-/// Why a watch stream ended.
-enum StreamEnd {
-    /// The consumer is gone, the store was dropped, or the watch is over: stop.
-    Done,
-    /// The stream broke: reconnect.
-    Broken,
-}
-
-impl WatchTask {
-    async fn run(mut self) {
-        let mut backoff = Backoff::new(WATCH_BACKOFF);
-        loop {
-            match self.follow(&mut backoff).await {
-                StreamEnd::Done => return,
-                StreamEnd::Broken => {}
-            }
-            let delay = backoff.next_delay();
-            tokio::select! {
-                _ = self.stop.cancelled() => return,
-                _ = self.tx.closed() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-    }
-
-    /// Opens the watch and forwards its responses until it ends.
-    async fn follow(&mut self, backoff: &mut Backoff) -> StreamEnd {
-        let Ok(start_revision) = i64::try_from(self.next) else {
-            // A revision past i64::MAX never comes: nothing will ever be delivered.
-            return self.wait_until_dropped().await;
-        };
-        let opts = WatchOptions::new()
-            .with_range(self.end.clone())
-            .with_start_revision(start_revision);
-        let mut client = self.client.watch_client();
-        let open = client.watch(self.start.clone(), Some(opts));
-        let opened = tokio::select! {
-            _ = self.stop.cancelled() => return StreamEnd::Done,
-            _ = self.tx.closed() => return StreamEnd::Done,
-            r = tokio::time::timeout(self.open_timeout, open) => r,
-        };
-        let mut stream = match opened {
-            Ok(Ok(s)) => s,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, from = self.next, "cannot open etcd watch, retrying");
-                return StreamEnd::Broken;
-            }
-            Err(_) => {
-                tracing::warn!(timeout = ?self.open_timeout, from = self.next, "opening etcd watch timed out, retrying");
-                return StreamEnd::Broken;
-            }
-        };
-        loop {
-            let msg = tokio::select! {
-                _ = self.stop.cancelled() => return StreamEnd::Done,
-                _ = self.tx.closed() => return StreamEnd::Done,
-                m = stream.message() => m,
-            };
-            let resp = match msg {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    tracing::warn!(from = self.next, "etcd closed the watch stream, reconnecting");
-                    return StreamEnd::Broken;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, from = self.next, "etcd watch failed, reconnecting");
-                    return StreamEnd::Broken;
-                }
-            };
-            if resp.created() {
-                // The watch is established: the next failure starts from a short delay.
-                backoff.reset();
-            }
-            match self.deliver(resp) {
-                Delivery::Continue => {}
-                Delivery::Reopen => return StreamEnd::Broken,
-                Delivery::Done => return StreamEnd::Done,
-            }
-        }
-    }
-
-    /// Forwards one watch response to the consumer.
-    fn deliver(&mut self, mut resp: WatchResponse) -> Delivery {
-        note_revision(&self.index, resp.header().map(|h| h.revision()));
-        if resp.compact_revision() != 0 {
-            // The history after `next - 1` is gone: only a fresh listing is correct.
-            tracing::info!(
-                from = self.next,
-                compacted = resp.compact_revision(),
-                "etcd history compacted, consumer must resync"
-            );
-            let _ = self.tx.try_send(WatchMessage::Resync);
-            return Delivery::Done;
-        }
-        if resp.canceled() {
-            tracing::warn!(reason = %resp.cancel_reason(), from = self.next, "etcd cancelled the watch, reopening");
-            return Delivery::Reopen;
-        }
-        let events = std::mem::take(&mut resp.0.events);
-        for (revision, group) in group_by_revision(&self.root, events) {
-            if !group.is_empty() {
-                // One slot is kept for the Resync (as in memory.rs), so a consumer
-                // that falls behind is told so rather than finding its stream ended.
-                if self.tx.capacity() <= 1 {
-                    tracing::info!(from = self.next, "watch consumer fell behind, must resync");
-                    let _ = self.tx.try_send(WatchMessage::Resync);
-                    return Delivery::Done;
-                }
-                if self.tx.try_send(WatchMessage::Events(group)).is_err() {
-                    return Delivery::Done;
-                }
-            }
-            self.next = self.next.max(revision.saturating_add(1));
-        }
-        Delivery::Continue
-    }
-
-    async fn wait_until_dropped(&self) -> StreamEnd {
-        tokio::select! {
-            _ = self.stop.cancelled() => {}
-            _ = self.tx.closed() => {}
-        }
-        StreamEnd::Done
-    }
-}
-
-enum Delivery {
-    Continue,
-    Reopen,
-    Done,
-}
-
-/// Turns one watch response's events into store events, one group per revision (one
-/// etcd transaction), each group sorted by key as [`super::memory`] orders them.
-/// Events of keys that are not ours, or of unknown types, are logged and dropped; their
-/// revision still appears (possibly with no events) so the watch moves past it.
-fn group_by_revision(
-    root: &str,
-    events: Vec<etcd_client::proto::PbEvent>,
-) -> Vec<(Index, Vec<Event>)> {
-    let mut groups: Vec<(Index, Vec<Event>)> = Vec::new();
-    for ev in events {
-        let Some(kv) = ev.kv else {
-            tracing::warn!("etcd sent a watch event without a key, ignored");
-            continue;
-        };
-        let revision = rev_to_index(kv.mod_revision);
-        let create_index = rev_to_index(kv.create_revision);
-        if groups.last().is_none_or(|(rev, _)| *rev != revision) {
-            groups.push((revision, Vec::new()));
-        }
-        let Some(key) = strip_root(root, kv.key) else {
-            continue;
-        };
-        let event = match ev.r#type {
-            // mvccpb.Event.EventType: PUT = 0, DELETE = 1.
-            0 => Event::Put(KeyValue {
-                key,
-                value: kv.value,
-                create_index,
-                mod_index: revision,
-            }),
-            1 => Event::Delete {
-                key,
-                index: revision,
-            },
-            other => {
-                tracing::warn!(r#type = other, %key, "etcd sent a watch event of unknown type, ignored");
-                continue;
-            }
-        };
-        if let Some((_, group)) = groups.last_mut() {
-            group.push(event);
-        }
-    }
-    for (_, group) in &mut groups {
-        group.sort_by(|a, b| a.key().cmp(b.key()));
-    }
-    groups
-}
-
-/// An etcd transaction equivalent to a [`Txn`]: plain data, so the translation is
-/// tested without etcd.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Translated {
-    pub compares: Vec<EtcdCmp>,
-    pub deletes: Vec<EtcdDelete>,
-    pub puts: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-/// One etcd compare clause.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EtcdCmp {
-    /// `create_revision(key) == 0`: the key does not exist.
-    Absent(Vec<u8>),
-    /// `mod_revision(key) == n`.
-    ModRevision(Vec<u8>, i64),
-    /// A guard that cannot hold: `create_revision == 0 && create_revision > 0`.
-    /// Stands for [`Compare::ModIndex`] with an index no existing key can have
-    /// (`0`, which etcd would read as "absent", or one past `i64::MAX`).
-    Never(Vec<u8>),
-}
-
-/// One etcd delete: a single key, or the range `[start, end)`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EtcdDelete {
-    Key(Vec<u8>),
-    Range(Vec<u8>, Vec<u8>),
-}
-
-/// Translates `txn` (keys relative to `root`) into one etcd transaction with the same
-/// effect.
-///
-/// [`Txn`] runs its operations in order; etcd applies a transaction's operations as
-/// one change and rejects a put of a key that another operation also puts or
-/// deletes. So the net effect is computed first: a key's last put survives unless a
-/// later delete covers it; every delete stays, minus the keys that survive as puts
-/// (a deleted prefix becomes the ranges between those keys). The result has no
-/// overlap between puts and deletes, so the order etcd applies them in is irrelevant.
-///
-/// The one observable difference from [`super::memory`]: a key that existed, was
-/// deleted and was put again within one transaction keeps its old create index on
-/// etcd (in memory it gets a new one), because etcd cannot delete and put one key
-/// in one revision.
-pub fn translate(root: &str, txn: &Txn) -> Translated {
-    let full = |k: &str| -> Vec<u8> { [root.as_bytes(), k.as_bytes()].concat() };
-    let compares = txn
-        .compare
-        .iter()
-        .map(|c| match c {
-            Compare::Absent(k) => EtcdCmp::Absent(full(k)),
-            Compare::ModIndex(k, n) => match i64::try_from(*n) {
-                Ok(n) if n > 0 => EtcdCmp::ModRevision(full(k), n),
-                _ => EtcdCmp::Never(full(k)),
-            },
-        })
-        .collect();
-
-    // Net effect, in operation order.
-    enum Del {
-        Key(Vec<u8>),
-        Prefix(Vec<u8>),
-    }
-    let mut puts: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
-    let mut dels: Vec<Del> = Vec::new();
-    for op in &txn.ops {
-        match op {
-            Op::Put { key, value } => {
-                puts.insert(full(key), value.clone());
-            }
-            Op::Delete { key } => {
-                let k = full(key);
-                puts.remove(&k);
-                dels.push(Del::Key(k));
-            }
-            Op::DeletePrefix { prefix } => {
-                let p = full(prefix);
-                puts.retain(|k, _| !k.starts_with(&p));
-                dels.push(Del::Prefix(p));
-            }
-        }
-    }
-
-    let mut deletes = Vec::new();
-    for d in dels {
-        match d {
-            Del::Key(k) => {
-                if !puts.contains_key(&k) {
-                    deletes.push(EtcdDelete::Key(k));
-                }
-            }
-            Del::Prefix(p) => {
-                let end = prefix_end(&p);
-                let mut from = p.clone();
-                for kept in puts.keys().filter(|k| k.starts_with(&p)) {
-                    if from < *kept {
-                        deletes.push(EtcdDelete::Range(from, kept.clone()));
-                    }
-                    // The smallest key after `kept`.
-                    from = [kept.as_slice(), &[0]].concat();
-                }
-                if from < end {
-                    deletes.push(EtcdDelete::Range(from, end));
-                }
-            }
-        }
-    }
-    Translated {
-        compares,
-        deletes,
-        puts: puts.into_iter().collect(),
-    }
-}
-
-impl Translated {
-    fn to_etcd(&self) -> EtcdTxn {
-        let mut compares = Vec::with_capacity(self.compares.len());
-        for c in &self.compares {
-            match c {
-                EtcdCmp::Absent(k) => {
-                    compares.push(EtcdCompare::create_revision(k.clone(), CompareOp::Equal, 0));
-                }
-                EtcdCmp::ModRevision(k, n) => {
-                    compares.push(EtcdCompare::mod_revision(k.clone(), CompareOp::Equal, *n));
-                }
-                EtcdCmp::Never(k) => {
-                    compares.push(EtcdCompare::create_revision(k.clone(), CompareOp::Equal, 0));
-                    compares.push(EtcdCompare::create_revision(
-                        k.clone(),
-                        CompareOp::Greater,
-                        0,
-                    ));
-                }
-            }
-        }
-        let mut ops = Vec::with_capacity(self.deletes.len() + self.puts.len());
-        for d in &self.deletes {
-            ops.push(match d {
-                EtcdDelete::Key(k) => TxnOp::delete(k.clone(), None),
-                EtcdDelete::Range(start, end) => TxnOp::delete(
-                    start.clone(),
-                    Some(DeleteOptions::new().with_range(end.clone())),
-                ),
-            });
-        }
-        for (k, v) in &self.puts {
-            ops.push(TxnOp::put(k.clone(), v.clone(), None));
-        }
-        EtcdTxn::new().when(compares).and_then(ops)
-    }
-}
-
-/// The end of the range of keys that start with `prefix` (etcd's `range_end`): the
-/// prefix with its last byte that is not 0xff incremented and the rest cut.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // Every byte was 0xff: etcd spells "to the end of the key space" as "\0".
-    vec![0]
-}
-
 /// The key relative to `root`, or `None` (logged) for a key that is not ours.
 fn strip_root(root: &str, key: Vec<u8>) -> Option<String> {
     let Some(rel) = key.strip_prefix(root.as_bytes()) else {
@@ -904,7 +574,11 @@ fn is_transient(e: &etcd_client::Error) -> bool {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(s) => matches!(
             s.code(),
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                // What a request gets when its connection closes under it.
+                | tonic::Code::Cancelled
         ),
         _ => false,
     }
@@ -922,8 +596,12 @@ fn never_sent(e: &etcd_client::Error) -> bool {
         return false;
     }
     // etcd's ErrGRPCNoLeader, returned by the require-leader check before the
-    // request is processed.
-    if status.message() == "etcdserver: no leader" {
+    // request is processed; and tonic's status for a failed connect (the request
+    // was never written to a connection).
+    if matches!(
+        status.message(),
+        "etcdserver: no leader" | "tcp connect error" | "error trying to connect"
+    ) {
         return true;
     }
     // A connect failure surfaces as a status whose source chain holds the
@@ -997,116 +675,6 @@ mod tests {
         s.as_bytes().to_vec()
     }
 
-    fn range(start: &str, end: &str) -> EtcdDelete {
-        EtcdDelete::Range(b(start), b(end))
-    }
-
-    #[test]
-    fn translation_matches_in_order_semantics() {
-        // (name, txn, expected deletes, expected puts)
-        let cases: Vec<(&str, Txn, Vec<EtcdDelete>, Vec<(&str, &str)>)> = vec![
-            (
-                "plain put",
-                Txn::new().put("a", "1"),
-                vec![],
-                vec![("/r/a", "1")],
-            ),
-            (
-                "last put of a key wins",
-                Txn::new().put("a", "1").put("a", "2"),
-                vec![],
-                vec![("/r/a", "2")],
-            ),
-            (
-                "put then delete: deleted",
-                Txn::new().put("a", "1").delete("a"),
-                vec![EtcdDelete::Key(b("/r/a"))],
-                vec![],
-            ),
-            (
-                "delete then put: put only",
-                Txn::new().delete("a").put("a", "1"),
-                vec![],
-                vec![("/r/a", "1")],
-            ),
-            (
-                "delete prefix alone",
-                Txn::new().delete_prefix("p/"),
-                vec![range("/r/p/", "/r/p0")],
-                vec![],
-            ),
-            (
-                "put, delete prefix, put: the later put is cut out of the range",
-                Txn::new().put("p/b", "2").delete_prefix("p/").put("p/c", "3"),
-                vec![range("/r/p/", "/r/p/c"), range("/r/p/c\0", "/r/p0")],
-                vec![("/r/p/c", "3")],
-            ),
-            (
-                "several kept keys split the range",
-                Txn::new()
-                    .delete_prefix("p/")
-                    .put("p/x", "1")
-                    .put("p/a", "2")
-                    .put("q", "3"),
-                vec![
-                    range("/r/p/", "/r/p/a"),
-                    range("/r/p/a\0", "/r/p/x"),
-                    range("/r/p/x\0", "/r/p0"),
-                ],
-                vec![("/r/p/a", "2"), ("/r/p/x", "1"), ("/r/q", "3")],
-            ),
-            (
-                "a kept key equal to the prefix leaves no empty range",
-                Txn::new().delete_prefix("p").put("p", "1"),
-                vec![range("/r/p\0", "/r/q")],
-                vec![("/r/p", "1")],
-            ),
-            (
-                "the empty prefix covers the whole root",
-                Txn::new().put("a", "1").delete_prefix(""),
-                vec![range("/r/", "/r0")],
-                vec![],
-            ),
-        ];
-        for (name, txn, deletes, puts) in cases {
-            let t = translate("/r/", &txn);
-            assert_eq!(t.deletes, deletes, "{name}");
-            let puts: Vec<(Vec<u8>, Vec<u8>)> =
-                puts.into_iter().map(|(k, v)| (b(k), b(v))).collect();
-            assert_eq!(t.puts, puts, "{name}");
-        }
-    }
-
-    #[test]
-    fn compares_translate_and_impossible_indexes_never_hold() {
-        let txn = Txn::new()
-            .when(Compare::Absent("a".into()))
-            .when(Compare::ModIndex("b".into(), 7))
-            .when(Compare::ModIndex("c".into(), 0))
-            .when(Compare::ModIndex("d".into(), u64::MAX));
-        assert_eq!(
-            translate("/r/", &txn).compares,
-            vec![
-                EtcdCmp::Absent(b("/r/a")),
-                EtcdCmp::ModRevision(b("/r/b"), 7),
-                EtcdCmp::Never(b("/r/c")),
-                EtcdCmp::Never(b("/r/d")),
-            ]
-        );
-    }
-
-    #[test]
-    fn prefix_ends() {
-        for (prefix, end) in [
-            (&b"/connect/"[..], &b"/connect0"[..]),
-            (b"a", b"b"),
-            (b"a\xff", b"b"),
-            (b"\xff\xff", b"\0"),
-        ] {
-            assert_eq!(prefix_end(prefix), end.to_vec(), "{prefix:?}");
-        }
-    }
-
     #[test]
     fn roots_must_be_nonempty_and_end_in_a_slash() {
         assert!(validate_root("/connect/").is_ok());
@@ -1124,48 +692,71 @@ mod tests {
     }
 
     #[test]
-    fn watch_events_group_by_revision_sorted_by_key() {
-        use etcd_client::proto::{PbEvent, PbKeyValue};
-        let ev = |t: i32, key: &str, rev: i64| PbEvent {
-            r#type: t,
-            kv: Some(PbKeyValue {
-                key: b(key),
-                create_revision: 1,
-                mod_revision: rev,
-                value: b("v"),
-                ..Default::default()
-            }),
-            prev_kv: None,
-        };
-        let groups = group_by_revision(
-            "/r/",
-            vec![
-                ev(0, "/r/b", 5),
-                ev(1, "/r/a", 5),
-                ev(7, "/r/c", 6),
-                ev(0, "/elsewhere", 6),
-                ev(0, "/r/d", 7),
-            ],
-        );
-        let summary: Vec<(Index, Vec<String>)> = groups
-            .iter()
-            .map(|(r, g)| (*r, g.iter().map(|e| e.key().to_owned()).collect()))
-            .collect();
-        assert_eq!(
-            summary,
-            vec![
-                (5, vec!["a".to_owned(), "b".to_owned()]),
-                (6, vec![]),
-                (7, vec!["d".to_owned()]),
-            ]
-        );
-        assert_eq!(
-            groups[0].1[0],
-            Event::Delete {
-                key: "a".into(),
-                index: 5
-            }
-        );
+    fn only_requests_that_never_reached_etcd_count_as_unsent() {
+        use etcd_client::Error as E;
+        use tonic::Status;
+        let cases: Vec<(&str, E, bool, bool)> = vec![
+            // (name, error, never_sent, transient)
+            (
+                "connect refused",
+                E::GRpcStatus(Status::unavailable("tcp connect error")),
+                true,
+                true,
+            ),
+            (
+                "no leader",
+                E::GRpcStatus(Status::unavailable("etcdserver: no leader")),
+                true,
+                true,
+            ),
+            (
+                "timed out in raft",
+                E::GRpcStatus(Status::unavailable("etcdserver: request timed out")),
+                false,
+                true,
+            ),
+            (
+                "leader changed",
+                E::GRpcStatus(Status::unavailable("etcdserver: leader changed")),
+                false,
+                true,
+            ),
+            (
+                "connection reset",
+                E::GRpcStatus(Status::unknown("transport error")),
+                false,
+                true,
+            ),
+            (
+                "connection closed",
+                E::GRpcStatus(Status::cancelled("operation was canceled")),
+                false,
+                true,
+            ),
+            (
+                "too many ops",
+                E::GRpcStatus(Status::invalid_argument(
+                    "etcdserver: too many operations in txn request",
+                )),
+                false,
+                false,
+            ),
+            (
+                "compacted",
+                E::GRpcStatus(Status::out_of_range(
+                    "etcdserver: mvcc: required revision has been compacted",
+                )),
+                false,
+                false,
+            ),
+        ];
+        for (name, e, sent, transient) in cases {
+            assert_eq!(never_sent(&e), sent, "{name}: never_sent");
+            assert_eq!(is_transient(&e), transient, "{name}: transient");
+        }
+        assert!(is_compacted(&E::GRpcStatus(Status::out_of_range(
+            "etcdserver: mvcc: required revision has been compacted"
+        ))));
     }
 
     #[test]
@@ -1174,7 +765,11 @@ mod tests {
         let mut prev_cap = Duration::from_millis(100);
         for _ in 0..20 {
             let d = b.next_delay();
-            assert!(d >= prev_cap / 2 && d <= prev_cap, "{d:?} outside [{:?}, {prev_cap:?}]", prev_cap / 2);
+            assert!(
+                d >= prev_cap / 2 && d <= prev_cap,
+                "{d:?} outside [{:?}, {prev_cap:?}]",
+                prev_cap / 2
+            );
             prev_cap = (prev_cap * 2).min(Duration::from_secs(5));
         }
         b.reset();
