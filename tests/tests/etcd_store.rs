@@ -110,6 +110,10 @@ async fn index_is_the_etcd_revision_and_keys_stay_under_the_root() -> anyhow::Re
         .await?;
     assert_eq!(summary(&next_events(&mut w).await), [("svc/db".into(), at)]);
     assert!(store.index() >= at);
+
+    // Dropping the store ends its watches: consumers see the stream close.
+    drop(store);
+    assert_eq!(tokio::time::timeout(WAIT, w.next()).await?, None);
     Ok(())
 }
 
@@ -161,6 +165,36 @@ async fn a_watch_from_compacted_history_resyncs() -> anyhow::Result<()> {
             ("k/after".into(), at),
         ]
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_replays_history_larger_than_one_message() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let store = connect(&etcd.endpoints()).await?;
+    let base = store.index();
+    // Six 1 MiB values: each write is below etcd's 1.5 MiB request limit, the
+    // replay is more than one gRPC message may carry (4 MiB by default), so etcd
+    // sends it in fragments that the store must join.
+    let mut expected = Vec::new();
+    for i in 0..6u8 {
+        let value = vec![i; 1024 * 1024];
+        let at = store.put(&format!("big/{i}"), value).await?;
+        expected.push((format!("big/{i}"), at));
+    }
+    let mut w = store.watch("big/", base).await?;
+    let mut seen = Vec::new();
+    while seen.len() < expected.len() {
+        for e in next_events(&mut w).await {
+            let Event::Put(kv) = &e else {
+                panic!("unexpected {e:?}")
+            };
+            let i = seen.len() as u8;
+            assert!(kv.value.len() == 1024 * 1024 && kv.value.iter().all(|b| *b == i));
+            seen.push((e.key().to_owned(), e.index()));
+        }
+    }
+    assert_eq!(seen, expected);
     Ok(())
 }
 

@@ -520,6 +520,8 @@ impl Store for EtcdStore {
             index: self.index.clone(),
             stop: self.stop.clone(),
             open_timeout: self.request_timeout,
+            pending: Vec::new(),
+            pending_bytes: 0,
         };
         tokio::spawn(task.run());
         Ok(Watch { rx })

@@ -10,11 +10,11 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Client, WatchOptions, WatchResponse};
+use etcd_client::{Client, WatchOptions, WatchResponse, proto::PbEvent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backoff, WATCH_BACKOFF, note_revision, rev_to_index, strip_root};
+use super::{Backoff, MAX_RESPONSE_BYTES, WATCH_BACKOFF, note_revision, rev_to_index, strip_root};
 use crate::store::{Event, Index, KeyValue, WatchMessage};
 
 /// Follows one watch: opens it, forwards events grouped by revision, and reopens
@@ -30,6 +30,10 @@ pub(super) struct WatchTask {
     pub(super) index: Arc<AtomicU64>,
     pub(super) stop: CancellationToken,
     pub(super) open_timeout: Duration,
+    /// Events of a response that etcd split into fragments, until the last one.
+    pub(super) pending: Vec<PbEvent>,
+    /// Key and value bytes in `pending`, bounded by [`MAX_RESPONSE_BYTES`].
+    pub(super) pending_bytes: usize,
 }
 
 /// Why a watch stream ended.
@@ -63,10 +67,19 @@ impl WatchTask {
             // A revision past i64::MAX never comes: nothing will ever be delivered.
             return self.wait_until_dropped().await;
         };
+        // Fragments keep each message below etcd's request size limit however
+        // large one revision's events are; `deliver` joins them again.
         let opts = WatchOptions::new()
             .with_range(self.end.clone())
-            .with_start_revision(start_revision);
-        let mut client = self.client.watch_client();
+            .with_start_revision(start_revision)
+            .with_fragment();
+        // Fragments of a broken stream are sent again by the new one.
+        self.pending.clear();
+        self.pending_bytes = 0;
+        let mut client = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let open = client.watch(self.start.clone(), Some(opts));
         let opened = tokio::select! {
             _ = self.stop.cancelled() => return StreamEnd::Done,
@@ -133,7 +146,27 @@ impl WatchTask {
             tracing::warn!(reason = %resp.cancel_reason(), from = self.next, "etcd cancelled the watch, reopening");
             return Delivery::Reopen;
         }
-        let events = std::mem::take(&mut resp.0.events);
+        let fragment = std::mem::take(&mut resp.0.events);
+        self.pending_bytes += fragment
+            .iter()
+            .filter_map(|e| e.kv.as_ref())
+            .map(|kv| kv.key.len() + kv.value.len())
+            .sum::<usize>();
+        if self.pending_bytes > MAX_RESPONSE_BYTES {
+            tracing::warn!(
+                from = self.next,
+                bytes = self.pending_bytes,
+                "etcd watch response too large to buffer, consumer must resync"
+            );
+            let _ = self.tx.try_send(WatchMessage::Resync);
+            return Delivery::Done;
+        }
+        self.pending.extend(fragment);
+        if resp.0.fragment {
+            return Delivery::Continue;
+        }
+        self.pending_bytes = 0;
+        let events = std::mem::take(&mut self.pending);
         for (revision, group) in group_by_revision(&self.root, events) {
             if !group.is_empty() {
                 // One slot is kept for the Resync (as in memory.rs), so a consumer
