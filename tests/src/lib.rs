@@ -1,1 +1,4 @@
-//! Integration-test helpers.
+//! Integration-test helpers: real agent processes, and (see `lab`) nodes made of
+//! network namespaces and cgroups.
+
+pub mod agent;
