@@ -103,10 +103,10 @@ impl AgentProcess {
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!("connect-agent exited early with {status}:\n{}", self.log());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("connect-agent exited early with {status}:\n{}", self.log());
             }
             if http(self.http_addr, "GET", "/v1/agent/self", None).is_ok_and(|(s, _)| s == 200) {
                 return Ok(());
