@@ -9,6 +9,8 @@
 //! connection registry, when intentions changed.
 //!
 //! Store layout (prefix `intentions/`):
+//! - `intentions/format` → the record format version ([`FORMAT`]), written at first
+//!   start; an agent refuses to run on a newer format than it knows;
 //! - `intentions/id/<uuid>` → the intention ([`model::Record`], JSON);
 //! - `intentions/pair/<destination>/<source>` → the UUID of the intention for that
 //!   pair. Every write guards both keys with [`Compare`] clauses in one transaction,
@@ -50,6 +52,9 @@ use crate::{
 /// Every key of this module starts with this.
 pub const PREFIX: &str = "intentions/";
 const ID_PREFIX: &str = "intentions/id/";
+const FORMAT_KEY: &str = "intentions/format";
+/// Version of the records under `intentions/id/`.
+pub const FORMAT: u32 = 1;
 const PAIR_PREFIX: &str = "intentions/pair/";
 
 /// How often a write retries after losing a check-and-set race before giving up.
@@ -85,6 +90,12 @@ pub enum Error {
     /// Concurrent writers kept changing the same intention.
     #[error("intention {what} kept changing concurrently ({attempts} attempts); try again")]
     Contention { what: String, attempts: usize },
+    /// The store holds intentions in a format this agent does not know (an agent of
+    /// a newer version wrote them): upgrade this agent.
+    #[error(
+        "the stored intentions use format {found}, this agent knows up to {FORMAT}: upgrade the agent"
+    )]
+    NewerFormat { found: u32 },
     /// The store failed or holds something we cannot read (our side).
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -131,6 +142,7 @@ impl Intentions {
     /// decides when no intention matches (allow in `--dev`, deny otherwise, until
     /// ACLs provide a default policy). Needs a Tokio runtime.
     pub async fn start(store: Arc<dyn Store>, default_allow: bool) -> Result<Arc<Self>, Error> {
+        check_format(store.as_ref()).await?;
         let listing = store.list(ID_PREFIX).await?;
         let index = listing.index;
         let table = build_table(&listing.items, index);
@@ -462,6 +474,35 @@ impl Intentions {
             );
         }
     }
+}
+
+/// Writes the format marker on first start, and refuses a newer format. Besides
+/// versioning the records, the marker guarantees that the view's index is at least 1
+/// before any intention exists: `X-Consul-Index` is never 0 (0 reads as 1), so
+/// without it a client blocking on index 1 of an empty store would miss the first
+/// intention, which the store commits at index 1.
+async fn check_format(store: &dyn Store) -> Result<(), Error> {
+    let txn = Txn::new()
+        .when(Compare::Absent(FORMAT_KEY.to_owned()))
+        .put(FORMAT_KEY, FORMAT.to_string());
+    if store.txn(txn).await?.is_committed() {
+        return Ok(());
+    }
+    let Some(kv) = store.get(FORMAT_KEY).await? else {
+        // Deleted right after our guard saw it: nothing to check against.
+        return Ok(());
+    };
+    let found: u32 = std::str::from_utf8(&kv.value)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| store::Error::Corrupt {
+            key: kv.key.clone(),
+            reason: "the format version is not a number".into(),
+        })?;
+    if found > FORMAT {
+        return Err(Error::NewerFormat { found });
+    }
+    Ok(())
 }
 
 fn contention(source: &Selector, destination: &Selector) -> Error {

@@ -83,7 +83,8 @@ async fn create_get_list_and_duplicates() {
     let (all, _) = ixns.list();
     let names: Vec<String> = all.iter().map(|i| i.to_string()).collect();
     assert_eq!(names, ["web => db (allow)", "* => db (deny)"]);
-    assert_eq!(store.list(PREFIX).await.expect("list").items.len(), 4);
+    assert_eq!(store.list(ID_PREFIX).await.expect("list").items.len(), 2);
+    assert_eq!(store.list(PAIR_PREFIX).await.expect("list").items.len(), 2);
 }
 
 #[tokio::test]
@@ -251,7 +252,15 @@ async fn deletes() {
         .await
         .expect("idempotent");
     assert!(ixns.list().0.is_empty());
-    assert!(store.list(PREFIX).await.expect("list").items.is_empty());
+    assert!(store.list(ID_PREFIX).await.expect("list").items.is_empty());
+    assert!(
+        store
+            .list(PAIR_PREFIX)
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -430,5 +439,21 @@ async fn concurrent_creates_of_one_pair_admit_exactly_one() {
         }
     }
     assert_eq!(ok, 1);
-    assert_eq!(store.list(PREFIX).await.expect("list").items.len(), 2);
+    assert_eq!(store.list(ID_PREFIX).await.expect("list").items.len(), 1);
+}
+
+#[tokio::test]
+async fn format_marker() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let ixns = started(store.clone(), false).await;
+    assert!(ixns.index() >= 1, "the view's index is never 0");
+    drop(ixns);
+    // Restarting on our own format is fine; a newer one is refused.
+    started(store.clone(), false).await;
+    mem.put(FORMAT_KEY, b"2".to_vec()).await.expect("put");
+    let err = Intentions::start(store, false)
+        .await
+        .expect_err("newer format");
+    assert!(matches!(err, Error::NewerFormat { found: 2 }), "{err}");
 }
