@@ -704,7 +704,11 @@ async fn follow(shared: Arc<Shared>, store: Arc<dyn Store>, mut after: Index) {
             match store.list(ID_PREFIX).await {
                 Ok(listing) => {
                     let table = build_table(&listing.items, listing.index);
-                    *shared.write() = table;
+                    // Swap under the lock, free the old table after it: dropping
+                    // 100 000 intentions takes milliseconds that authorize must not
+                    // wait for.
+                    let old = std::mem::replace(&mut *shared.write(), table);
+                    drop(old);
                     shared.changes.send_replace(listing.index);
                     after = listing.index;
                     break;
