@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::{
     api,
     config::{Config, StoreUrl},
+    intentions::{self, Intentions},
     redirect::{self, RedirectConfig, Redirector},
     shutdown::{DRAIN_DEADLINE, Shutdown, Signal, Signals},
     store::{self, Store},
@@ -19,6 +20,8 @@ use crate::{
 pub struct Agent {
     pub config: Config,
     pub store: Arc<dyn Store>,
+    /// Intentions and the authorize decision, served from memory.
+    pub intentions: Arc<Intentions>,
     /// Present when the agent runs with `--cgroup`.
     pub redirect: Option<Arc<Redirector>>,
     pub shutdown: Shutdown,
@@ -33,6 +36,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Api(#[from] api::Error),
+    #[error("cannot load intentions: {0}")]
+    Intentions(#[from] intentions::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the HTTP API failed: {0}")]
@@ -107,9 +112,11 @@ pub async fn build(
     redirect: Option<Arc<Redirector>>,
     shutdown: Shutdown,
 ) -> Result<Arc<Agent>, Error> {
+    let intentions = Intentions::start(store.clone(), config.default_allow).await?;
     Ok(Arc::new(Agent {
         config,
         store,
+        intentions,
         redirect,
         shutdown,
     }))

@@ -6,6 +6,7 @@
 //! both spellings work, as they do for `consul`.
 
 pub mod http;
+pub mod intention;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -34,6 +35,8 @@ pub struct Cli {
 pub enum Command {
     /// Ask the running agent to re-read its config directory (like SIGHUP).
     Reload(http::HttpArgs),
+    /// Manage intentions: which services may connect to which.
+    Intention(intention::IntentionArgs),
 }
 
 /// Rewrites `-flag` and `-flag=value` to `--flag...` (Go flag style, as `consul`
@@ -77,6 +80,7 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
 pub async fn run(command: Command) -> ExitCode {
     let result = match command {
         Command::Reload(args) => reload(&args).await,
+        Command::Intention(args) => intention::run(args).await,
     };
     match result {
         Ok(code) => code,

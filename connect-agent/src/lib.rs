@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod duration;
 pub mod identity;
+pub mod intentions;
 pub mod proxy;
 pub mod redirect;
 pub mod shutdown;
