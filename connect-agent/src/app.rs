@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::{
-    api,
+    api, ca,
     config::{Config, StoreUrl},
     redirect::{self, RedirectConfig, Redirector},
     shutdown::{DRAIN_DEADLINE, Shutdown, Signal, Signals},
@@ -19,6 +19,8 @@ use crate::{
 pub struct Agent {
     pub config: Config,
     pub store: Arc<dyn Store>,
+    /// The CA: trust bundle, leaves, configuration.
+    pub ca: Arc<ca::CaManager>,
     /// Present when the agent runs with `--cgroup`.
     pub redirect: Option<Arc<Redirector>>,
     pub shutdown: Shutdown,
@@ -33,6 +35,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Api(#[from] api::Error),
+    #[error("cannot start the CA: {0}")]
+    Ca(#[from] ca::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the HTTP API failed: {0}")]
@@ -107,9 +111,11 @@ pub async fn build(
     redirect: Option<Arc<Redirector>>,
     shutdown: Shutdown,
 ) -> Result<Arc<Agent>, Error> {
+    let ca = ca::CaManager::start(&config, store.clone()).await?;
     Ok(Arc::new(Agent {
         config,
         store,
+        ca,
         redirect,
         shutdown,
     }))

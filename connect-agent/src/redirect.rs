@@ -28,7 +28,6 @@ use connect_common::{
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded at compile time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CONNECT_EBPF_OBJECT"));
 
-
 /// Why redirection could not start or a map operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
