@@ -29,6 +29,8 @@ pub mod manager;
 pub mod pki;
 pub mod provider;
 pub mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 pub mod verify;
 

@@ -214,9 +214,10 @@ impl CaConfig {
                     if v.as_str().is_some_and(|s| !s.trim().is_empty()) {
                         return Err(Error::InvalidConfig {
                             field: "RootCert",
-                            reason: "the built-in CA makes its own root certificate; \
+                            reason:
+                                "RootCert is not supported: the built-in CA makes its own root; \
                                      give only PrivateKey to bring your own key"
-                                .to_owned(),
+                                    .to_owned(),
                         });
                     }
                 }

@@ -218,6 +218,12 @@ impl CaManager {
         self.inner.leaf(service)
     }
 
+    /// Issues a one-off leaf for `service` with a new agent-generated key, without
+    /// caching or renewing it (the holder renews by calling again).
+    pub fn issue_leaf(&self, service: &ServiceName) -> Result<Arc<Leaf>, Error> {
+        self.inner.issue(service)
+    }
+
     /// Signs an externally supplied CSR (PEM `CERTIFICATE REQUEST` or DER). Only
     /// the key and the SPIFFE ID are taken from it; see [`leaf::screen_csr`].
     pub fn sign_csr(&self, csr: &[u8]) -> Result<IssuedCert, Error> {

@@ -283,3 +283,204 @@ fn map_webpki(e: webpki::Error) -> VerifyError {
 
 /// The bundle a verifier reads; `Arc` so a handshake takes it without copying.
 pub type SharedBundle = Arc<TrustBundle>;
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    };
+
+    use super::*;
+    use crate::ca::testing::TestCa;
+
+    fn now() -> UnixTime {
+        UnixTime::now()
+    }
+
+    #[test]
+    fn a_good_leaf_verifies_for_both_roles() {
+        let ca = TestCa::new();
+        let leaf = ca.sign(&ca.leaf_params("web"));
+        for role in [PeerRole::Client, PeerRole::Server] {
+            let id = verify_chain(std::slice::from_ref(&leaf.cert), &ca.bundle, now(), role)
+                .expect("valid leaf");
+            assert_eq!(id, ca.id("web"));
+        }
+    }
+
+    /// One certificate per validator error, each carrying exactly that defect.
+    #[test]
+    fn each_defect_has_its_error() {
+        let ca = TestCa::new();
+        let other = TestCa::new();
+        let hour: time::Duration = time::Duration::hours(1);
+        let t: time::OffsetDateTime = time::OffsetDateTime::now_utc();
+
+        type Edit = fn(&mut rcgen::CertificateParams, &TestCa);
+        let templated: Vec<(&str, Edit, PeerRole, fn(&VerifyError) -> bool)> = vec![
+            (
+                "expired",
+                |p, _| {
+                    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(3);
+                    p.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+                },
+                PeerRole::Client,
+                |e| matches!(e, VerifyError::Expired { .. }),
+            ),
+            (
+                "not yet valid",
+                |p, _| {
+                    p.not_before = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+                    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(2);
+                },
+                PeerRole::Client,
+                |e| matches!(e, VerifyError::NotYetValid { .. }),
+            ),
+            (
+                "wrong trust domain",
+                |p, _| {
+                    p.subject_alt_names = vec![SanType::URI(
+                        "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/web"
+                            .try_into()
+                            .expect("uri"),
+                    )];
+                },
+                PeerRole::Client,
+                |e| matches!(e, VerifyError::WrongTrustDomain { .. }),
+            ),
+            (
+                "no URI SAN",
+                |p, _| {
+                    p.subject_alt_names =
+                        vec![SanType::DnsName("web.example".try_into().expect("dns"))];
+                },
+                PeerRole::Client,
+                |e| matches!(e, VerifyError::NoUriSan),
+            ),
+            (
+                "several URI SANs",
+                |p, ca| {
+                    p.subject_alt_names = vec![
+                        SanType::URI(ca.id("web").to_string().try_into().expect("uri")),
+                        SanType::URI(ca.id("db").to_string().try_into().expect("uri")),
+                    ];
+                },
+                PeerRole::Client,
+                |e| matches!(e, VerifyError::SeveralUriSans { count: 2 }),
+            ),
+            (
+                "not a service ID",
+                |p, ca| {
+                    p.subject_alt_names = vec![SanType::URI(
+                        format!("spiffe://{}/agent/client/dc/dc1/id/n1", ca.trust_domain)
+                            .try_into()
+                            .expect("uri"),
+                    )];
+                },
+                PeerRole::Client,
+                |e| matches!(e, VerifyError::NotServiceId { .. }),
+            ),
+            (
+                "CA certificate as leaf",
+                |p, _| {
+                    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                    p.key_usages = vec![
+                        KeyUsagePurpose::KeyCertSign,
+                        KeyUsagePurpose::DigitalSignature,
+                    ];
+                },
+                PeerRole::Client,
+                |e| matches!(e, VerifyError::CaAsLeaf),
+            ),
+            (
+                "server-only EKU presented by a client",
+                |p, _| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth],
+                PeerRole::Client,
+                |e| matches!(e, VerifyError::WrongKeyUsage { .. }),
+            ),
+            (
+                "client-only EKU presented by a server",
+                |p, _| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth],
+                PeerRole::Server,
+                |e| matches!(e, VerifyError::WrongKeyUsage { .. }),
+            ),
+            (
+                "keyCertSign on a leaf",
+                |p, _| {
+                    p.key_usages = vec![
+                        KeyUsagePurpose::DigitalSignature,
+                        KeyUsagePurpose::KeyCertSign,
+                    ]
+                },
+                PeerRole::Client,
+                |e| matches!(e, VerifyError::WrongKeyUsage { .. }),
+            ),
+            (
+                "no digitalSignature",
+                |p, _| p.key_usages = vec![KeyUsagePurpose::KeyAgreement],
+                PeerRole::Client,
+                |e| matches!(e, VerifyError::WrongKeyUsage { .. }),
+            ),
+        ];
+        for (name, edit, role, want) in templated {
+            let mut p = ca.leaf_params("web");
+            edit(&mut p, &ca);
+            let leaf = ca.sign(&p);
+            let got = verify_chain(std::slice::from_ref(&leaf.cert), &ca.bundle, now(), role);
+            match got {
+                Err(e) if want(&e) => {}
+                other => panic!("{name}: unexpected {other:?}"),
+            }
+        }
+
+        // Unknown root: a correct leaf from another CA.
+        let foreign = other.sign(&other.leaf_params("web"));
+        assert_eq!(
+            verify_chain(&[foreign.cert], &ca.bundle, now(), PeerRole::Client),
+            Err(VerifyError::UnknownRoot)
+        );
+
+        // Bad signature: names our root as issuer, signed by another key.
+        let forger = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+        let forged = ca.sign_claiming_root(&ca.leaf_params("web"), &forger);
+        assert_eq!(
+            verify_chain(&[forged.cert], &ca.bundle, now(), PeerRole::Client),
+            Err(VerifyError::BadSignature)
+        );
+
+        // The root itself presented as a leaf.
+        assert_eq!(
+            verify_chain(&[ca.root.clone()], &ca.bundle, now(), PeerRole::Client),
+            Err(VerifyError::CaAsLeaf)
+        );
+
+        // Time is the caller's: a valid leaf checked a day later is expired.
+        let leaf = ca.sign(&ca.leaf_params("web"));
+        let later = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            (t + hour * 48_i32).unix_timestamp() as u64,
+        ));
+        assert!(matches!(
+            verify_chain(&[leaf.cert], &ca.bundle, later, PeerRole::Client),
+            Err(VerifyError::Expired { .. })
+        ));
+
+        assert_eq!(
+            verify_chain(&[], &ca.bundle, now(), PeerRole::Client),
+            Err(VerifyError::EmptyChain)
+        );
+        let long = vec![ca.root.clone(); MAX_CHAIN_LEN + 1];
+        assert!(matches!(
+            verify_chain(&long, &ca.bundle, now(), PeerRole::Client),
+            Err(VerifyError::ChainTooLong { .. })
+        ));
+        assert!(matches!(
+            verify_chain(
+                &[CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01])],
+                &ca.bundle,
+                now(),
+                PeerRole::Client
+            ),
+            Err(VerifyError::Malformed { .. })
+        ));
+    }
+}
