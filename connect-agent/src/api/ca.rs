@@ -274,3 +274,248 @@ fn parse_go_bool(v: &str) -> Option<bool> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::{
+        body::Body,
+        http::{Request, StatusCode},
+    };
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{app, config::Config, shutdown::Shutdown, store::memory::MemStore};
+
+    async fn agent() -> ApiState {
+        app::build(
+            Config::for_tests(),
+            Arc::new(MemStore::new()),
+            None,
+            Shutdown::new(),
+        )
+        .await
+        .expect("agent")
+    }
+
+    async fn call(
+        agent: &ApiState,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let req = Request::builder().method(method).uri(uri);
+        let req = match body {
+            Some(v) => req
+                .header("content-type", "application/json")
+                .body(Body::from(v.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .expect("request");
+        let resp = crate::api::router(agent.clone())
+            .oneshot(req)
+            .await
+            .expect("infallible");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body")
+            .to_vec();
+        (status, headers, body)
+    }
+
+    fn header(h: &axum::http::HeaderMap, name: &str) -> String {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn roots_leaf_and_configuration() {
+        let agent = agent().await;
+
+        let (st, h, body) = call(&agent, "GET", "/v1/agent/connect/ca/roots", None).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(header(&h, "x-cache"), "HIT");
+        let raw: Value = serde_json::from_slice(&body).expect("json");
+        assert!(raw["Roots"][0]["SerialNumber"].is_u64(), "{raw}");
+        assert!(raw["Roots"][0]["IntermediateCerts"].is_null());
+        let roots: IndexedCaRoots = serde_json::from_slice(&body).expect("roots");
+        assert_eq!(roots.roots.len(), 1);
+        assert_eq!(roots.active_root_id, roots.roots[0].id);
+        assert!(roots.roots[0].active);
+        assert_eq!(roots.roots[0].name, "Consul CA Root Cert");
+        assert_eq!(roots.roots[0].signing_key_id.len(), 32 * 3 - 1);
+        assert!(roots.trust_domain.ends_with(".consul"));
+        assert_eq!(
+            header(&h, "x-consul-index"),
+            roots.roots[0].modify_index.to_string()
+        );
+        let (_, _, plain) = call(&agent, "GET", "/v1/connect/ca/roots", None).await;
+        assert_eq!(plain, body);
+
+        let (st, h, pem) = call(&agent, "GET", "/v1/connect/ca/roots?pem=true", None).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(
+            header(&h, "content-type"),
+            "application/pem-certificate-chain"
+        );
+        assert!(pem.starts_with(b"-----BEGIN CERTIFICATE-----"));
+        let (st, _, _) = call(&agent, "GET", "/v1/connect/ca/roots?pem=maybe", None).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+
+        let (st, h, body) = call(&agent, "GET", "/v1/agent/connect/ca/leaf/web", None).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(header(&h, "x-cache"), "MISS");
+        let leaf: IssuedCertJson = serde_json::from_slice(&body).expect("leaf");
+        assert_eq!(
+            leaf.service_uri,
+            format!("spiffe://{}/ns/default/dc/dc1/svc/web", roots.trust_domain)
+        );
+        assert_eq!(leaf.service, "web");
+        assert!(
+            leaf.private_key_pem
+                .starts_with("-----BEGIN EC PRIVATE KEY-----")
+        );
+        assert!(leaf.serial_number.split(':').all(|b| b.len() == 2));
+        assert!(leaf.valid_after.ends_with('Z') && leaf.valid_before.ends_with('Z'));
+        assert_eq!(header(&h, "x-consul-index"), leaf.modify_index.to_string());
+        let idx = leaf.modify_index;
+        let (_, h, body) = call(
+            &agent,
+            "GET",
+            &format!("/v1/agent/connect/ca/leaf/web?index={idx}&wait=50ms"),
+            None,
+        )
+        .await;
+        assert_eq!(header(&h, "x-cache"), "HIT");
+        let same: IssuedCertJson = serde_json::from_slice(&body).expect("leaf");
+        assert_eq!(
+            same.serial_number, leaf.serial_number,
+            "timed out unchanged"
+        );
+        let (st, _, _) = call(&agent, "GET", "/v1/agent/connect/ca/leaf/we%20b", None).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+
+        let (st, _, body) = call(&agent, "GET", "/v1/connect/ca/configuration", None).await;
+        assert_eq!(st, StatusCode::OK);
+        let cfg: CaConfigurationJson = serde_json::from_slice(&body).expect("config");
+        assert_eq!(cfg.provider, "consul");
+        assert_eq!(cfg.config["LeafCertTTL"], "72h");
+        assert_eq!(cfg.config["RotationPeriod"], "2160h");
+        assert_eq!(cfg.config["IntermediateCertTTL"], "8760h");
+
+        let (st, _, body) = call(
+            &agent,
+            "PUT",
+            "/v1/connect/ca/configuration",
+            Some(serde_json::json!({"Provider": "consul", "Config": {"LeafCertTTL": "30m"}})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body, b"leaf cert TTL must be greater or equal than 1h0m0s");
+        let (st, _, _) = call(
+            &agent,
+            "PUT",
+            "/v1/connect/ca/configuration",
+            Some(serde_json::json!({"State": {"k": "v"}})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+
+        // Rotation through the API: a blocked leaf query returns the new leaf.
+        let (st, _, body) = call(
+            &agent,
+            "PUT",
+            "/v1/connect/ca/configuration",
+            Some(serde_json::json!({"Provider": "consul", "Config": {"PrivateKeyBits": 384}})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(body.is_empty());
+        let (_, _, body) = call(&agent, "GET", "/v1/agent/connect/ca/roots", None).await;
+        let rotated: IndexedCaRoots = serde_json::from_slice(&body).expect("roots");
+        assert_eq!(rotated.roots.len(), 2);
+        assert_ne!(rotated.active_root_id, roots.active_root_id);
+        let active = rotated.roots.iter().find(|r| r.active).expect("one active");
+        assert_eq!(active.intermediate_certs.as_ref().map(Vec::len), Some(1));
+        assert_eq!(active.private_key_bits, 384);
+        let (_, _, body) = call(
+            &agent,
+            "GET",
+            &format!("/v1/agent/connect/ca/leaf/web?index={idx}&wait=10s"),
+            None,
+        )
+        .await;
+        let renewed: IssuedCertJson = serde_json::from_slice(&body).expect("leaf");
+        assert_ne!(renewed.serial_number, leaf.serial_number);
+        assert!(renewed.modify_index > idx);
+        assert_eq!(renewed.cert_pem.matches("BEGIN CERTIFICATE").count(), 2);
+    }
+
+    #[tokio::test]
+    async fn cli_commands_against_a_running_agent() {
+        use crate::cli::{
+            ca::{CaCommand, RootsArgs, SetConfigArgs, run},
+            http::HttpArgs,
+        };
+
+        let agent = agent().await;
+        let listener = crate::api::bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        let server = tokio::spawn(crate::api::serve(listener, agent.clone(), async move {
+            s.cancelled().await
+        }));
+        let http = HttpArgs {
+            http_addr: addr.to_string(),
+            token: None,
+        };
+        let ok = |r: anyhow::Result<std::process::ExitCode>| {
+            assert_eq!(
+                r.expect("command succeeds"),
+                std::process::ExitCode::SUCCESS
+            )
+        };
+        ok(run(CaCommand::Roots(RootsArgs {
+            pem: false,
+            http: http.clone(),
+        }))
+        .await);
+        ok(run(CaCommand::GetConfig(http.clone())).await);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("ca.json");
+        std::fs::write(
+            &file,
+            r#"{"Provider": "consul", "Config": {"LeafCertTTL": "48h"}}"#,
+        )
+        .expect("write");
+        ok(run(CaCommand::SetConfig(SetConfigArgs {
+            config_file: Some(file.display().to_string()),
+            force_without_cross_signing: false,
+            http: http.clone(),
+        }))
+        .await);
+        assert_eq!(
+            agent.ca.state().config.leaf_cert_ttl,
+            std::time::Duration::from_secs(48 * 3600)
+        );
+        std::fs::write(&file, r#"{"Config": {"LeafCertTTL": "1m"}}"#).expect("write");
+        let err = run(CaCommand::SetConfig(SetConfigArgs {
+            config_file: Some(file.display().to_string()),
+            force_without_cross_signing: false,
+            http,
+        }))
+        .await
+        .expect_err("invalid config refused");
+        assert!(format!("{err:#}").contains("leaf cert TTL"), "{err:#}");
+        stop.cancel();
+        server.await.expect("join").expect("serve");
+    }
+}

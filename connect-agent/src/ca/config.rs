@@ -210,16 +210,13 @@ impl CaConfig {
                         c.private_key = Some(SecretPem(pem.to_owned()));
                     }
                 }
-                "rootcert" => {
-                    if v.as_str().is_some_and(|s| !s.trim().is_empty()) {
-                        return Err(Error::InvalidConfig {
-                            field: "RootCert",
-                            reason:
-                                "RootCert is not supported: the built-in CA makes its own root; \
-                                     give only PrivateKey to bring your own key"
-                                    .to_owned(),
-                        });
-                    }
+                "rootcert" if v.as_str().is_some_and(|s| !s.trim().is_empty()) => {
+                    return Err(Error::InvalidConfig {
+                        field: "RootCert",
+                        reason: "RootCert is not supported: the built-in CA makes its own root; \
+                                 give only PrivateKey to bring your own key"
+                            .to_owned(),
+                    });
                 }
                 "csrmaxpersecond" => c.csr_max_per_second = as_f64("CSRMaxPerSecond", v)?,
                 "csrmaxconcurrent" => c.csr_max_concurrent = as_u64("CSRMaxConcurrent", v)?,
@@ -354,7 +351,7 @@ impl CaConfig {
 /// Consul-style short durations for defaults (`72h`, not `72h0m0s`).
 fn go_dur(d: Duration) -> Value {
     let secs = d.as_secs();
-    if d.subsec_nanos() == 0 && secs % 3600 == 0 {
+    if d.subsec_nanos() == 0 && secs.is_multiple_of(3600) {
         Value::from(format!("{}h", secs / 3600))
     } else {
         Value::from(duration::format(d))

@@ -600,8 +600,14 @@ enum Wake {
 async fn renew(inner: Arc<Inner>, service: ServiceName, tx: watch::Sender<Arc<Leaf>>) {
     let mut state_rx = inner.state.subscribe();
     let mut failures: u32 = 0;
+    // The renewal point is drawn once per leaf (keyed by serial): waking up for an
+    // unrelated CA change must not draw again, which would skew renewals early.
+    let mut planned: (Vec<u8>, f64) = (Vec::new(), leaf::renewal_fraction());
     loop {
         let leaf = tx.borrow().clone();
+        if planned.0 != leaf.cert.serial {
+            planned = (leaf.cert.serial.clone(), leaf::renewal_fraction());
+        }
         let wait = if failures > 0 {
             backoff(failures)
         } else {
@@ -609,7 +615,7 @@ async fn renew(inner: Arc<Inner>, service: ServiceName, tx: watch::Sender<Arc<Le
                 leaf.cert.valid_after,
                 leaf.cert.valid_before,
                 OffsetDateTime::now_utc(),
-                leaf::renewal_fraction(),
+                planned.1,
             )
         };
         let wake = tokio::select! {

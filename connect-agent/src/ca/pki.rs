@@ -303,7 +303,7 @@ mod tests {
         }
         for _ in 0..256 {
             let s = random_root_serial();
-            assert!(s >= 1 && s < (1 << 63));
+            assert!((1..(1 << 63)).contains(&s));
         }
     }
 

@@ -152,7 +152,7 @@ async fn root_has_the_builtin_ca_shape() {
     );
     assert_eq!(root.id(), pki::fingerprint(&root.cert_der));
     // An openssl-verifiable self-signed CA.
-    openssl_verify(&[root.cert_der.clone()], &[], &root.cert_der)
+    openssl_verify(std::slice::from_ref(&root.cert_der), &[], &root.cert_der)
         .expect("openssl accepts the root");
 }
 
@@ -176,8 +176,12 @@ async fn issued_leaves_pass_independent_checks() {
         };
         assert_eq!(spiffe_parse(&leaf.cert.chain, &key), want);
         // openssl, strict.
-        openssl_verify(&[st.active_root().cert_der.clone()], &[], leaf.cert.cert())
-            .expect("openssl accepts the leaf");
+        openssl_verify(
+            std::slice::from_ref(&st.active_root().cert_der),
+            &[],
+            leaf.cert.cert(),
+        )
+        .expect("openssl accepts the leaf");
         // Our validator, both roles.
         for role in [PeerRole::Client, PeerRole::Server] {
             let id = verify_chain(&leaf.cert.chain, &st.bundle, UnixTime::now(), role)
@@ -295,13 +299,18 @@ async fn csrs_are_signed_or_refused() {
     let good = csr(&st, vec![uri(ours.clone())], false, false);
     let issued = ca.sign_csr(good.as_bytes()).expect("signed");
     assert_eq!(issued.spiffe_id.to_string(), ours);
-    openssl_verify(&[st.active_root().cert_der.clone()], &[], issued.cert())
-        .expect("openssl accepts the CSR leaf");
+    openssl_verify(
+        std::slice::from_ref(&st.active_root().cert_der),
+        &[],
+        issued.cert(),
+    )
+    .expect("openssl accepts the CSR leaf");
     verify_chain(&issued.chain, &st.bundle, UnixTime::now(), PeerRole::Server)
         .expect("validator accepts the CSR leaf");
 
     let foreign = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/api";
-    let cases: Vec<(&str, String, fn(&CsrRefusal) -> bool)> = vec![
+    type Want = fn(&CsrRefusal) -> bool;
+    let cases: Vec<(&str, String, Want)> = vec![
         (
             "other trust domain",
             csr(&st, vec![uri(foreign.to_owned())], false, false),
@@ -453,12 +462,16 @@ async fn rotation_keeps_old_leaves_and_signs_new_ones_with_the_new_root() {
         PeerRole::Server,
     )
     .expect("new leaf valid");
-    openssl_verify(&[new_root.cert_der.clone()], &[], new_leaf.cert.cert())
-        .expect("openssl: new leaf, new root");
+    openssl_verify(
+        std::slice::from_ref(&new_root.cert_der),
+        &[],
+        new_leaf.cert.cert(),
+    )
+    .expect("openssl: new leaf, new root");
     // A peer that still trusts only the old root accepts it through the cross-sign.
     openssl_verify(
-        &[old_root.cert_der.clone()],
-        &[cross.clone()],
+        std::slice::from_ref(&old_root.cert_der),
+        std::slice::from_ref(&cross),
         new_leaf.cert.cert(),
     )
     .expect("openssl: new leaf via the cross-signed root");

@@ -317,7 +317,8 @@ mod tests {
         let t: time::OffsetDateTime = time::OffsetDateTime::now_utc();
 
         type Edit = fn(&mut rcgen::CertificateParams, &TestCa);
-        let templated: Vec<(&str, Edit, PeerRole, fn(&VerifyError) -> bool)> = vec![
+        type Want = fn(&VerifyError) -> bool;
+        let templated: Vec<(&str, Edit, PeerRole, Want)> = vec![
             (
                 "expired",
                 |p, _| {
@@ -450,7 +451,12 @@ mod tests {
 
         // The root itself presented as a leaf.
         assert_eq!(
-            verify_chain(&[ca.root.clone()], &ca.bundle, now(), PeerRole::Client),
+            verify_chain(
+                std::slice::from_ref(&ca.root),
+                &ca.bundle,
+                now(),
+                PeerRole::Client
+            ),
             Err(VerifyError::CaAsLeaf)
         );
 

@@ -97,10 +97,10 @@ async fn set_config(args: &SetConfigArgs) -> anyhow::Result<ExitCode> {
     };
     let mut body: Value =
         serde_json::from_str(&text).with_context(|| format!("Error parsing config file {path}"))?;
-    if args.force_without_cross_signing {
-        if let Some(obj) = body.as_object_mut() {
-            obj.insert("ForceWithoutCrossSigning".to_owned(), Value::Bool(true));
-        }
+    if args.force_without_cross_signing
+        && let Some(obj) = body.as_object_mut()
+    {
+        obj.insert("ForceWithoutCrossSigning".to_owned(), Value::Bool(true));
     }
     let client = Client::new(&args.http)?;
     client
