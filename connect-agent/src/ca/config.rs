@@ -331,7 +331,7 @@ impl CaConfig {
             ("RootCertTTL", go_dur(self.root_cert_ttl)),
             ("PrivateKeyType", Value::from(self.key_type.type_name())),
             ("PrivateKeyBits", Value::from(self.key_type.bits())),
-            ("CSRMaxPerSecond", Value::from(self.csr_max_per_second)),
+            ("CSRMaxPerSecond", go_number(self.csr_max_per_second)),
         ];
         for (k, v) in defaults {
             if !present(&m, k) {
@@ -345,6 +345,15 @@ impl CaConfig {
             );
         }
         m
+    }
+}
+
+/// A float as Go's JSON encoder writes it: `50`, not `50.0`.
+fn go_number(v: f64) -> Value {
+    if v.fract() == 0.0 && (0.0..9.0e15).contains(&v) {
+        Value::from(v as u64)
+    } else {
+        Value::from(v)
     }
 }
 
@@ -441,6 +450,7 @@ mod tests {
         assert_eq!(m["IntermediateCertTTL"], json!("8760h"));
         assert_eq!(m["PrivateKeyType"], json!("ec"));
         assert_eq!(m["PrivateKeyBits"], json!(256));
+        assert_eq!(m["CSRMaxPerSecond"], json!(50));
     }
 
     #[test]
