@@ -79,11 +79,10 @@ impl From<InputError> for Error {
 
 /// The trust domain client certificates must belong to, once known.
 ///
-/// The CA component owns the trust domain and is not part of the agent yet; until
-/// it is, authorize decides on intentions alone (as Consul 1.5+ does). When the CA
-/// lands, this returns its trust domain and foreign identities are denied.
-fn expected_trust_domain(_agent: &ApiState) -> Option<TrustDomain> {
-    None
+/// The cluster's trust domain, from the CA's current state (in memory): a client
+/// certificate URI from another trust domain is denied.
+fn expected_trust_domain(agent: &ApiState) -> Option<TrustDomain> {
+    Some(agent.ca.state().trust_domain.clone())
 }
 
 // ───────────────────────────── handlers ─────────────────────────────

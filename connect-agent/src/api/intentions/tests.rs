@@ -13,12 +13,18 @@ use tower::ServiceExt;
 use crate::{api, app, config::Config, shutdown::Shutdown, store::memory::MemStore};
 
 async fn router(default_allow: bool) -> Router {
+    router_and_trust_domain(default_allow).await.0
+}
+
+/// The router and the trust domain its CA made at first start.
+async fn router_and_trust_domain(default_allow: bool) -> (Router, String) {
     let mut config = Config::for_tests();
     config.default_allow = default_allow;
     let agent = app::build(config, Arc::new(MemStore::new()), None, Shutdown::new())
         .await
         .expect("agent");
-    api::router(agent)
+    let td = agent.ca.state().trust_domain.to_string();
+    (api::router(agent), td)
 }
 
 struct Answer {
@@ -60,10 +66,10 @@ async fn call(r: &Router, method: Method, uri: &str, body: Option<Value>) -> Ans
     }
 }
 
-fn authorize_body(target: &str, source: &str) -> Value {
+fn authorize_body(td: &str, target: &str, source: &str) -> Value {
     json!({
         "Target": target,
-        "ClientCertURI": format!("spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/{source}"),
+        "ClientCertURI": format!("spiffe://{td}/ns/default/dc/dc1/svc/{source}"),
         "ClientCertSerial": "04:00:01",
     })
 }
@@ -300,7 +306,7 @@ async fn match_and_check() {
 
 #[tokio::test]
 async fn default_allow_in_dev() {
-    let r = router(true).await;
+    let (r, td) = router_and_trust_domain(true).await;
     let c = call(
         &r,
         Method::GET,
@@ -313,7 +319,7 @@ async fn default_allow_in_dev() {
         &r,
         Method::POST,
         "/v1/agent/connect/authorize",
-        Some(authorize_body("db", "web")),
+        Some(authorize_body(&td, "db", "web")),
     )
     .await;
     assert_eq!(
@@ -324,12 +330,12 @@ async fn default_allow_in_dev() {
 
 #[tokio::test]
 async fn authorize() {
-    let r = router(false).await;
+    let (r, td) = router_and_trust_domain(false).await;
     let a = call(
         &r,
         Method::POST,
         "/v1/agent/connect/authorize",
-        Some(authorize_body("db", "web")),
+        Some(authorize_body(&td, "db", "web")),
     )
     .await;
     assert_eq!(a.status, StatusCode::OK);
@@ -351,7 +357,7 @@ async fn authorize() {
     .await;
     let id = c.json()["ID"].as_str().expect("ID").to_owned();
     // PUT as py-consul sends it; lower-case keys as some clients send them.
-    let body = authorize_body("db", "web");
+    let body = authorize_body(&td, "db", "web");
     let lower = json!({"target": body["Target"], "clientcerturi": body["ClientCertURI"]});
     let a = call(&r, Method::PUT, "/v1/agent/connect/authorize", Some(lower)).await;
     assert_eq!(
@@ -632,4 +638,31 @@ async fn filter_and_pretty() {
     )
     .await;
     assert_eq!(p.text, "{\n    \"Allowed\": true\n}");
+}
+
+#[tokio::test]
+async fn authorize_denies_a_foreign_trust_domain() {
+    let (r, td) = router_and_trust_domain(true).await;
+    let ok = call(
+        &r,
+        Method::POST,
+        "/v1/agent/connect/authorize",
+        Some(authorize_body(&td, "db", "web")),
+    )
+    .await;
+    assert_eq!(
+        ok.json()["Authorized"],
+        json!(true),
+        "own trust domain, dev default allow"
+    );
+    let foreign = authorize_body("99999999-2222-3333-4444-555555555555.consul", "db", "web");
+    let a = call(
+        &r,
+        Method::POST,
+        "/v1/agent/connect/authorize",
+        Some(foreign),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json()["Authorized"], json!(false), "{}", a.text);
 }
