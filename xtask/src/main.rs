@@ -9,6 +9,7 @@
 mod bench;
 mod bootstrap;
 mod ebpf;
+mod lab;
 mod loadgen;
 mod netns;
 mod test;
@@ -46,6 +47,8 @@ enum Command {
     },
     /// fmt, clippy, unit tests, then the privileged integration tests; one summary.
     Test(test::TestArgs),
+    /// A multi-node lab in network namespaces: `up [--nodes N]`, `status`, `down`.
+    Lab(lab::LabArgs),
     /// Benchmarks against a direct connection and a stunnel pair, on two namespace nodes.
     Bench(bench::BenchArgs),
     /// (internal) the echo server the benchmarks run inside a namespace.
@@ -65,6 +68,7 @@ fn main() {
         Command::Run { args } => run(args),
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Lab(args) => lab::run(args),
         Command::BenchEcho(args) => loadgen::echo(args),
         Command::BenchClient(cmd) => loadgen::client(cmd),
     };

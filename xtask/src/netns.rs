@@ -15,10 +15,11 @@ use anyhow::{Context, Result, bail};
 
 use crate::util::{describe, run_status};
 
-/// A network namespace; deleted on drop.
+/// A network namespace; deleted on drop if this handle created it.
 #[derive(Debug)]
 pub struct Netns {
     pub name: String,
+    owned: bool,
 }
 
 impl Netns {
@@ -31,9 +32,24 @@ impl Netns {
         run_status(Command::new("ip").args(["netns", "add", name]))?;
         let ns = Self {
             name: name.to_owned(),
+            owned: true,
         };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A handle to a namespace someone else owns (never deleted by this handle).
+    pub fn existing(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            owned: false,
+        }
+    }
+
+    /// Keeps the namespace after this handle is dropped (the lab's `down` removes it).
+    pub fn keep(mut self) -> Self {
+        self.owned = false;
+        self
     }
 
     /// `ip ARGS` inside the namespace.
@@ -71,6 +87,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .stderr(Stdio::null())
@@ -96,6 +115,37 @@ pub fn veth(
     b.ip(&["addr", "add", b_addr, "dev", b_if])?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+/// Joins a namespace to a bridge in another namespace: `node_if` (addressed with
+/// `node_addr`, CIDR) inside `node`, `bridge_port` enslaved to `bridge` inside `br`.
+pub fn veth_to_bridge(
+    node: &Netns,
+    node_if: &str,
+    node_addr: &str,
+    br: &Netns,
+    bridge_port: &str,
+    bridge: &str,
+) -> Result<()> {
+    run_status(Command::new("ip").args([
+        "link",
+        "add",
+        node_if,
+        "netns",
+        &node.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        bridge_port,
+        "netns",
+        &br.name,
+    ]))?;
+    node.ip(&["addr", "add", node_addr, "dev", node_if])?;
+    node.ip(&["link", "set", node_if, "up"])?;
+    br.ip(&["link", "set", bridge_port, "master", bridge])?;
+    br.ip(&["link", "set", bridge_port, "up"])?;
     Ok(())
 }
 
