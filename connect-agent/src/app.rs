@@ -58,10 +58,11 @@ pub enum Error {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), Error> {
-    tracing::info!(config = ?config, "starting connect-agent");
+    // Prerequisites first, so a missing privilege is one line, not a startup log.
     if let Some(cgroup) = &config.cgroup {
         redirect::preflight(cgroup)?;
     }
+    tracing::info!(config = ?config, "starting connect-agent");
     let mut signals = Signals::install().map_err(Error::Signals)?;
     let store = open_store(&config).await?;
     let http = api::bind(config.http_addr).await?;

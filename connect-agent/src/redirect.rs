@@ -190,6 +190,11 @@ impl Redirector {
             source,
         })?;
         let fd = file.as_fd();
+        // Through BPF links (kernel >= 5.7, which aya uses when available) a cgroup
+        // attachment always coexists with others: the kernel ignores the legacy
+        // BPF_F_ALLOW_MULTI semantics for links and rejects any flag with EINVAL
+        // (`cgroup_bpf_link_attach`). So the mode must be the flag-less default.
+        let mode = CgroupAttachMode::default();
         let attach_err = |name: &'static str| {
             let path = cgroup.to_owned();
             move |e: aya::programs::ProgramError| Error::Attach {
@@ -207,21 +212,16 @@ impl Redirector {
         for name in [program::CONNECT4, program::GETPEERNAME4] {
             let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             prog.load().map_err(load_err(name))?;
-            prog.attach(fd, CgroupAttachMode::AllowMultiple)
-                .map_err(attach_err(name))?;
+            prog.attach(fd, mode).map_err(attach_err(name))?;
         }
         let prog: &mut SockOps = program_mut(&mut ebpf, program::SOCK_OPS)?;
         prog.load().map_err(load_err(program::SOCK_OPS))?;
-        prog.attach(fd, CgroupAttachMode::AllowMultiple)
+        prog.attach(fd, mode)
             .map_err(attach_err(program::SOCK_OPS))?;
         let prog: &mut CgroupSkb = program_mut(&mut ebpf, program::INGRESS)?;
         prog.load().map_err(load_err(program::INGRESS))?;
-        prog.attach(
-            fd,
-            CgroupSkbAttachType::Ingress,
-            CgroupAttachMode::AllowMultiple,
-        )
-        .map_err(attach_err(program::INGRESS))?;
+        prog.attach(fd, CgroupSkbAttachType::Ingress, mode)
+            .map_err(attach_err(program::INGRESS))?;
 
         Ok(Self {
             cgroup: cgroup.to_owned(),
