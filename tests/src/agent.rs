@@ -99,7 +99,8 @@ impl AgentProcess {
         Ok(p)
     }
 
-    /// Waits until `GET /v1/agent/self` answers 200, or fails with the agent's log.
+    /// Waits until `GET /v1/connect/ca/roots` (no ACL needed) answers 200, or fails
+    /// with the agent's log.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -108,7 +109,9 @@ impl AgentProcess {
             {
                 bail!("connect-agent exited early with {status}:\n{}", self.log());
             }
-            if http(self.http_addr, "GET", "/v1/agent/self", None).is_ok_and(|(s, _)| s == 200) {
+            if http(self.http_addr, "GET", "/v1/connect/ca/roots", None)
+                .is_ok_and(|(s, _)| s == 200)
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -201,3 +201,87 @@ pub fn assert_eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> b
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A network namespace made for one test, deleted on drop. Processes run in it with
+/// `nsenter --net=` (not `ip netns exec`, which remounts /sys and hides cgroup2).
+#[derive(Debug)]
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    /// `ctest-<name>-<pid>` (short: interface and namespace names are bounded).
+    pub fn create(name: &str) -> Result<Self> {
+        let name = format!("ct-{name}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// Runs `program args` in this namespace and, if given, inside `cgroup`.
+    pub fn spawn(&self, cgroup: Option<&Path>, program: &str, args: &[&str]) -> Result<CgroupProc> {
+        let mut script = String::new();
+        if let Some(cg) = cgroup {
+            script.push_str(&format!("echo $$ > '{}/cgroup.procs' && ", cg.display()));
+        }
+        script.push_str(&format!(
+            "exec nsenter --net=/var/run/netns/{} -- '{program}'",
+            self.name
+        ));
+        for a in args {
+            script.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
+        }
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {program} in {}", self.name))?;
+        Ok(CgroupProc { child: Some(child) })
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Joins two namespaces with a veth pair; addresses in CIDR form from 198.18.0.0/15.
+pub fn veth(a: &TestNetns, a_addr: &str, b: &TestNetns, b_addr: &str) -> Result<()> {
+    let pid = std::process::id() % 100_000;
+    let (ai, bi) = (format!("va{pid}"), format!("vb{pid}"));
+    run(Command::new("ip").args([
+        "link", "add", &ai, "netns", &a.name, "type", "veth", "peer", "name", &bi, "netns", &b.name,
+    ]))?;
+    a.ip(&["addr", "add", a_addr, "dev", &ai])?;
+    b.ip(&["addr", "add", b_addr, "dev", &bi])?;
+    a.ip(&["link", "set", &ai, "up"])?;
+    b.ip(&["link", "set", &bi, "up"])?;
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

@@ -18,7 +18,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use connect_agent::redirect::{DestinationKind, RedirectConfig, Redirector};
 use connect_tests::lab::{
-    CgroupProc, TestCgroup, assert_eventually, attached_programs, require_privileges,
+    CgroupProc, TestCgroup, TestNetns, assert_eventually, attached_programs, require_privileges,
+    veth,
 };
 
 /// A destination in the mesh: nothing listens there, so only redirection can answer.
@@ -200,11 +201,80 @@ fn connect4_redirects_an_unmodified_client_and_detaches_cleanly() -> Result<()> 
     Ok(())
 }
 
+/// A listener on a protected port inside a node namespace and the app cgroup: a
+/// connection from another namespace (off the node) is dropped and counted; one from
+/// the node's loopback is accepted. Unprotected ports are not affected.
+#[test]
+fn ingress_drops_off_node_connections_to_protected_ports() -> Result<()> {
+    require_privileges()?;
+    let mut cg = TestCgroup::create("offnode")?;
+    let svc = cg.child("socat")?.to_owned();
+    let node = TestNetns::create("node")?;
+    let peer = TestNetns::create("peer")?;
+    veth(&node, "198.18.2.1/30", &peer, "198.18.2.2/30")?;
+    let redirector = Redirector::attach(
+        &cg.path,
+        RedirectConfig {
+            proxy: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1),
+            debug: false,
+        },
+    )?;
+    let (protected, open) = (18181u16, 18182u16);
+    redirector.protect_port(protected)?;
+
+    const SERVE: &str = "import socket,sys,threading\n\
+def serve(port):\n    l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); l.bind(('0.0.0.0',port)); l.listen()\n    while True:\n        c,_=l.accept(); c.sendall(b'ok'); c.close()\n\
+for p in sys.argv[1:]:\n    threading.Thread(target=serve,args=(int(p),),daemon=True).start()\n\
+print('ready',flush=True)\nimport time\ntime.sleep(30)\n";
+    let _server = node.spawn(
+        Some(&svc),
+        "python3",
+        &["-c", SERVE, &protected.to_string(), &open.to_string()],
+    )?;
+    const DIAL: &str = "import socket,sys\ntry:\n    s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=1.5); print('got',s.recv(2).decode())\nexcept OSError as e:\n    print('failed',e)\n";
+    let dial = |ns: &TestNetns, host: &str, port: u16| -> Result<String> {
+        let (_, out, _) = ns
+            .spawn(None, "python3", &["-c", DIAL, host, &port.to_string()])?
+            .output(Duration::from_secs(10))?;
+        Ok(out)
+    };
+    // Wait for the server via the unprotected port from the peer.
+    assert_eventually(Duration::from_secs(5), "server ready", || {
+        dial(&peer, "198.18.2.1", open).is_ok_and(|o| o.contains("got ok"))
+    })?;
+    let before = dropped(&redirector);
+    let out = dial(&peer, "198.18.2.1", protected)?;
+    assert!(
+        out.contains("failed"),
+        "off-node connection to a protected port must fail: {out}"
+    );
+    assert!(dropped(&redirector) > before, "the drop counter grows");
+    let out = dial(&node, "127.0.0.1", protected)?;
+    assert!(
+        out.contains("got ok"),
+        "loopback on the node reaches the protected port: {out}"
+    );
+    // Unprotect: off-node works again (the protection follows the map).
+    redirector.unprotect_port(protected)?;
+    let out = dial(&peer, "198.18.2.1", protected)?;
+    assert!(
+        out.contains("got ok"),
+        "after unprotect the port is reachable: {out}"
+    );
+    Ok(())
+}
+
+fn dropped(r: &Redirector) -> u64 {
+    r.counters()
+        .iter()
+        .find(|(n, _)| *n == "ingress_dropped")
+        .map_or(0, |(_, v)| *v)
+}
+
 #[test]
 fn ingress_drops_off_node_packets_to_protected_ports_only() -> Result<()> {
-    // Loopback traffic to a protected port must pass (the agent's inbound proxy
-    // connects from 127.0.0.1); the off-node case needs a second namespace and is in
-    // the namespace lab tests.
+    // Loopback traffic to a protected port must pass: the agent's inbound proxy
+    // connects from 127.0.0.1.
     require_privileges()?;
     let mut cg = TestCgroup::create("ingress")?;
     let svc = cg.child("socat")?.to_owned();
