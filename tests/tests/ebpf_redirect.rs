@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use connect_agent::redirect::{DestinationKind, RedirectConfig, Redirector};
+use connect_agent::redirect::{Desired, DestinationKind, RedirectConfig, Redirector};
 use connect_tests::lab::{
     CgroupProc, TestCgroup, TestNetns, assert_eventually, attached_programs, require_privileges,
     veth,
@@ -321,5 +321,70 @@ fn ingress_drops_off_node_packets_to_protected_ports_only() -> Result<()> {
         .find(|(n, _)| *n == "ingress_dropped")
         .map(|(_, v)| *v);
     assert_eq!(dropped, Some(0), "loopback traffic is never dropped");
+    Ok(())
+}
+
+/// `sync` diffs the desired set against what it wrote: a destination it adds is
+/// redirected at once, and one it drops is not; unchanged entries stay in place.
+#[test]
+fn sync_adds_and_removes_destinations() -> Result<()> {
+    require_privileges()?;
+    let mut cg = TestCgroup::create("sync")?;
+    let app = cg.child("web")?.to_owned();
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let SocketAddr::V4(proxy) = listener.local_addr()? else {
+        bail!("IPv6")
+    };
+    let redirector = Redirector::attach(
+        &cg.path,
+        RedirectConfig {
+            proxy,
+            debug: false,
+        },
+    )?;
+
+    let mut desired = Desired::default();
+    desired
+        .destinations
+        .insert((MESH_DST, DestinationKind::Instance));
+    desired.protected_ports.insert(18183);
+    let stats = redirector.sync(&desired);
+    assert_eq!((stats.added, stats.removed, stats.failed), (2, 0, 0));
+    assert_eq!(
+        redirector.sync(&desired).added,
+        0,
+        "a repeated sync changes nothing"
+    );
+
+    let client = CgroupProc::spawn(
+        &app,
+        "python3",
+        &[
+            "-c",
+            CLIENT,
+            &MESH_DST.ip().to_string(),
+            &MESH_DST.port().to_string(),
+        ],
+    )?;
+    let (mut conn, _) = accept_one(&listener, Duration::from_secs(5))?;
+    conn.write_all(b"world")?;
+    drop(conn);
+    let (code, out, _) = client.output(Duration::from_secs(10))?;
+    assert_eq!(code, 0, "redirected after sync: {out}");
+
+    let stats = redirector.sync(&Desired::default());
+    assert_eq!((stats.added, stats.removed, stats.failed), (0, 2, 0));
+    let client = CgroupProc::spawn(
+        &app,
+        "python3",
+        &[
+            "-c",
+            CLIENT,
+            &MESH_DST.ip().to_string(),
+            &MESH_DST.port().to_string(),
+        ],
+    )?;
+    let (code, out, _) = client.output(Duration::from_secs(10))?;
+    assert_eq!(code, 3, "no longer redirected after removal: {out}");
     Ok(())
 }
