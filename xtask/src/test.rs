@@ -79,6 +79,18 @@ pub fn run(args: TestArgs) -> Result<()> {
     );
 
     if !args.unit_only {
+        timed("vagrant validate", &mut steps, || {
+            let mut cmd = Command::new("vagrant");
+            cmd.args(["validate", "--ignore-provider"])
+                .current_dir(util::workspace_root().join("vagrant"))
+                // Keep vagrant's state out of the user's home.
+                .env(
+                    "VAGRANT_HOME",
+                    util::workspace_root().join("target/vagrant-home"),
+                )
+                .env("CONNECT_BOX", "connect/debian12");
+            util::run_status(&mut cmd)
+        });
         let built = timed("build agent binary", &mut steps, || {
             util::cargo(&["build", "-p", "connect-agent", "--bin", "connect-agent"])
         });
