@@ -23,6 +23,7 @@
 //! `spiffe://<td>/ns/default/dc/<dc>/svc/<name>`, DNS SAN `<name>.svc.<td>`, a random
 //! 128-bit serial, serverAuth + clientAuth, not a CA, 72 h by default.
 
+pub mod api_cert;
 pub mod config;
 pub mod leaf;
 pub mod manager;
