@@ -24,6 +24,8 @@
 pub mod authorizer;
 pub mod model;
 pub mod rules;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -166,8 +166,9 @@ pub async fn build(
         },
     )
     .await?;
-    // No matching intention: ACLs off or default allow ⇒ allow (reference §3).
-    let intentions = Intentions::start(store.clone(), acl.default_intention_allow()).await?;
+    // No matching intention: ACLs off or default allow ⇒ allow (reference §3);
+    // `Config` derives `default_allow` from the ACL settings.
+    let intentions = Intentions::start(store.clone(), config.default_allow).await?;
     Ok(Arc::new(Agent {
         config,
         store,

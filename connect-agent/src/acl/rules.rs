@@ -243,11 +243,11 @@ fn set_once(slot: &mut Option<Access>, resource: &str, value: &Value) -> Result<
     Ok(())
 }
 
-/// Each labelled block of `value` as (label, fields).
-fn blocks<'a>(
-    resource: &str,
-    value: &'a Value,
-) -> Result<Vec<(&'a str, &'a Map<String, Value>)>, RulesError> {
+/// A labelled block: its label and its fields.
+type Block<'a> = (&'a str, &'a Map<String, Value>);
+
+/// Each labelled block of `value`.
+fn blocks<'a>(resource: &str, value: &'a Value) -> Result<Vec<Block<'a>>, RulesError> {
     let expected = "an object of \"name\" blocks";
     let mut out = Vec::new();
     for obj in objects(value).ok_or_else(|| shape(resource, expected))? {

@@ -372,3 +372,6 @@ async fn list_policies(
     .await;
     Ok(json(index_headers(index), &list))
 }
+
+#[cfg(test)]
+mod tests;

@@ -491,10 +491,7 @@ mod tests {
         let server = tokio::spawn(crate::api::serve(listener, agent.clone(), async move {
             s.cancelled().await
         }));
-        let http = HttpArgs {
-            http_addr: addr.to_string(),
-            token: None,
-        };
+        let http = HttpArgs::to(addr.to_string());
         let ok = |r: anyhow::Result<std::process::ExitCode>| {
             assert_eq!(
                 r.expect("command succeeds"),
