@@ -293,7 +293,106 @@ fn parse_store(s: &str) -> Result<StoreUrl, Error> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<Config, Error> {
+        let mut argv = vec!["connect-agent"];
+        argv.extend(args);
+        Flags::try_parse_from(argv)
+            .expect("flags")
+            .agent
+            .into_config()
+    }
+
+    #[test]
+    fn acl_defaults() {
+        // (flags, ACLs on, default policy, intentions default allow)
+        let cases: &[(&[&str], bool, DefaultPolicy, bool)] = &[
+            (&[], true, DefaultPolicy::Deny, false),
+            (
+                &["--acl-default-policy", "allow"],
+                true,
+                DefaultPolicy::Allow,
+                true,
+            ),
+            (&["--dev"], false, DefaultPolicy::Deny, true),
+            (
+                &["--dev", "--acl-default-policy", "deny"],
+                true,
+                DefaultPolicy::Deny,
+                false,
+            ),
+            (
+                &["--dev", "--acl-default-policy", "allow"],
+                true,
+                DefaultPolicy::Allow,
+                true,
+            ),
+        ];
+        for (flags, enabled, policy, allow) in cases {
+            let c = config(flags).expect("valid");
+            assert_eq!(
+                (c.acl_enabled, c.acl_default_policy, c.default_allow),
+                (*enabled, *policy, *allow),
+                "{flags:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn https_flags() {
+        let c = config(&["--https-addr", "198.18.0.1:8501", "--verify-incoming"]).expect("https");
+        let h = c.https.expect("https config");
+        assert_eq!(h.cert, HttpsCert::BuiltinCa);
+        assert!(h.verify_incoming);
+        let c = config(&[
+            "--https-addr",
+            "127.0.0.1:8501",
+            "--cert-file",
+            "c.pem",
+            "--key-file",
+            "k.pem",
+            "--ca-file",
+            "ca.pem",
+        ])
+        .expect("files");
+        let h = c.https.expect("https config");
+        assert_eq!(
+            h.cert,
+            HttpsCert::Files {
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            }
+        );
+        assert_eq!(h.client_ca, Some(PathBuf::from("ca.pem")));
+        for flags in [
+            &["--verify-incoming"][..],
+            &["--ca-file", "ca.pem"],
+            &["--cert-file", "c", "--key-file", "k"],
+        ] {
+            assert!(
+                matches!(config(flags), Err(Error::NeedsHttps(_))),
+                "{flags:?}"
+            );
+        }
+        assert!(
+            Flags::try_parse_from(["x", "--https-addr", "127.0.0.1:1", "--cert-file", "c"])
+                .is_err(),
+            "cert without key"
+        );
+        assert!(matches!(
+            config(&["--http-addr", "198.18.0.1:8500"]),
+            Err(Error::HttpNotLoopback(_))
+        ));
+    }
 
     #[test]
     fn store_urls() {

@@ -352,3 +352,306 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
             path: path.to_owned(),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::ExitCode;
+
+    use super::*;
+    use crate::{
+        app,
+        cli::http::{Client, HttpArgs},
+        config::Config,
+        shutdown::Shutdown,
+        store::memory::MemStore,
+    };
+
+    struct Running {
+        agent: Arc<Agent>,
+        addr: SocketAddr,
+        stop: tokio_util::sync::CancellationToken,
+        dir: tempfile::TempDir,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    async fn start(cert: HttpsCert, verify_incoming: bool, client_ca: Option<PathBuf>) -> Running {
+        let mut config = Config::for_tests();
+        let listener = crate::api::bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let https = HttpsConfig {
+            addr,
+            cert,
+            verify_incoming,
+            client_ca,
+        };
+        config.https = Some(https.clone());
+        let agent = app::build(config, Arc::new(MemStore::new()), None, Shutdown::new())
+            .await
+            .expect("agent");
+        let tls = HttpsServer::new(&https, &agent).await.expect("tls config");
+        let listener = tls.listen(listener).expect("listen");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(serve(listener, agent.clone(), async move {
+            s.cancelled().await
+        }));
+        let dir = tempfile::tempdir().expect("tmp");
+        Running {
+            agent,
+            addr,
+            stop,
+            dir,
+        }
+    }
+
+    impl Running {
+        /// The built-in CA's roots as a PEM file, as `ca roots -pem` prints them.
+        fn ca_file(&self) -> PathBuf {
+            let path = self.dir.path().join("ca.pem");
+            let state = self.agent.ca.state();
+            let pem: String = state
+                .roots
+                .iter()
+                .map(|r| r.record.root_cert.clone())
+                .collect();
+            std::fs::write(&path, pem).expect("write");
+            path
+        }
+
+        /// A service leaf of the built-in CA as cert and key files.
+        fn leaf_files(&self, service: &str) -> (PathBuf, PathBuf) {
+            let leaf = self
+                .agent
+                .ca
+                .issue_leaf(&service.parse().expect("name"))
+                .expect("leaf");
+            let cert = self.dir.path().join(format!("{service}.pem"));
+            let key = self.dir.path().join(format!("{service}-key.pem"));
+            std::fs::write(&cert, &leaf.cert.cert_pem).expect("write");
+            std::fs::write(&key, leaf.private_key_pem()).expect("write");
+            (cert, key)
+        }
+
+        fn args(&self, host: &str) -> HttpArgs {
+            HttpArgs {
+                http_addr: format!("https://{host}:{}", self.addr.port()),
+                ca_file: Some(self.ca_file()),
+                ..HttpArgs::default()
+            }
+        }
+    }
+
+    async fn roots(args: &HttpArgs) -> anyhow::Result<Value> {
+        Client::new(args)?.get("/v1/agent/connect/ca/roots").await
+    }
+
+    use serde_json::Value;
+
+    #[tokio::test]
+    async fn builtin_certificate_verified_by_name_and_ip() {
+        let r = start(HttpsCert::BuiltinCa, false, None).await;
+        for host in ["localhost", "127.0.0.1"] {
+            let v = roots(&r.args(host)).await.expect(host);
+            assert!(v["ActiveRootID"].is_string(), "{v}");
+        }
+        // Without the CA the agent is not trusted; plain HTTP is refused too.
+        let no_ca = HttpArgs {
+            ca_file: None,
+            ..r.args("localhost")
+        };
+        let e = roots(&no_ca).await.expect_err("untrusted");
+        assert!(format!("{e:#}").contains("cannot reach the agent"), "{e:#}");
+        let plain = HttpArgs::to(format!("http://127.0.0.1:{}", r.addr.port()));
+        assert!(roots(&plain).await.is_err(), "plaintext on the TLS port");
+    }
+
+    #[tokio::test]
+    async fn verify_incoming_refuses_clients_without_a_certificate() {
+        let r = start(HttpsCert::BuiltinCa, true, None).await;
+        let e = roots(&r.args("localhost"))
+            .await
+            .expect_err("no client cert");
+        assert!(format!("{e:#}").contains("cannot reach the agent"), "{e:#}");
+        let (cert, key) = r.leaf_files("web");
+        let with_cert = HttpArgs {
+            client_cert: Some(cert),
+            client_key: Some(key),
+            ..r.args("localhost")
+        };
+        roots(&with_cert)
+            .await
+            .expect("client certificate accepted");
+        // A CLI command over HTTPS with the client certificate.
+        let code = crate::cli::ca::run(crate::cli::ca::CaCommand::GetConfig(with_cert.clone()))
+            .await
+            .expect("ca get-config over https");
+        assert_eq!(code, ExitCode::SUCCESS);
+
+        // A certificate from another CA is refused.
+        let other = crate::ca::testing::TestCa::new();
+        let foreign = other.sign(&other.leaf_params("web"));
+        let fcert = r.dir.path().join("foreign.pem");
+        let fkey = r.dir.path().join("foreign-key.pem");
+        std::fs::write(
+            &fcert,
+            crate::ca::pki::pem_encode("CERTIFICATE", &foreign.cert),
+        )
+        .expect("write");
+        std::fs::write(&fkey, foreign.key.serialize_pem()).expect("write");
+        let foreign_args = HttpArgs {
+            client_cert: Some(fcert),
+            client_key: Some(fkey),
+            ..r.args("localhost")
+        };
+        assert!(roots(&foreign_args).await.is_err(), "foreign client cert");
+    }
+
+    #[tokio::test]
+    async fn certificate_and_client_ca_from_files() {
+        // An operator PKI: a CA, a server cert for localhost, a client cert.
+        let dir = tempfile::tempdir().expect("tmp");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "operator CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let mk = |names: Vec<String>, eku| {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let mut p = rcgen::CertificateParams::new(names).expect("params");
+            p.extended_key_usages = vec![eku];
+            (p.signed_by(&key, &issuer).expect("sign"), key)
+        };
+        let (server, server_key) = mk(
+            vec!["localhost".into()],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client, client_key) = mk(vec![], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+        let write = |name: &str, text: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            p
+        };
+        let ca_file = write("ca.pem", ca_cert.pem());
+        let cert_file = write("server.pem", server.pem());
+        let key_file = write("server-key.pem", server_key.serialize_pem());
+        let client_cert = write("client.pem", client.pem());
+        let client_key_file = write("client-key.pem", client_key.serialize_pem());
+
+        let r = start(
+            HttpsCert::Files {
+                cert: cert_file,
+                key: key_file,
+            },
+            true,
+            Some(ca_file.clone()),
+        )
+        .await;
+        let base = HttpArgs {
+            http_addr: format!("https://localhost:{}", r.addr.port()),
+            ca_file: Some(ca_file),
+            ..HttpArgs::default()
+        };
+        assert!(roots(&base).await.is_err(), "no client certificate");
+        let with = HttpArgs {
+            client_cert: Some(client_cert),
+            client_key: Some(client_key_file),
+            ..base.clone()
+        };
+        roots(&with).await.expect("operator client certificate");
+        // A built-in service leaf does not chain to the operator CA.
+        let (leaf, leaf_key) = r.leaf_files("web");
+        let builtin = HttpArgs {
+            client_cert: Some(leaf),
+            client_key: Some(leaf_key),
+            ..base
+        };
+        assert!(roots(&builtin).await.is_err(), "leaf of another CA");
+    }
+
+    #[tokio::test]
+    async fn unusable_files_fail_at_start() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").expect("write");
+        let agent = app::build(
+            Config::for_tests(),
+            Arc::new(MemStore::new()),
+            None,
+            Shutdown::new(),
+        )
+        .await
+        .expect("agent");
+        let cases = [
+            (
+                HttpsCert::Files {
+                    cert: dir.path().join("missing.pem"),
+                    key: empty.clone(),
+                },
+                None,
+                "cannot read certificate",
+            ),
+            (
+                HttpsCert::Files {
+                    cert: empty.clone(),
+                    key: empty.clone(),
+                },
+                None,
+                "holds no certificate",
+            ),
+            (
+                HttpsCert::BuiltinCa,
+                Some(empty.clone()),
+                "holds no CA certificate",
+            ),
+        ];
+        for (cert, client_ca, want) in cases {
+            let https = HttpsConfig {
+                addr: "127.0.0.1:0".parse().expect("addr"),
+                cert,
+                verify_incoming: true,
+                client_ca,
+            };
+            let e = HttpsServer::new(&https, &agent).await.expect_err(want);
+            assert!(e.to_string().contains(want), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rotation_reissues_the_certificate() {
+        let r = start(HttpsCert::BuiltinCa, false, None).await;
+        let old_root = r.agent.ca.state().active_root().id().to_owned();
+        let body = serde_json::json!({"Provider": "consul", "Config": {"PrivateKeyBits": 384}});
+        r.agent
+            .ca
+            .set_config(crate::ca::CaConfig::from_request(&body).expect("config"))
+            .await
+            .expect("rotate");
+        assert_ne!(r.agent.ca.state().active_root().id(), old_root);
+        // A client that trusts only the new root gets through once re-issued.
+        let new_only = r.dir.path().join("new.pem");
+        let state = r.agent.ca.state();
+        std::fs::write(&new_only, &state.active_root().record.root_cert).expect("write");
+        let args = HttpArgs {
+            ca_file: Some(new_only),
+            ..r.args("localhost")
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if roots(&args).await.is_ok() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never re-issued");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
