@@ -1,10 +1,12 @@
 """Scans one TLS endpoint with sslyze (an external scanner) and fails on any finding.
 
-Usage: tls_scan.py HOST:PORT [--ca-file PEM] [--cert PEM --key PEM]
+Usage: tls_scan.py HOST:PORT [--ca-file PEM] [--cert PEM --key PEM] [--sni NAME]
 
 --ca-file is the CA the server's certificate must chain to (the built-in CA's
 roots); --cert/--key is a client identity for servers that require one (the HTTPS
-API under --verify-incoming, the inbound mTLS port). The endpoint passes only if:
+API under --verify-incoming, the inbound mTLS port); --sni is the server name to
+send (the inbound port picks its leaf by SNI: `<svc>.svc.<trust-domain>`). The
+endpoint passes only if:
 no SSL 2/3, TLS 1.0 or 1.1; TLS 1.2 only with ECDHE and AEAD suites (AES-GCM,
 ChaCha20-Poly1305); TLS 1.3 supported, with AEAD suites; curves of 256 bits or
 more; no compression, no insecure or client-initiated renegotiation, no 0-RTT, no
@@ -45,7 +47,7 @@ SCANS = [
 ]
 
 
-def scan(target, ca_file, cert, key, out):
+def scan(target, ca_file, cert, key, sni, out):
     cmd = [sys.executable, "-m", "sslyze", f"--json_out={out}", "--mozilla_config=intermediate"]
     cmd += [
         "--sslv2", "--sslv3", "--tlsv1", "--tlsv1_1", "--tlsv1_2", "--tlsv1_3",
@@ -56,6 +58,8 @@ def scan(target, ca_file, cert, key, out):
         cmd += [f"--certinfo_ca_file={ca_file}"]
     if cert:
         cmd += [f"--cert={cert}", f"--key={key}", "--keyform=PEM"]
+    if sni:
+        cmd += [f"--sni={sni}"]
     cmd.append(target)
     # Bounded: a scan of one local endpoint takes seconds.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -152,10 +156,11 @@ def main():
     p.add_argument("--ca-file")
     p.add_argument("--cert")
     p.add_argument("--key")
+    p.add_argument("--sni")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "scan.json")
-        proc = scan(a.target, a.ca_file, a.cert, a.key, out)
+        proc = scan(a.target, a.ca_file, a.cert, a.key, a.sni, out)
         print(proc.stdout, flush=True)
         if not os.path.exists(out):
             print(f"finding: sslyze wrote no report (exit {proc.returncode}): {proc.stderr}")

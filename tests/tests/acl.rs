@@ -273,6 +273,23 @@ fn https_api_with_verify_incoming_and_the_cli() -> Result<()> {
         "{}",
         text(&out)
     );
+    // The token from CONNECT_HTTP_TOKEN, as the CLI's users set it.
+    let out = Command::new(agent_binary()?)
+        .args([
+            "acl",
+            "token",
+            "read",
+            "-self",
+            "-http-addr",
+            &url,
+            "-ca-file",
+            &ca,
+        ])
+        .args(["-client-cert", &cert, "-client-key", &key])
+        .env("CONNECT_HTTP_TOKEN", &a.root)
+        .output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("global-management"), "{}", text(&out));
     let out = with(&[
         "intention",
         "create",
