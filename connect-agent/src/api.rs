@@ -7,10 +7,16 @@
 //! `intentions`, `agent`). Handlers read in-memory state; they never hold a lock
 //! across `.await`.
 
+pub mod acl;
 pub mod agent;
+pub mod authz;
 pub mod ca;
 pub mod catalog;
+pub mod https;
 pub mod intentions;
+pub mod security;
+
+pub use authz::{Authz, Right};
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -42,6 +48,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .merge(ca::routes())
         .merge(catalog::routes())
         .merge(intentions::routes())
+        .merge(acl::routes())
+        .merge(security::routes())
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             MAX_BODY_BYTES,
         ))
@@ -98,6 +106,12 @@ pub enum Error {
     /// The token is unknown.
     #[error("ACL not found")]
     AclNotFound,
+    /// ACL endpoints while ACLs are disabled (Consul: 401).
+    #[error("ACL support disabled")]
+    AclDisabled,
+    /// Refused for a reason the caller may know (e.g. a repeated ACL bootstrap).
+    #[error("{0}")]
+    Forbidden(String),
     /// A write lost a check-and-set race or conflicts with existing state.
     #[error("{0}")]
     Conflict(String),
@@ -123,7 +137,10 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::PermissionDenied | Error::AclNotFound => StatusCode::FORBIDDEN,
+            Error::PermissionDenied | Error::AclNotFound | Error::Forbidden(_) => {
+                StatusCode::FORBIDDEN
+            }
+            Error::AclDisabled => StatusCode::UNAUTHORIZED,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::MissingParam(_) | Error::Store(_) | Error::Internal(_) | Error::Bind { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR

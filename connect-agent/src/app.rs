@@ -7,8 +7,10 @@
 use std::sync::Arc;
 
 use crate::{
+    acl::{self, Acl, AclConfig},
     api, ca,
-    config::{Config, StoreUrl},
+    config::{Config, HttpsCert, StoreUrl},
+    datadir,
     intentions::{self, Intentions},
     redirect::{self, RedirectConfig, Redirector},
     shutdown::{DRAIN_DEADLINE, Shutdown, Signal, Signals},
@@ -24,6 +26,8 @@ pub struct Agent {
     pub ca: Arc<ca::CaManager>,
     /// Intentions and the authorize decision, served from memory.
     pub intentions: Arc<Intentions>,
+    /// ACL tokens and policies; every API request is checked against them.
+    pub acl: Arc<Acl>,
     /// Present when the agent runs with `--cgroup`.
     pub redirect: Option<Arc<Redirector>>,
     pub shutdown: Shutdown,
@@ -42,6 +46,12 @@ pub enum Error {
     Ca(#[from] ca::Error),
     #[error("cannot load intentions: {0}")]
     Intentions(#[from] intentions::Error),
+    #[error("cannot load ACLs: {0}")]
+    Acl(#[from] acl::Error),
+    #[error(transparent)]
+    DataDirUnsafe(#[from] datadir::Error),
+    #[error("cannot start the HTTPS API: {0}")]
+    Https(#[from] api::https::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the HTTP API failed: {0}")]
@@ -62,10 +72,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
     if let Some(cgroup) = &config.cgroup {
         redirect::preflight(cgroup)?;
     }
+    if let Some(https) = &config.https
+        && let HttpsCert::Files { key, .. } = &https.cert
+    {
+        datadir::check_key_file(key)?;
+    }
     tracing::info!(config = ?config, "starting connect-agent");
     let mut signals = Signals::install().map_err(Error::Signals)?;
     let store = open_store(&config).await?;
     let http = api::bind(config.http_addr).await?;
+    let https = match &config.https {
+        Some(h) => Some(api::bind(h.addr).await?),
+        None => None,
+    };
 
     let redirect = match &config.cgroup {
         Some(cgroup) => {
@@ -90,6 +109,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
         stop.cancelled().await
     }));
     tracing::info!(addr = %agent.config.http_addr, "HTTP API listening");
+    let https_server = match (https, &agent.config.https) {
+        (Some(listener), Some(cfg)) => {
+            let tls = api::https::HttpsServer::new(cfg, &agent).await?;
+            let listener = tls.listen(listener).map_err(Error::Serve)?;
+            let stop = shutdown.stop.clone();
+            tracing::info!(addr = %cfg.addr, verify_incoming = cfg.verify_incoming, "HTTPS API listening");
+            Some(tokio::spawn(api::https::serve(
+                listener,
+                agent.clone(),
+                async move { stop.cancelled().await },
+            )))
+        }
+        _ => None,
+    };
 
     loop {
         match signals.next().await {
@@ -103,6 +136,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(Error::Serve(e)),
         Err(e) => tracing::error!(error = %e, "HTTP API task failed"),
+    }
+    if let Some(task) = https_server {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Serve(e)),
+            Err(e) => tracing::error!(error = %e, "HTTPS API task failed"),
+        }
     }
     drop(agent);
     tracing::info!("stopped");
@@ -118,12 +158,24 @@ pub async fn build(
     shutdown: Shutdown,
 ) -> Result<Arc<Agent>, Error> {
     let ca = ca::CaManager::start(&config, store.clone()).await?;
+    let acl = Acl::start(
+        store.clone(),
+        AclConfig {
+            enabled: config.acl_enabled,
+            default_policy: config.acl_default_policy,
+            datacenter: config.datacenter.to_string(),
+        },
+    )
+    .await?;
+    // No matching intention: ACLs off or default allow ⇒ allow (reference §3);
+    // `Config` derives `default_allow` from the ACL settings.
     let intentions = Intentions::start(store.clone(), config.default_allow).await?;
     Ok(Arc::new(Agent {
         config,
         store,
         ca,
         intentions,
+        acl,
         redirect,
         shutdown,
     }))
@@ -132,10 +184,7 @@ pub async fn build(
 async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Error> {
     match &config.store {
         StoreUrl::Embedded => {
-            std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
-                path: config.data_dir.clone(),
-                source,
-            })?;
+            datadir::prepare(&config.data_dir)?;
             Ok(Arc::new(store::memory::MemStore::new()))
         }
         StoreUrl::Etcd { .. } => Err(Error::EtcdUnsupported),

@@ -6,15 +6,16 @@
 //! background renewal of the leaves this agent holds, root rotation with
 //! cross-signing, and the validator every mTLS handshake uses.
 //!
-//! Does not own: the HTTP endpoints (`api::ca`), ACLs on the leaf endpoint (a later
-//! issue), or the proxy's TLS listeners (they take [`tls`] verifiers, the
+//! Does not own: the HTTP endpoints (`api::ca`) and their ACL checks (a leaf needs
+//! `service:write`, checked there), or the proxy's TLS listeners (they take [`tls`] verifiers, the
 //! [`TrustBundle`] watch and each service's [`Leaf`] watch from [`CaManager`]).
 //!
 //! Layout: [`manager`] (the running CA: snapshot, watches, leaf cache, renewal,
 //! rotation), [`state`] (store records and the snapshot), [`provider`] (the
 //! [`CaProvider`] seam and the rcgen-based built-in provider), [`config`] (Consul's
 //! CA configuration), [`leaf`] (leaf values, CSR screening, renewal timing),
-//! [`verify`] (the validator), [`tls`] (rustls adapters), [`pki`] (encodings).
+//! [`verify`] (the validator), [`tls`] (rustls adapters), [`pki`] (encodings),
+//! [`api_cert`] (the agent's own HTTPS API certificate).
 //!
 //! Formats follow `reference/consul-connect.md` §5: roots are ECDSA P-256 (P-384 on
 //! request), CA:true, keyCertSign/cRLSign/digitalSignature, SubjectKeyId =
@@ -23,6 +24,7 @@
 //! `spiffe://<td>/ns/default/dc/<dc>/svc/<name>`, DNS SAN `<name>.svc.<td>`, a random
 //! 128-bit serial, serverAuth + clientAuth, not a CA, 72 h by default.
 
+pub mod api_cert;
 pub mod config;
 pub mod leaf;
 pub mod manager;

@@ -5,7 +5,9 @@
 //! `--service`. [`normalize_args`] rewrites single-dash long flags before parsing, so
 //! both spellings work, as they do for `consul`.
 
+pub mod acl;
 pub mod ca;
+pub mod doctor;
 pub mod http;
 pub mod intention;
 
@@ -41,6 +43,10 @@ pub enum Command {
     Reload(http::HttpArgs),
     /// Manage intentions: which services may connect to which.
     Intention(intention::IntentionArgs),
+    /// Manage ACL tokens and policies.
+    Acl(acl::AclArgs),
+    /// Check the running agent against the Connect security checklist.
+    Doctor(http::HttpArgs),
 }
 
 /// Rewrites `-flag` and `-flag=value` to `--flag...` (Go flag style, as `consul`
@@ -86,6 +92,8 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Ca(cmd) => ca::run(cmd).await,
         Command::Reload(args) => reload(&args).await,
         Command::Intention(args) => intention::run(args).await,
+        Command::Acl(args) => acl::run(args).await,
+        Command::Doctor(args) => return doctor::run(args).await,
     };
     match result {
         Ok(code) => code,

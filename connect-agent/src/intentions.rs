@@ -21,7 +21,8 @@
 //! reads its own writes from this agent.
 //!
 //! Not here: HTTP shapes (`api::intentions`), the CLI (`cli::intention`), ACLs (the
-//! default decision is `config.default_allow` until they exist), and the trust
+//! default decision is `config.default_allow`, which `config` derives from the ACL
+//! default policy; rights on intentions are checked in `api`), and the trust
 //! domain, which the caller passes to [`Intentions::authorize_client`] once a CA
 //! exists.
 

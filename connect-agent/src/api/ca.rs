@@ -4,7 +4,12 @@
 //!
 //! Everything is read from the CA manager's in-memory snapshot and leaf cache;
 //! blocking reads wake on the manager's change watches. The JSON types here are
-//! Consul's and are shared with the CLI. No ACLs yet (a later issue adds them).
+//! Consul's and are shared with the CLI.
+//!
+//! ACLs (reference §3): roots need nothing; a leaf needs `service:write` on its
+//! service, so nobody can obtain another service's identity; reading the CA
+//! configuration needs `operator:read` (the CA key is never shown), changing it
+//! `operator:write`.
 
 use axum::{
     Router,
@@ -17,7 +22,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use super::{ApiState, Error, Json, QueryOptions, block_on, cache_header, index_headers};
+use super::{
+    ApiState, Error, Json, QueryOptions,
+    authz::{Authz, Right},
+    block_on, cache_header, index_headers,
+};
 use crate::{
     ca::{self, CaState, Leaf},
     identity::ServiceName,
@@ -210,9 +219,11 @@ async fn roots(
 
 async fn agent_leaf(
     State(agent): State<ApiState>,
+    authz: Authz,
     Path(service): Path<String>,
     opts: QueryOptions,
 ) -> Result<Response, Error> {
+    authz.require(Right::ServiceWrite(&service))?;
     let service: ServiceName = service
         .parse()
         .map_err(|e: crate::identity::Error| Error::BadRequest(e.to_string()))?;
@@ -229,7 +240,12 @@ async fn agent_leaf(
     Ok((headers, axum::Json(leaf_json(&leaf))).into_response())
 }
 
-async fn get_configuration(State(agent): State<ApiState>, opts: QueryOptions) -> Response {
+async fn get_configuration(
+    State(agent): State<ApiState>,
+    authz: Authz,
+    opts: QueryOptions,
+) -> Result<Response, Error> {
+    authz.require(Right::OperatorRead)?;
     let ca = agent.ca.clone();
     let (body, index) = block_on(opts, agent.ca.changes(), move || {
         let s = ca.state();
@@ -245,13 +261,15 @@ async fn get_configuration(State(agent): State<ApiState>, opts: QueryOptions) ->
         )
     })
     .await;
-    (index_headers(index), axum::Json(body)).into_response()
+    Ok((index_headers(index), axum::Json(body)).into_response())
 }
 
 async fn put_configuration(
     State(agent): State<ApiState>,
+    authz: Authz,
     Json(body): Json<Value>,
 ) -> Result<Response, Error> {
+    authz.require(Right::OperatorWrite)?;
     let config = ca::CaConfig::from_request(&body)?;
     agent.ca.set_config(config).await?;
     Ok(().into_response())
@@ -473,10 +491,7 @@ mod tests {
         let server = tokio::spawn(crate::api::serve(listener, agent.clone(), async move {
             s.cancelled().await
         }));
-        let http = HttpArgs {
-            http_addr: addr.to_string(),
-            token: None,
-        };
+        let http = HttpArgs::to(addr.to_string());
         let ok = |r: anyhow::Result<std::process::ExitCode>| {
             assert_eq!(
                 r.expect("command succeeds"),

@@ -12,6 +12,13 @@
 //! `match`/`check`/`exact` query parameter is kept. Authorize also accepts `PUT`
 //! (py-consul uses it; Consul answers 405). Intentions made through the exact API get
 //! an ID too, so the ID-based calls and CLI work on every intention.
+//!
+//! ACLs (reference §3) are destination-oriented: reading an intention needs
+//! `intentions:read` on its destination (lists are filtered, `match` refuses if any
+//! name is denied), writing needs `intentions:write` on the destination (an update
+//! on the old and the new one), `check` needs `service:read` on the destination,
+//! and authorize needs `service:write` on `Target` (only the service's own proxy
+//! asks on its behalf).
 
 use std::collections::BTreeMap;
 
@@ -26,7 +33,11 @@ use axum::{
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{ApiState, Error, QueryOptions, block_on, cache_header, index_headers};
+use super::{
+    ApiState, Error, QueryOptions,
+    authz::{Authz, Right},
+    block_on, cache_header, index_headers,
+};
 use crate::{
     identity::{ServiceName, SpiffeId, TrustDomain},
     intentions::{
@@ -90,17 +101,20 @@ fn expected_trust_domain(agent: &ApiState) -> Option<TrustDomain> {
 /// `GET /v1/connect/intentions[?filter=]`, blocking.
 async fn list(
     State(agent): State<ApiState>,
+    authz: Authz,
     opts: QueryOptions,
     params: Params,
 ) -> Result<Response, Error> {
+    authz.known()?;
     let filter = match params.get("filter").filter(|f| !f.trim().is_empty()) {
         Some(f) => Some(Filter::parse(f).map_err(|e| Error::BadRequest(e.to_string()))?),
         None => None,
     };
     let ixns = &agent.intentions;
     let (all, index) = block_on(opts, ixns.subscribe(), || ixns.list()).await;
-    let out: Vec<ApiIntention> = all
-        .iter()
+    let visible = authz.filter(all.iter(), |i| Right::IntentionRead(i.destination.as_str()))?;
+    let out: Vec<ApiIntention> = visible
+        .into_iter()
         .map(|i| i.to_api())
         .filter(|i| filter.as_ref().is_none_or(|f| f.matches(i)))
         .collect();
@@ -110,28 +124,35 @@ async fn list(
 /// `POST /v1/connect/intentions`: `{"ID": "<uuid>"}`.
 async fn create(
     State(agent): State<ApiState>,
+    authz: Authz,
     params: Params,
     body: Bytes,
 ) -> Result<Response, Error> {
+    authz.known()?;
     let body = Body::from_json(&decode(&body)?)?;
     if body.id.is_some() {
         return Err(InputError::IdNotEmpty.into());
     }
-    let id = agent.intentions.create(body.into_spec()?).await?;
+    let spec = body.into_spec()?;
+    authz.require(Right::IntentionWrite(spec.destination.as_str()))?;
+    let id = agent.intentions.create(spec).await?;
     reply(HeaderMap::new(), &json!({ "ID": id }), params.pretty())
 }
 
 /// `GET /v1/connect/intentions/:id`, blocking.
 async fn read(
     State(agent): State<ApiState>,
+    authz: Authz,
     Path(id): Path<String>,
     opts: QueryOptions,
     params: Params,
 ) -> Result<Response, Error> {
+    authz.known()?;
     let id = model::parse_id(&id)?;
     let ixns = &agent.intentions;
     let (found, index) = block_on(opts, ixns.subscribe(), || ixns.get(&id)).await;
     let found = found.ok_or(intentions::Error::NotFound { id })?;
+    authz.require(Right::IntentionRead(found.destination.as_str()))?;
     reply(index_headers(index), &found.to_api(), params.pretty())
 }
 
@@ -139,19 +160,33 @@ async fn read(
 /// any in the body, as in Consul).
 async fn update(
     State(agent): State<ApiState>,
+    authz: Authz,
     Path(id): Path<String>,
     params: Params,
     body: Bytes,
 ) -> Result<Response, Error> {
+    authz.known()?;
     let id = model::parse_id(&id)?;
     let spec = Body::from_json(&decode(&body)?)?.into_spec()?;
+    authz.require(Right::IntentionWrite(spec.destination.as_str()))?;
+    if let (Some(old), _) = agent.intentions.get(&id) {
+        authz.require(Right::IntentionWrite(old.destination.as_str()))?;
+    }
     agent.intentions.update(id, spec).await?;
     reply(HeaderMap::new(), &json!({ "ID": id }), params.pretty())
 }
 
 /// `DELETE /v1/connect/intentions/:id`: `true`.
-async fn delete(State(agent): State<ApiState>, Path(id): Path<String>) -> Result<Response, Error> {
+async fn delete(
+    State(agent): State<ApiState>,
+    authz: Authz,
+    Path(id): Path<String>,
+) -> Result<Response, Error> {
+    authz.known()?;
     let id = model::parse_id(&id)?;
+    if let (Some(old), _) = agent.intentions.get(&id) {
+        authz.require(Right::IntentionWrite(old.destination.as_str()))?;
+    }
     agent.intentions.delete(id).await?;
     reply(HeaderMap::new(), &true, false)
 }
@@ -159,10 +194,13 @@ async fn delete(State(agent): State<ApiState>, Path(id): Path<String>) -> Result
 /// `GET /v1/connect/intentions/exact?source=&destination=`, blocking.
 async fn read_exact(
     State(agent): State<ApiState>,
+    authz: Authz,
     opts: QueryOptions,
     params: Params,
 ) -> Result<Response, Error> {
+    authz.known()?;
     let (source, destination) = params.pair()?;
+    authz.require(Right::IntentionRead(destination.as_str()))?;
     let ixns = &agent.intentions;
     let (found, index) =
         block_on(opts, ixns.subscribe(), || ixns.exact(&source, &destination)).await;
@@ -175,10 +213,13 @@ async fn read_exact(
 /// which Consul refuses unless unchanged).
 async fn upsert_exact(
     State(agent): State<ApiState>,
+    authz: Authz,
     params: Params,
     body: Bytes,
 ) -> Result<Response, Error> {
+    authz.known()?;
     let (source, destination) = params.pair()?;
+    authz.require(Right::IntentionWrite(destination.as_str()))?;
     let body = Body::from_json(&decode(&body)?)?;
     let action = body.action.ok_or(InputError::Action)?;
     agent
@@ -190,8 +231,14 @@ async fn upsert_exact(
 
 /// `DELETE /v1/connect/intentions/exact?source=&destination=`: `true`, also when
 /// there was nothing to delete.
-async fn delete_exact(State(agent): State<ApiState>, params: Params) -> Result<Response, Error> {
+async fn delete_exact(
+    State(agent): State<ApiState>,
+    authz: Authz,
+    params: Params,
+) -> Result<Response, Error> {
+    authz.known()?;
     let (source, destination) = params.pair()?;
+    authz.require(Right::IntentionWrite(destination.as_str()))?;
     agent.intentions.delete_exact(&source, &destination).await?;
     reply(HeaderMap::new(), &true, false)
 }
@@ -200,9 +247,11 @@ async fn delete_exact(State(agent): State<ApiState>, params: Params) -> Result<R
 /// blocking: `{"X": [...], "Y": [...]}`, each list in evaluation order.
 async fn match_(
     State(agent): State<ApiState>,
+    authz: Authz,
     opts: QueryOptions,
     params: Params,
 ) -> Result<Response, Error> {
+    authz.known()?;
     let by = match params.get("by") {
         None | Some("") => return Err(Error::MissingParam("by")),
         Some("source") => MatchBy::Source,
@@ -221,6 +270,9 @@ async fn match_(
         .iter()
         .map(|n| Selector::parse_qualified("name", n))
         .collect::<Result<Vec<_>, _>>()?;
+    for n in &names {
+        authz.require(Right::IntentionRead(n.as_str()))?;
+    }
     let ixns = &agent.intentions;
     let (lists, index) = block_on(opts, ixns.subscribe(), || ixns.matching(by, &names)).await;
     let out: BTreeMap<&str, Vec<ApiIntention>> = raw
@@ -233,8 +285,14 @@ async fn match_(
 
 /// `GET /v1/connect/intentions/check?source=&destination=[&source-type=consul]`:
 /// `{"Allowed": bool}`.
-async fn check(State(agent): State<ApiState>, params: Params) -> Result<Response, Error> {
+async fn check(
+    State(agent): State<ApiState>,
+    authz: Authz,
+    params: Params,
+) -> Result<Response, Error> {
+    authz.known()?;
     let (source, destination) = params.pair()?;
+    authz.require(Right::ServiceRead(destination.as_str()))?;
     if let Some(t) = params.get("source-type")
         && !t.is_empty()
         && t != model::SOURCE_TYPE_CONSUL
@@ -254,9 +312,11 @@ async fn check(State(agent): State<ApiState>, params: Params) -> Result<Response
 /// checked (no revocation, as in Consul).
 async fn authorize(
     State(agent): State<ApiState>,
+    authz: Authz,
     params: Params,
     body: Bytes,
 ) -> Result<Response, Error> {
+    authz.known()?;
     let value = decode(&body)?;
     let obj = value.as_object().ok_or(InputError::NotAnObject)?;
     let target = string_field(obj, "Target")?
@@ -265,6 +325,7 @@ async fn authorize(
     let target: ServiceName = target
         .parse()
         .map_err(|e| Error::BadRequest(format!("Target service is invalid: {e}")))?;
+    authz.require(Right::ServiceWrite(target.as_str()))?;
     let uri = string_field(obj, "ClientCertURI")?.unwrap_or_default();
     let client: SpiffeId = uri.parse().map_err(|e| {
         // Consul tells a non-SPIFFE URI apart from a SPIFFE ID that names no service.

@@ -172,10 +172,7 @@ mod tests {
         let args = SetConfigArgs {
             config_file: None,
             force_without_cross_signing: false,
-            http: HttpArgs {
-                http_addr: "127.0.0.1:1".into(),
-                token: None,
-            },
+            http: HttpArgs::to("127.0.0.1:1"),
         };
         let err = set_config(&args).await.expect_err("must fail");
         assert_eq!(err.to_string(), "The -config-file flag is required");
