@@ -63,7 +63,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         redirect::preflight(cgroup)?;
     }
     let mut signals = Signals::install().map_err(Error::Signals)?;
-    let store = open_store(&config).await?;
+    let opened = open_store(&config).await?;
+    let store = opened.store.clone();
     let http = api::bind(config.http_addr).await?;
 
     let redirect = match &config.cgroup {
@@ -104,6 +105,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Err(e) => tracing::error!(error = %e, "HTTP API task failed"),
     }
     drop(agent);
+    drop(opened);
     tracing::info!("stopped");
     Ok(())
 }
@@ -128,15 +130,59 @@ pub async fn build(
     }))
 }
 
-async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Error> {
+/// The opened store, and the temporary directory holding it in `--dev` (removed when
+/// this value is dropped, so it must live as long as the agent).
+#[derive(Debug)]
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    pub dev_dir: Option<tempfile::TempDir>,
+}
+
+/// Opens the configured store: `<data-dir>/connect.redb` (the directory created with
+/// mode 0700, as it holds CA keys), or a throw-away directory in `--dev`.
+pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
     match &config.store {
         StoreUrl::Embedded => {
-            std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
-                path: config.data_dir.clone(),
-                source,
-            })?;
-            Ok(Arc::new(store::memory::MemStore::new()))
+            let (dir, dev_dir) = if config.dev {
+                let tmp = tempfile::Builder::new()
+                    .prefix("connect-dev-")
+                    .tempdir()
+                    .map_err(|source| Error::DataDir {
+                        path: std::env::temp_dir(),
+                        source,
+                    })?;
+                (tmp.path().to_owned(), Some(tmp))
+            } else {
+                create_private_dir(&config.data_dir)?;
+                (config.data_dir.clone(), None)
+            };
+            let store = store::open(&dir).await?;
+            Ok(OpenedStore {
+                store: Arc::new(store),
+                dev_dir,
+            })
         }
         StoreUrl::Etcd { .. } => Err(Error::EtcdUnsupported),
     }
+}
+
+fn create_private_dir(path: &std::path::Path) -> Result<(), Error> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| Error::DataDir {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(err)?;
+    // An existing directory keeps its mode: it may be shared (never chmod what we did
+    // not create), but the operator should know the CA keys in it are readable.
+    let mode = std::fs::metadata(path).map_err(err)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777),
+            "the data directory is accessible to other users; it holds CA keys (chmod 700 it)");
+    }
+    Ok(())
 }
