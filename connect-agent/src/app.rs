@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::{
-    api, ca,
+    api, ca, catalog,
     config::{Config, StoreUrl},
     intentions::{self, Intentions},
     redirect::{self, RedirectConfig, Redirector},
@@ -24,6 +24,8 @@ pub struct Agent {
     pub ca: Arc<ca::CaManager>,
     /// Intentions and the authorize decision, served from memory.
     pub intentions: Arc<Intentions>,
+    /// Services and nodes, served from memory.
+    pub catalog: Arc<catalog::Catalog>,
     /// Present when the agent runs with `--cgroup`.
     pub redirect: Option<Arc<Redirector>>,
     pub shutdown: Shutdown,
@@ -42,6 +44,8 @@ pub enum Error {
     Ca(#[from] ca::Error),
     #[error("cannot load intentions: {0}")]
     Intentions(#[from] intentions::Error),
+    #[error("cannot load the catalog: {0}")]
+    Catalog(#[from] catalog::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the HTTP API failed: {0}")]
@@ -94,7 +98,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
     loop {
         match signals.next().await {
             Signal::Stop => break,
-            Signal::Reload => tracing::info!("reload requested"),
+            Signal::Reload => {
+                tracing::info!("reload requested");
+                match agent.catalog.reload().await {
+                    Ok(s) => tracing::info!(files = s.files, services = s.services, "reloaded"),
+                    Err(error) => {
+                        tracing::error!(%error, "reload failed; the previous services stay in force")
+                    }
+                }
+            }
         }
     }
     tracing::info!("stopping");
@@ -120,11 +132,13 @@ pub async fn build(
 ) -> Result<Arc<Agent>, Error> {
     let ca = ca::CaManager::start(&config, store.clone()).await?;
     let intentions = Intentions::start(store.clone(), config.default_allow).await?;
+    let catalog = catalog::Catalog::start(&config, store.clone()).await?;
     Ok(Arc::new(Agent {
         config,
         store,
         ca,
         intentions,
+        catalog,
         redirect,
         shutdown,
     }))

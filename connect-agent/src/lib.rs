@@ -11,6 +11,7 @@
 pub mod api;
 pub mod app;
 pub mod ca;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod duration;
