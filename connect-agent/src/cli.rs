@@ -8,6 +8,7 @@
 pub mod ca;
 pub mod http;
 pub mod intention;
+pub mod services;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -41,6 +42,9 @@ pub enum Command {
     Reload(http::HttpArgs),
     /// Manage intentions: which services may connect to which.
     Intention(intention::IntentionArgs),
+    /// Register, deregister and list the agent's services.
+    #[command(subcommand)]
+    Services(services::ServicesCommand),
 }
 
 /// Rewrites `-flag` and `-flag=value` to `--flag...` (Go flag style, as `consul`
@@ -86,6 +90,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Ca(cmd) => ca::run(cmd).await,
         Command::Reload(args) => reload(&args).await,
         Command::Intention(args) => intention::run(args).await,
+        Command::Services(cmd) => services::run(cmd).await,
     };
     match result {
         Ok(code) => code,
