@@ -131,8 +131,10 @@ pub async fn build(
     shutdown: Shutdown,
 ) -> Result<Arc<Agent>, Error> {
     let ca = ca::CaManager::start(&config, store.clone()).await?;
-    let intentions = Intentions::start(store.clone(), config.default_allow).await?;
+    // The catalog writes (its node record, --config-dir) before intentions start, so
+    // those writes cannot race the intentions follower's first watch.
     let catalog = catalog::Catalog::start(&config, store.clone()).await?;
+    let intentions = Intentions::start(store.clone(), config.default_allow).await?;
     Ok(Arc::new(Agent {
         config,
         store,

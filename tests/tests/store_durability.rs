@@ -39,7 +39,10 @@ fn acknowledged_writes_survive_kill_9() -> Result<()> {
                             break;
                         }
                         let id = format!("r{round}-w{w}-{i}");
-                        let body = format!(r#"{{"Name": "svc{w}", "ID": "{id}", "Port": {}}}"#, 1000 + i % 1000);
+                        let body = format!(
+                            r#"{{"Name": "svc{w}", "ID": "{id}", "Port": {}}}"#,
+                            1000 + i % 1000
+                        );
                         match http(addr, "PUT", "/v1/agent/service/register", Some(&body)) {
                             Ok((200, _)) => acked.push(id),
                             // The agent died under us: this one was not acknowledged.
@@ -61,7 +64,10 @@ fn acknowledged_writes_survive_kill_9() -> Result<()> {
             acknowledged.extend(acked);
         }
         if round_acks == 0 {
-            bail!("round {round}: no registration was acknowledged:\n{}", agent.log());
+            bail!(
+                "round {round}: no registration was acknowledged:\n{}",
+                agent.log()
+            );
         }
         println!("round {round}: {round_acks} acknowledged writes before kill -9");
     }
@@ -76,7 +82,10 @@ fn check_all_listed(agent: &AgentProcess, acked: &BTreeSet<String>, round: usize
     }
     let listed: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&body).context("decoding /v1/agent/services")?;
-    let missing: Vec<&String> = acked.iter().filter(|id| !listed.contains_key(*id)).collect();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|id| !listed.contains_key(*id))
+        .collect();
     if !missing.is_empty() {
         bail!(
             "after restart {round}: {} of {} acknowledged registrations are missing, e.g. {:?}",

@@ -53,8 +53,8 @@ pub async fn run(cmd: ServicesCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn register(http: &HttpArgs, file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let doc: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", file.display()))?;
     let services = definitions(&doc)
@@ -149,7 +149,10 @@ mod tests {
     #[test]
     fn definition_documents() {
         let wrapped = json!({"service": {"name": "web"}});
-        assert_eq!(definitions(&wrapped).expect("ok"), vec![&json!({"name": "web"})]);
+        assert_eq!(
+            definitions(&wrapped).expect("ok"),
+            vec![&json!({"name": "web"})]
+        );
         let many = json!({"Services": [{"name": "a"}, {"name": "b"}]});
         assert_eq!(definitions(&many).expect("ok").len(), 2);
         let bare = json!({"Name": "web"});
