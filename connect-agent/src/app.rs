@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::{
     acl::{self, Acl, AclConfig},
-    api, ca,
+    api, ca, catalog,
     config::{Config, HttpsCert, StoreUrl},
     datadir,
     intentions::{self, Intentions},
@@ -28,6 +28,8 @@ pub struct Agent {
     pub intentions: Arc<Intentions>,
     /// ACL tokens and policies; every API request is checked against them.
     pub acl: Arc<Acl>,
+    /// Services and nodes, served from memory.
+    pub catalog: Arc<catalog::Catalog>,
     /// Present when the agent runs with `--cgroup`.
     pub redirect: Option<Arc<Redirector>>,
     pub shutdown: Shutdown,
@@ -52,6 +54,8 @@ pub enum Error {
     DataDirUnsafe(#[from] datadir::Error),
     #[error("cannot start the HTTPS API: {0}")]
     Https(#[from] api::https::Error),
+    #[error("cannot load the catalog: {0}")]
+    Catalog(#[from] catalog::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the HTTP API failed: {0}")]
@@ -79,7 +83,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
     tracing::info!(config = ?config, "starting connect-agent");
     let mut signals = Signals::install().map_err(Error::Signals)?;
-    let store = open_store(&config).await?;
+    let opened = open_store(&config).await?;
+    let store = opened.store.clone();
     let http = api::bind(config.http_addr).await?;
     let https = match &config.https {
         Some(h) => Some(api::bind(h.addr).await?),
@@ -127,7 +132,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
     loop {
         match signals.next().await {
             Signal::Stop => break,
-            Signal::Reload => tracing::info!("reload requested"),
+            Signal::Reload => {
+                tracing::info!("reload requested");
+                match agent.catalog.reload().await {
+                    Ok(s) => tracing::info!(files = s.files, services = s.services, "reloaded"),
+                    Err(error) => {
+                        tracing::error!(%error, "reload failed; the previous services stay in force")
+                    }
+                }
+            }
         }
     }
     tracing::info!("stopping");
@@ -145,6 +158,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
     }
     drop(agent);
+    drop(opened);
     tracing::info!("stopped");
     Ok(())
 }
@@ -167,6 +181,9 @@ pub async fn build(
         },
     )
     .await?;
+    // The catalog writes (its node record, --config-dir) before intentions start, so
+    // those writes cannot race the intentions follower's first watch.
+    let catalog = catalog::Catalog::start(&config, store.clone()).await?;
     // No matching intention: ACLs off or default allow ⇒ allow (reference §3);
     // `Config` derives `default_allow` from the ACL settings.
     let intentions = Intentions::start(store.clone(), config.default_allow).await?;
@@ -176,16 +193,44 @@ pub async fn build(
         ca,
         intentions,
         acl,
+        catalog,
         redirect,
         shutdown,
     }))
 }
 
-async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Error> {
+/// The opened store, and the temporary directory holding it in `--dev` (removed when
+/// this value is dropped, so it must live as long as the agent).
+#[derive(Debug)]
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    pub dev_dir: Option<tempfile::TempDir>,
+}
+
+/// Opens the configured store: `<data-dir>/connect.redb` (the directory created with
+/// mode 0700, as it holds CA keys), or a throw-away directory in `--dev`.
+pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
     match &config.store {
         StoreUrl::Embedded => {
-            datadir::prepare(&config.data_dir)?;
-            Ok(Arc::new(store::memory::MemStore::new()))
+            let (dir, dev_dir) = if config.dev {
+                let tmp = tempfile::Builder::new()
+                    .prefix("connect-dev-")
+                    .tempdir()
+                    .map_err(|source| Error::DataDir {
+                        path: std::env::temp_dir(),
+                        source,
+                    })?;
+                datadir::prepare(tmp.path())?;
+                (tmp.path().to_owned(), Some(tmp))
+            } else {
+                datadir::prepare(&config.data_dir)?;
+                (config.data_dir.clone(), None)
+            };
+            let store = store::open(&dir).await?;
+            Ok(OpenedStore {
+                store: Arc::new(store),
+                dev_dir,
+            })
         }
         StoreUrl::Etcd { .. } => Err(Error::EtcdUnsupported),
     }

@@ -10,6 +10,7 @@ pub mod ca;
 pub mod doctor;
 pub mod http;
 pub mod intention;
+pub mod services;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -47,6 +48,9 @@ pub enum Command {
     Acl(acl::AclArgs),
     /// Check the running agent against the Connect security checklist.
     Doctor(http::HttpArgs),
+    /// Register, deregister and list the agent's services.
+    #[command(subcommand)]
+    Services(services::ServicesCommand),
 }
 
 /// Rewrites `-flag` and `-flag=value` to `--flag...` (Go flag style, as `consul`
@@ -94,6 +98,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Intention(args) => intention::run(args).await,
         Command::Acl(args) => acl::run(args).await,
         Command::Doctor(args) => return doctor::run(args).await,
+        Command::Services(cmd) => services::run(cmd).await,
     };
     match result {
         Ok(code) => code,

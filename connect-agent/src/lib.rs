@@ -12,6 +12,7 @@ pub mod acl;
 pub mod api;
 pub mod app;
 pub mod ca;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod datadir;

@@ -74,6 +74,11 @@ async fn fixture(agent: &Agent) -> Fixture {
         })
         .await
         .expect("token");
+    agent
+        .catalog
+        .register(&json!({"ID": "db-fixture-1", "Name": "db", "Port": 5432}))
+        .await
+        .expect("service");
     Fixture {
         ixn: ixn.to_string(),
         token: token.accessor_id,
@@ -99,6 +104,9 @@ fn has_token(f: &Fixture, s: StatusCode, b: &str) -> bool {
 }
 fn has_policy(f: &Fixture, s: StatusCode, b: &str) -> bool {
     s == StatusCode::OK && b.contains(&f.policy)
+}
+fn has_service(_: &Fixture, s: StatusCode, b: &str) -> bool {
+    s == StatusCode::OK && b.contains("db-fixture-1")
 }
 fn new_secret(_: &Fixture, s: StatusCode, b: &str) -> bool {
     s == StatusCode::OK
@@ -373,6 +381,134 @@ fn cases() -> Vec<Case> {
             kind: Kind::Guarded,
             ok: is_true,
         },
+        // Services and the catalog.
+        Case {
+            method: "PUT",
+            path: "/v1/agent/service/register",
+            body: Some(json!({"ID": "web-1", "Name": "web", "Port": 8080})),
+            grant: r#"service "web" { policy = "write" }"#,
+            lacking: r#"service "web" { policy = "read" } service "db" { policy = "write" }"#,
+            kind: Kind::Guarded,
+            ok: ok200,
+        },
+        Case {
+            method: "PUT",
+            path: "/v1/agent/service/deregister/db-fixture-1",
+            body: None,
+            grant: r#"service "db" { policy = "write" }"#,
+            lacking: r#"service "db" { policy = "read" } service "web" { policy = "write" }"#,
+            kind: Kind::Guarded,
+            ok: ok200,
+        },
+        Case {
+            method: "GET",
+            path: "/v1/agent/services",
+            body: None,
+            grant: r#"service "db" { policy = "read" }"#,
+            lacking: r#"service "web" { policy = "write" }"#,
+            kind: Kind::Filtered,
+            ok: has_service,
+        },
+        Case {
+            method: "GET",
+            path: "/v1/agent/service/db-fixture-1",
+            body: None,
+            grant: r#"service "db" { policy = "read" }"#,
+            lacking: r#"service "web" { policy = "write" }"#,
+            kind: Kind::Guarded,
+            ok: has_service,
+        },
+        Case {
+            method: "GET",
+            path: "/v1/catalog/services",
+            body: None,
+            grant: r#"service_prefix "d" { policy = "read" }"#,
+            lacking: r#"service "web" { policy = "write" }"#,
+            kind: Kind::Filtered,
+            ok: |_, s, b| s == StatusCode::OK && b.contains("\"db\""),
+        },
+        Case {
+            method: "GET",
+            path: "/v1/catalog/nodes",
+            body: None,
+            grant: r#"node "test-node" { policy = "read" }"#,
+            lacking: r#"node "other-node" { policy = "write" }"#,
+            kind: Kind::Filtered,
+            ok: |_, s, b| s == StatusCode::OK && b.contains("test-node"),
+        },
+        Case {
+            method: "GET",
+            path: "/v1/catalog/service/db",
+            body: None,
+            grant: r#"service "db" { policy = "read" }"#,
+            lacking: r#"service "web" { policy = "write" }"#,
+            kind: Kind::Filtered,
+            ok: has_service,
+        },
+        Case {
+            method: "GET",
+            path: "/v1/catalog/connect/db",
+            body: None,
+            grant: r#"service "db" { policy = "read" }"#,
+            lacking: r#"service "web" { policy = "write" }"#,
+            kind: Kind::Filtered,
+            ok: has_service,
+        },
+        Case {
+            method: "GET",
+            path: "/v1/health/service/db",
+            body: None,
+            grant: r#"service "db" { policy = "read" }"#,
+            lacking: r#"service "web" { policy = "write" }"#,
+            kind: Kind::Filtered,
+            ok: has_service,
+        },
+        Case {
+            method: "GET",
+            path: "/v1/health/connect/db",
+            body: None,
+            grant: r#"service "db" { policy = "read" }"#,
+            lacking: r#"service "web" { policy = "write" }"#,
+            kind: Kind::Filtered,
+            ok: has_service,
+        },
+        // The agent itself.
+        Case {
+            method: "GET",
+            path: "/v1/agent/self",
+            body: None,
+            grant: r#"agent "test-node" { policy = "read" }"#,
+            lacking: r#"agent "other-node" { policy = "write" }"#,
+            kind: Kind::Guarded,
+            ok: |_, s, b| s == StatusCode::OK && b.contains("test-node"),
+        },
+        Case {
+            method: "PUT",
+            path: "/v1/agent/reload",
+            body: None,
+            grant: r#"agent "test-node" { policy = "write" }"#,
+            lacking: r#"agent "test-node" { policy = "read" }"#,
+            kind: Kind::Guarded,
+            ok: ok200,
+        },
+        Case {
+            method: "GET",
+            path: "/v1/agent/metrics?format=prometheus",
+            body: None,
+            grant: r#"agent "test-node" { policy = "read" }"#,
+            lacking: r#"agent "other-node" { policy = "write" }"#,
+            kind: Kind::Guarded,
+            ok: |_, s, b| s == StatusCode::OK && b.contains("connect_catalog_nodes"),
+        },
+        Case {
+            method: "GET",
+            path: "/v1/status/leader",
+            body: None,
+            grant: "",
+            lacking: "",
+            kind: Kind::Open,
+            ok: ok200,
+        },
         // The agent's security report.
         Case {
             method: "GET",
@@ -430,13 +566,20 @@ async fn call(
 }
 
 /// Everything that must not change when a request is refused.
-fn state_of(agent: &Agent) -> (u64, usize, usize, std::time::Duration) {
+fn state_of(agent: &Agent) -> (u64, usize, usize, std::time::Duration, Vec<String>) {
     let s = agent.acl.snapshot();
+    let services = agent
+        .catalog
+        .snapshot()
+        .local()
+        .map(|i| i.service.id.clone())
+        .collect();
     (
         agent.intentions.index(),
         s.tokens.len() + s.policies.len(),
         agent.intentions.list().0.len(),
         agent.ca.state().config.leaf_cert_ttl,
+        services,
     )
 }
 
@@ -471,7 +614,14 @@ async fn every_endpoint_in_every_cell() {
                 (Kind::Guarded, _) => {
                     status == StatusCode::FORBIDDEN && body == "Permission denied"
                 }
-                (Kind::Filtered, _) => status == StatusCode::OK && !body.contains(&f.ixn),
+                // Nothing of the fixtures shows: the intention, the `db` service,
+                // this node.
+                (Kind::Filtered, _) => {
+                    status == StatusCode::OK
+                        && !body.contains(&f.ixn)
+                        && !body.contains("\"db")
+                        && !body.contains("test-node")
+                }
             };
             if !expected {
                 failures.push(format!("{label} with {cell}: {status} {body:?}"));
