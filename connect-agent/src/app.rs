@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::{
-    api,
+    api, ca,
     config::{Config, StoreUrl},
     intentions::{self, Intentions},
     redirect::{self, RedirectConfig, Redirector},
@@ -20,6 +20,8 @@ use crate::{
 pub struct Agent {
     pub config: Config,
     pub store: Arc<dyn Store>,
+    /// The CA: trust bundle, leaves, configuration.
+    pub ca: Arc<ca::CaManager>,
     /// Intentions and the authorize decision, served from memory.
     pub intentions: Arc<Intentions>,
     /// Present when the agent runs with `--cgroup`.
@@ -36,6 +38,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Api(#[from] api::Error),
+    #[error("cannot start the CA: {0}")]
+    Ca(#[from] ca::Error),
     #[error("cannot load intentions: {0}")]
     Intentions(#[from] intentions::Error),
     #[error("cannot install signal handlers: {0}")]
@@ -112,10 +116,12 @@ pub async fn build(
     redirect: Option<Arc<Redirector>>,
     shutdown: Shutdown,
 ) -> Result<Arc<Agent>, Error> {
+    let ca = ca::CaManager::start(&config, store.clone()).await?;
     let intentions = Intentions::start(store.clone(), config.default_allow).await?;
     Ok(Arc::new(Agent {
         config,
         store,
+        ca,
         intentions,
         redirect,
         shutdown,

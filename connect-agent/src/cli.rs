@@ -5,6 +5,7 @@
 //! `--service`. [`normalize_args`] rewrites single-dash long flags before parsing, so
 //! both spellings work, as they do for `consul`.
 
+pub mod ca;
 pub mod http;
 pub mod intention;
 
@@ -33,6 +34,9 @@ pub struct Cli {
 /// Subcommands that talk to a running agent.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Inspect and configure the built-in CA (roots, configuration, rotation).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Ask the running agent to re-read its config directory (like SIGHUP).
     Reload(http::HttpArgs),
     /// Manage intentions: which services may connect to which.
@@ -79,6 +83,7 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
 /// Runs a subcommand and turns its result into Consul's exit codes.
 pub async fn run(command: Command) -> ExitCode {
     let result = match command {
+        Command::Ca(cmd) => ca::run(cmd).await,
         Command::Reload(args) => reload(&args).await,
         Command::Intention(args) => intention::run(args).await,
     };

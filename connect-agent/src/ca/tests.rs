@@ -1,0 +1,1 @@
+//! CA tests that span modules: independent parsers, restart, rotation, renewal.
