@@ -10,6 +10,7 @@ use crate::{
     api, ca,
     config::{Config, StoreUrl},
     intentions::{self, Intentions},
+    proxy,
     redirect::{self, RedirectConfig, Redirector},
     shutdown::{DRAIN_DEADLINE, Shutdown, Signal, Signals},
     store::{self, Store},
@@ -26,6 +27,8 @@ pub struct Agent {
     pub intentions: Arc<Intentions>,
     /// Present when the agent runs with `--cgroup`.
     pub redirect: Option<Arc<Redirector>>,
+    /// The mTLS proxy's counters (for `/v1/agent/metrics`).
+    pub proxy_metrics: Arc<proxy::Metrics>,
     pub shutdown: Shutdown,
 }
 
@@ -42,6 +45,8 @@ pub enum Error {
     Ca(#[from] ca::Error),
     #[error("cannot load intentions: {0}")]
     Intentions(#[from] intentions::Error),
+    #[error(transparent)]
+    Proxy(#[from] proxy::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the HTTP API failed: {0}")]
@@ -65,6 +70,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut signals = Signals::install().map_err(Error::Signals)?;
     let store = open_store(&config).await?;
     let http = api::bind(config.http_addr).await?;
+    // Before eBPF attaches: a redirected connection must find its listener.
+    let proxy_listeners = proxy::node::Listeners::bind(&config).await?;
 
     let redirect = match &config.cgroup {
         Some(cgroup) => {
@@ -89,6 +96,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         stop.cancelled().await
     }));
     tracing::info!(addr = %agent.config.http_addr, "HTTP API listening");
+    // The catalog provides the directory once it is wired in; until then the
+    // agent knows no services and its proxy routes nothing.
+    let directory: Arc<dyn proxy::Directory> = Arc::new(proxy::EmptyDirectory::default());
+    let _proxy = proxy::node::start(&agent, directory, proxy_listeners)?;
 
     loop {
         match signals.next().await {
@@ -124,6 +135,7 @@ pub async fn build(
         ca,
         intentions,
         redirect,
+        proxy_metrics: Arc::new(proxy::Metrics::new()),
         shutdown,
     }))
 }

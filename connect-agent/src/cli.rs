@@ -8,6 +8,7 @@
 pub mod ca;
 pub mod http;
 pub mod intention;
+pub mod proxy;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -41,6 +42,15 @@ pub enum Command {
     Reload(http::HttpArgs),
     /// Manage intentions: which services may connect to which.
     Intention(intention::IntentionArgs),
+    /// Run a Connect proxy for a service, through the local agent (like `consul connect proxy`).
+    Proxy(proxy::ProxyArgs),
+}
+
+impl Command {
+    /// Whether the command runs long and logs as it goes (main sets up logging).
+    pub fn streams_logs(&self) -> bool {
+        matches!(self, Command::Proxy(_))
+    }
 }
 
 /// Rewrites `-flag` and `-flag=value` to `--flag...` (Go flag style, as `consul`
@@ -86,6 +96,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Ca(cmd) => ca::run(cmd).await,
         Command::Reload(args) => reload(&args).await,
         Command::Intention(args) => intention::run(args).await,
+        Command::Proxy(args) => proxy::run(args).await,
     };
     match result {
         Ok(code) => code,
