@@ -103,36 +103,9 @@ struct UpstreamFlag {
 
 /// Runs the proxy until SIGINT or SIGTERM.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
-    let plan = plan(&args).await?;
-    let client = Client::new(&args.http)?;
     let mut signals = Signals::install().context("cannot install signal handlers")?;
-    let shutdown = Shutdown::new();
-
-    let feeds = Feeds::start(client.clone(), &plan, &shutdown).await?;
-    let proxy = Proxy::start(Parts {
-        directory: feeds.directory.clone(),
-        authorizer: feeds.authorizer.clone(),
-        leaves: Arc::new(StaticLeaf::new(plan.service.clone(), feeds.leaf.clone())),
-        bundle: feeds.bundle.clone(),
-        metrics: Arc::new(Metrics::new()),
-        limits: Limits::default(),
-        shutdown: shutdown.clone(),
-    })?;
-    if let Some(e) = proxy.sync_upstreams().await.into_iter().next() {
-        shutdown.stop.cancel();
-        return Err(e.into());
-    }
-    if let Some((listen, _)) = plan.listen {
-        match proxy::bind("public", listen).await {
-            Ok(l) => proxy.serve_inbound(l),
-            Err(e) => {
-                shutdown.stop.cancel();
-                return Err(e.into());
-            }
-        }
-    }
-    print_banner(&plan)?;
-
+    let running = start(&args).await?;
+    print_banner(&running.plan)?;
     loop {
         match signals.next().await {
             Signal::Stop => break,
@@ -142,9 +115,63 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     tracing::info!("stopping");
-    shutdown.drain(DRAIN_DEADLINE).await;
+    running.shutdown.drain(DRAIN_DEADLINE).await;
+    let m = running.proxy.metrics();
+    tracing::info!(
+        inbound = m.accepted(proxy::Side::Inbound),
+        outbound = m.accepted(proxy::Side::Outbound),
+        denied = m.denied(),
+        "connections served"
+    );
     println!("Connect proxy shutdown");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A started proxy: listeners bound, feeds running.
+#[derive(Debug)]
+struct Running {
+    plan: Plan,
+    proxy: Proxy,
+    shutdown: Shutdown,
+}
+
+/// Validates the flags, takes the first roots, leaf and instances from the agent,
+/// and opens the listeners. Fails (and stops what it started) if any of that fails.
+async fn start(args: &ProxyArgs) -> anyhow::Result<Running> {
+    let plan = plan(args).await?;
+    let client = Client::new(&args.http)?;
+    let shutdown = Shutdown::new();
+    let result = async {
+        let feeds = Feeds::start(client, &plan, &shutdown).await?;
+        let proxy = Proxy::start(Parts {
+            directory: feeds.directory.clone(),
+            authorizer: feeds.authorizer.clone(),
+            leaves: Arc::new(StaticLeaf::new(plan.service.clone(), feeds.leaf.clone())),
+            bundle: feeds.bundle.clone(),
+            metrics: Arc::new(Metrics::new()),
+            limits: Limits::default(),
+            shutdown: shutdown.clone(),
+        })?;
+        if let Some(e) = proxy.sync_upstreams().await.into_iter().next() {
+            return Err(anyhow::Error::from(e));
+        }
+        if let Some((listen, _)) = plan.listen {
+            proxy.serve_inbound(proxy::bind("public", listen).await?);
+        }
+        Ok(proxy)
+    }
+    .await;
+    match result {
+        Ok(proxy) => Ok(Running {
+            plan,
+            proxy,
+            shutdown,
+        }),
+        Err(e) => {
+            shutdown.stop.cancel();
+            Err(e)
+        }
+    }
 }
 
 async fn plan(args: &ProxyArgs) -> anyhow::Result<Plan> {

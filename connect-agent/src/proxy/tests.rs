@@ -660,6 +660,44 @@ async fn a_renewed_leaf_serves_new_handshakes_and_old_connections_stay() {
 }
 
 #[tokio::test]
+async fn a_root_rotation_reaches_new_handshakes_and_old_connections_stay() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let old_root = n.agent.ca.state().active_root().id().to_owned();
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("web").await));
+    let mut old = tls_connect(&n, "socat", config).await.expect("old");
+    expect_echo(&mut old, b"old root").await;
+
+    let rotate = crate::ca::CaConfig::from_request(&serde_json::json!({
+        "Provider": "consul",
+        "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": 384},
+    }))
+    .expect("config");
+    n.agent.ca.set_config(rotate).await.expect("rotation");
+    assert_ne!(n.agent.ca.state().active_root().id(), old_root);
+    // A client whose leaf comes from the new root reaches a server whose leaf
+    // still comes from the old one: both roots are in the live bundle.
+    let api = n
+        .agent
+        .ca
+        .leaf(&svc("api"))
+        .await
+        .expect("leaf")
+        .rx
+        .borrow()
+        .clone();
+    assert_ne!(
+        api.cert.root_id, old_root,
+        "the new leaf is from the new root"
+    );
+    let config = client_config(n.agent.ca.bundle(), Some(api.certified_key.clone()));
+    let mut new = tls_connect(&n, "socat", config).await.expect("new");
+    expect_echo(&mut new, b"new root").await;
+    expect_echo(&mut old, b"old connection kept").await;
+}
+
+#[tokio::test]
 async fn resumed_sessions_are_verified_again_and_authorized() {
     let n = node().await;
     let backend = echo_backend().await;
