@@ -2,3 +2,4 @@
 //! network namespaces and cgroups.
 
 pub mod agent;
+pub mod mesh;

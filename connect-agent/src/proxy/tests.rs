@@ -882,3 +882,5 @@ fn served_cert(tls: &TlsStream<TcpStream>) -> &[u8] {
         .expect("server certificate")
         .as_ref()
 }
+
+mod openssl;
