@@ -239,8 +239,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("the transparent listener must be IPv4 (eBPF redirects IPv4), not {addr}")]
-    TransparentNotV4 { addr: SocketAddr },
     /// rustls refused a configuration we built (our bug).
     #[error("cannot build the TLS configuration: {source}")]
     TlsConfig {
@@ -629,8 +627,10 @@ async fn accept_loop<F, Fut>(
     F: Fn(Arc<Shared>, tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let addr = listener.local_addr().ok();
-    tracing::info!(listener = what, addr = ?addr, "proxy listener serving");
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
+    tracing::info!(listener = what, %addr, "proxy listener serving");
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -649,7 +649,7 @@ async fn accept_loop<F, Fut>(
             }
         }
     }
-    tracing::info!(listener = what, addr = ?addr, "proxy listener closed");
+    tracing::info!(listener = what, %addr, "proxy listener closed");
 }
 
 /// Pause after a failed `accept()` (EMFILE, ENOBUFS...).

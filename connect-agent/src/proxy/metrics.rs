@@ -340,17 +340,32 @@ impl Drop for ConnRecord<'_> {
         let duration_ms = duration_ms(self.started.elapsed());
         let outcome = self.outcome.label();
         let error = self.error.as_deref().unwrap_or("");
-        // Denials and revocations are what operators look for (info); everything
-        // else is per-connection noise a peer can cause at will (debug).
-        let level = match self.outcome {
-            Outcome::Denied | Outcome::Revoked => Level::INFO,
-            _ => Level::DEBUG,
-        };
-        if level == Level::INFO {
-            tracing::info!(parent: &self.span, bytes_in = self.bytes_in, bytes_out = self.bytes_out, duration_ms, outcome, error, "connection closed");
-        } else {
-            tracing::debug!(parent: &self.span, bytes_in = self.bytes_in, bytes_out = self.bytes_out, duration_ms, outcome, error, "connection closed");
+        let (bytes_in, bytes_out) = (self.bytes_in, self.bytes_out);
+        match close_level(self.side, self.outcome) {
+            Level::WARN => {
+                tracing::warn!(parent: &self.span, bytes_in, bytes_out, duration_ms, outcome, error, "connection closed")
+            }
+            Level::INFO => {
+                tracing::info!(parent: &self.span, bytes_in, bytes_out, duration_ms, outcome, error, "connection closed")
+            }
+            _ => {
+                tracing::debug!(parent: &self.span, bytes_in, bytes_out, duration_ms, outcome, error, "connection closed")
+            }
         }
+    }
+}
+
+/// How loudly a connection's end is logged. Denials and revocations are what
+/// operators look for (info). A local application that cannot reach its
+/// destination, or a local service that does not answer, is a degraded mesh
+/// (warn). Everything a remote peer can cause at will — bad handshakes, unknown
+/// names — and normal ends are per-connection detail (debug).
+fn close_level(side: Side, outcome: Outcome) -> Level {
+    match (side, outcome) {
+        (_, Outcome::Denied | Outcome::Revoked) => Level::INFO,
+        (Side::Outbound, Outcome::Unroutable | Outcome::DialFailed | Outcome::Internal)
+        | (Side::Inbound, Outcome::LocalUnreachable | Outcome::Internal) => Level::WARN,
+        _ => Level::DEBUG,
     }
 }
 
@@ -458,6 +473,25 @@ mod tests {
         let types = out.lines().filter(|l| l.starts_with("# TYPE")).count();
         let helps = out.lines().filter(|l| l.starts_with("# HELP")).count();
         assert_eq!((types, helps), (6, 6));
+    }
+
+    #[test]
+    fn close_levels() {
+        let cases = [
+            (Side::Inbound, Outcome::Denied, Level::INFO),
+            (Side::Outbound, Outcome::Revoked, Level::INFO),
+            (Side::Outbound, Outcome::DialFailed, Level::WARN),
+            (Side::Outbound, Outcome::Unroutable, Level::WARN),
+            (Side::Inbound, Outcome::LocalUnreachable, Level::WARN),
+            (Side::Inbound, Outcome::Internal, Level::WARN),
+            (Side::Inbound, Outcome::Unroutable, Level::DEBUG),
+            (Side::Inbound, Outcome::HandshakeFailed, Level::DEBUG),
+            (Side::Outbound, Outcome::Closed, Level::DEBUG),
+            (Side::Inbound, Outcome::LimitReached, Level::DEBUG),
+        ];
+        for (side, outcome, want) in cases {
+            assert_eq!(close_level(side, outcome), want, "{side:?} {outcome:?}");
+        }
     }
 
     #[test]

@@ -108,3 +108,27 @@ impl Authorizer for IntentionsAuthorizer {
         self.changes.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_port_conflict_fails_at_bind_naming_the_listener() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut config = Config::for_tests();
+        config.inbound_addr = taken.local_addr().expect("addr");
+        let err = Listeners::bind(&config).await.expect_err("port taken");
+        assert!(
+            matches!(err, Error::Bind { listener: "inbound", addr, .. } if addr == config.inbound_addr),
+            "{err}"
+        );
+        // Without --cgroup there is no transparent listener.
+        config.inbound_addr = "127.0.0.1:0".parse().expect("addr");
+        let l = Listeners::bind(&config).await.expect("binds");
+        assert!(l.inbound_addr().is_some() && l.transparent_addr().is_none());
+        config.cgroup = Some("/unused".into());
+        let l = Listeners::bind(&config).await.expect("binds");
+        assert!(l.transparent_addr().is_some());
+    }
+}
