@@ -12,6 +12,7 @@ use crate::{
     config::{Config, HttpsCert, StoreUrl},
     datadir,
     intentions::{self, Intentions},
+    proxy,
     redirect::{self, RedirectConfig, Redirector},
     shutdown::{DRAIN_DEADLINE, Shutdown, Signal, Signals},
     store::{self, Store},
@@ -32,6 +33,8 @@ pub struct Agent {
     pub catalog: Arc<catalog::Catalog>,
     /// Present when the agent runs with `--cgroup`.
     pub redirect: Option<Arc<Redirector>>,
+    /// The mTLS proxy's counters (for `/v1/agent/metrics`).
+    pub proxy_metrics: Arc<proxy::Metrics>,
     pub shutdown: Shutdown,
 }
 
@@ -56,6 +59,8 @@ pub enum Error {
     Https(#[from] api::https::Error),
     #[error("cannot load the catalog: {0}")]
     Catalog(#[from] catalog::Error),
+    #[error(transparent)]
+    Proxy(#[from] proxy::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the HTTP API failed: {0}")]
@@ -90,6 +95,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Some(h) => Some(api::bind(h.addr).await?),
         None => None,
     };
+    // Before eBPF attaches: a redirected connection must find its listener.
+    let proxy_listeners = proxy::node::Listeners::bind(&config).await?;
 
     let redirect = match &config.cgroup {
         Some(cgroup) => {
@@ -128,6 +135,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
         _ => None,
     };
+    // The catalog drives both the proxy's routing and the eBPF maps.
+    let directory =
+        catalog::directory::CatalogDirectory::start(&agent.catalog, agent.config.cgroup.clone());
+    let _redirect_sync = agent
+        .redirect
+        .clone()
+        .map(|r| catalog::directory::sync_redirect(directory.clone(), r));
+    let _proxy = proxy::node::start(&agent, directory, proxy_listeners)?;
 
     loop {
         match signals.next().await {
@@ -195,6 +210,7 @@ pub async fn build(
         acl,
         catalog,
         redirect,
+        proxy_metrics: Arc::new(proxy::Metrics::new()),
         shutdown,
     }))
 }

@@ -19,6 +19,7 @@
 //! leaves): those follow [`Catalog::subscribe`].
 
 pub mod definition;
+pub mod directory;
 pub mod model;
 pub mod snapshot;
 

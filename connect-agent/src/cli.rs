@@ -10,6 +10,7 @@ pub mod ca;
 pub mod doctor;
 pub mod http;
 pub mod intention;
+pub mod proxy;
 pub mod services;
 
 use std::{ffi::OsString, process::ExitCode};
@@ -51,6 +52,15 @@ pub enum Command {
     /// Register, deregister and list the agent's services.
     #[command(subcommand)]
     Services(services::ServicesCommand),
+    /// Run a Connect proxy for a service, through the local agent (like `consul connect proxy`).
+    Proxy(proxy::ProxyArgs),
+}
+
+impl Command {
+    /// Whether the command runs long and logs as it goes (main sets up logging).
+    pub fn streams_logs(&self) -> bool {
+        matches!(self, Command::Proxy(_))
+    }
 }
 
 /// Rewrites `-flag` and `-flag=value` to `--flag...` (Go flag style, as `consul`
@@ -99,6 +109,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Acl(args) => acl::run(args).await,
         Command::Doctor(args) => return doctor::run(args).await,
         Command::Services(cmd) => services::run(cmd).await,
+        Command::Proxy(args) => proxy::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -19,7 +19,12 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(command) => runtime.block_on(cli::run(command)),
+        Some(command) => {
+            if command.streams_logs() {
+                init_tracing(false);
+            }
+            runtime.block_on(cli::run(command))
+        }
         None => {
             init_tracing(cli.agent.log_json);
             let config = match cli.agent.into_config() {

@@ -33,7 +33,27 @@ pub fn routes() -> Router<ApiState> {
 pub type MetricsFn = fn(&Agent, &mut String);
 
 /// Every metrics source. Add a line here to export more.
-pub const METRICS: &[MetricsFn] = &[catalog_metrics];
+pub const METRICS: &[MetricsFn] = &[catalog_metrics, proxy_metrics, redirect_metrics];
+
+fn proxy_metrics(agent: &Agent, out: &mut String) {
+    agent.proxy_metrics.render_prometheus(out);
+}
+
+/// The eBPF programs' counters (summed over CPUs): connections redirected, records
+/// lost to a full map, packets to protected ports dropped. Absent without `--cgroup`.
+fn redirect_metrics(agent: &Agent, out: &mut String) {
+    let Some(redirect) = &agent.redirect else {
+        return;
+    };
+    let name = "connect_ebpf_events_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Events counted by the eBPF programs.\n# TYPE {name} counter"
+    );
+    for (event, value) in redirect.counters() {
+        let _ = writeln!(out, "{name}{{event=\"{event}\"}} {value}");
+    }
+}
 
 fn catalog_metrics(agent: &Agent, out: &mut String) {
     let snap = agent.catalog.snapshot();
