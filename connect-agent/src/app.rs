@@ -226,6 +226,7 @@ pub struct OpenedStore {
 /// Opens the configured store: `<data-dir>/connect.redb` (the directory created with
 /// mode 0700, as it holds CA keys), or a throw-away directory in `--dev`.
 pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
+    use std::os::unix::fs::PermissionsExt;
     match &config.store {
         StoreUrl::Embedded => {
             let (dir, dev_dir) = if config.dev {
@@ -234,6 +235,12 @@ pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
                     .tempdir()
                     .map_err(|source| Error::DataDir {
                         path: std::env::temp_dir(),
+                        source,
+                    })?;
+                // Private like a real data directory (the doctor checks it too).
+                std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700))
+                    .map_err(|source| Error::DataDir {
+                        path: tmp.path().to_owned(),
                         source,
                     })?;
                 datadir::prepare(tmp.path())?;

@@ -22,9 +22,15 @@ const MAX_WRITES: usize = 5000;
 #[test]
 fn acknowledged_writes_survive_kill_9() -> Result<()> {
     let dir = tempfile::tempdir().context("creating the data directory")?;
+    // The agent refuses a data directory others can enter.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
     let mut acknowledged: BTreeSet<String> = BTreeSet::new();
     for round in 0..ROUNDS {
-        let mut agent = AgentProcess::start_in(dir.path(), &[], &[])?;
+        let mut agent =
+            AgentProcess::start_in(dir.path(), &[], &["--acl-default-policy", "allow"])?;
         check_all_listed(&agent, &acknowledged, round)?;
 
         // Writers on threads so that the kill lands while requests are in flight.
@@ -71,7 +77,7 @@ fn acknowledged_writes_survive_kill_9() -> Result<()> {
         }
         println!("round {round}: {round_acks} acknowledged writes before kill -9");
     }
-    let agent = AgentProcess::start_in(dir.path(), &[], &[])?;
+    let agent = AgentProcess::start_in(dir.path(), &[], &["--acl-default-policy", "allow"])?;
     check_all_listed(&agent, &acknowledged, ROUNDS)
 }
 

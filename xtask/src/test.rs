@@ -76,7 +76,13 @@ pub fn run(args: TestArgs) -> Result<()> {
     cargo_tests(
         "unit tests",
         &mut steps,
-        &["test", "--workspace", "--exclude", "connect-tests"],
+        &[
+            "test",
+            "--workspace",
+            "--exclude",
+            "connect-tests",
+            "--no-fail-fast",
+        ],
         &[],
     );
 
@@ -103,7 +109,7 @@ pub fn run(args: TestArgs) -> Result<()> {
             cargo_tests(
                 "integration tests (privileged)",
                 &mut steps,
-                &["test", "-p", "connect-tests"],
+                &["test", "-p", "connect-tests", "--no-fail-fast"],
                 &extra,
             );
         }
