@@ -55,8 +55,13 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `connect-agent --dev` with free loopback ports, plus `extra` flags.
     pub fn start_dev(name: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_dev_env(name, extra, &[])
+    }
+
+    /// [`AgentProcess::start_dev`] with environment variables (e.g. `RUST_LOG`).
+    pub fn start_dev_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let dir = private_dir(name)?;
-        let mut p = Self::start_in(&dir, &["--dev"], extra)?;
+        let mut p = Self::start_in_env(&dir, &["--dev"], extra, env)?;
         p.owns_data_dir = true;
         Ok(p)
     }
@@ -65,6 +70,15 @@ impl AgentProcess {
     /// The log goes to `agent.log` in `dir`, private (the agent refuses a data
     /// directory holding anything others can read).
     pub fn start_in(dir: &Path, base: &[&str], extra: &[&str]) -> Result<Self> {
+        Self::start_in_env(dir, base, extra, &[])
+    }
+
+    fn start_in_env(
+        dir: &Path,
+        base: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let dns_addr = format!("127.0.0.1:{}", free_port()?);
         let outbound = format!("127.0.0.1:{}", free_port()?);
@@ -91,6 +105,7 @@ impl AgentProcess {
                 &inbound,
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -73,7 +73,12 @@ impl Node {
         let mut cg = TestCgroup::create(name)?;
         cg.child("web")?;
         let cgroup = cg.path.to_string_lossy().into_owned();
-        let agent = AgentProcess::start_dev(name, &["--cgroup", &cgroup])?;
+        // Close records of allowed connections are debug events.
+        let agent = AgentProcess::start_dev_env(
+            name,
+            &["--cgroup", &cgroup],
+            &[("RUST_LOG", "info,connect_agent::proxy=debug")],
+        )?;
         let (socat, socat_port) = socat_echo()?;
         register(&agent, &json!({"Name": "web", "Port": 0, "cgroup": "web"}))?;
         register_socat(&agent, socat_port)?;
