@@ -1,1 +1,127 @@
-fn main() {}
+//! `cargo xtask`: Connect's build, bootstrap and test driver.
+//!
+//! A fresh machine goes from `git clone` to a running agent or a green test run with
+//! one command each (`cargo xtask run`, `cargo xtask test`); everything they need
+//! (Debian packages, the nightly's rust-src, bpf-linker linked against the nightly's
+//! own LLVM) is installed by [`bootstrap`], cached so that a second run costs seconds.
+//! Every error names the command that failed.
+
+mod bench;
+mod bootstrap;
+mod ebpf;
+mod lab;
+mod loadgen;
+mod netns;
+mod test;
+mod util;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Build, test and run Connect")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building and testing need (apt packages, rust-src, bpf-linker).
+    Bootstrap {
+        /// Only the Rust toolchain parts; no apt packages.
+        #[arg(long)]
+        no_apt: bool,
+    },
+    /// Build the eBPF object into target/bpf/connect-ebpf.o.
+    BuildEbpf,
+    /// Build the eBPF object and connect-agent (release) with the object embedded.
+    Build,
+    /// Build, then run the agent (as root) with the given arguments (default: --dev).
+    Run {
+        /// Arguments for connect-agent.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// fmt, clippy, unit tests, then the privileged integration tests; one summary.
+    Test(test::TestArgs),
+    /// A multi-node lab in network namespaces: `up [--nodes N]`, `status`, `down`.
+    Lab(lab::LabArgs),
+    /// Benchmarks against a direct connection and a stunnel pair, on two namespace nodes.
+    Bench(bench::BenchArgs),
+    /// (internal) the echo server the benchmarks run inside a namespace.
+    #[command(hide = true)]
+    BenchEcho(loadgen::EchoArgs),
+    /// (internal) the benchmark load generators.
+    #[command(hide = true, subcommand)]
+    BenchClient(loadgen::ClientCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bootstrap { no_apt } => bootstrap::run(!no_apt).map(|_| ()),
+        Command::BuildEbpf => bootstrap::run(false).and_then(|tc| ebpf::build(&tc)),
+        Command::Build => build(),
+        Command::Run { args } => run(args),
+        Command::Test(args) => test::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Lab(args) => lab::run(args),
+        Command::BenchEcho(args) => loadgen::echo(args),
+        Command::BenchClient(cmd) => loadgen::client(cmd),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn build() -> Result<()> {
+    let tc = bootstrap::run(false)?;
+    ebpf::build(&tc)?;
+    util::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "connect-agent",
+        "--bin",
+        "connect-agent",
+    ])?;
+    println!(
+        "xtask: built {}",
+        util::workspace_root()
+            .join("target/release/connect-agent")
+            .display()
+    );
+    Ok(())
+}
+
+fn run(args: Vec<String>) -> Result<()> {
+    let tc = bootstrap::run(true)?;
+    ebpf::build(&tc)?;
+    util::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "connect-agent",
+        "--bin",
+        "connect-agent",
+    ])?;
+    let bin: PathBuf = util::workspace_root().join("target/release/connect-agent");
+    let args = if args.is_empty() {
+        vec!["--dev".to_owned()]
+    } else {
+        args
+    };
+    let mut cmd = if util::is_root() {
+        std::process::Command::new(&bin)
+    } else {
+        let mut c = std::process::Command::new("sudo");
+        c.arg(&bin);
+        c
+    };
+    cmd.args(&args);
+    util::run_status(&mut cmd)
+}

@@ -1,0 +1,258 @@
+//! Copies bytes both ways between two streams until both sides are done, the
+//! connection idles too long, or it is cancelled (an intention changed to deny, or
+//! shutdown forced it).
+//!
+//! Half-close is honoured: when one side finishes sending, the other side's write half
+//! is shut down and the opposite direction keeps flowing. Buffers are fixed per
+//! direction, so memory per connection is bounded.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Per-direction buffer. 64 KiB holds a full TLS record plus headroom and lets bulk
+/// transfers move in few syscalls; two of them per connection bound memory.
+pub const BUF_SIZE: usize = 64 * 1024;
+
+/// Limits of a splice.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Close the connection after this long without a byte in either direction.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+/// Why a splice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished normally.
+    Closed,
+    /// No byte moved for the idle timeout.
+    Idle,
+    /// Cancelled from outside (intention revoked, forced shutdown).
+    Cancelled,
+    /// A read or write failed (reset, broken pipe).
+    Error,
+}
+
+/// What a splice moved and how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Bytes from `a` to `b`.
+    pub a_to_b: u64,
+    /// Bytes from `b` to `a`.
+    pub b_to_a: u64,
+    pub end: End,
+}
+
+/// Splices `a` and `b` until done, idle, cancelled or failed.
+pub async fn splice<A, B>(a: A, b: B, limits: Limits, cancel: &CancellationToken) -> Outcome
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let a_to_b = AtomicU64::new(0);
+    let b_to_a = AtomicU64::new(0);
+    let started = Instant::now();
+    // Milliseconds since `started` of the last byte moved.
+    let last = AtomicU64::new(0);
+
+    let forward = pump(&mut ar, &mut bw, &a_to_b, &last, started);
+    let backward = pump(&mut br, &mut aw, &b_to_a, &last, started);
+    // A failed direction ends both: after a reset or a truncated TLS stream the
+    // other direction has no one to deliver to, and waiting for it would hold the
+    // connection until the idle timeout.
+    let both = async {
+        match tokio::try_join!(forward, backward) {
+            Ok(_) => End::Closed,
+            Err(_) => End::Error,
+        }
+    };
+    let idle = async {
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let idle_for = started.elapsed().saturating_sub(since);
+            if idle_for >= limits.idle_timeout {
+                return;
+            }
+            tokio::time::sleep(limits.idle_timeout - idle_for).await;
+        }
+    };
+    let end = tokio::select! {
+        end = both => end,
+        () = idle => End::Idle,
+        () = cancel.cancelled() => End::Cancelled,
+    };
+    Outcome {
+        a_to_b: a_to_b.load(Ordering::Relaxed),
+        b_to_a: b_to_a.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+/// One direction: read into a fixed buffer, write it all, count; on EOF shut down the
+/// writer so the peer sees the half-close.
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    count: &AtomicU64,
+    last: &AtomicU64,
+    started: Instant,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // The peer may already be gone; a failed shutdown is not an error of ours.
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn copies_both_ways_and_honours_half_close() {
+        let (client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, server) = tokio::io::duplex(1024);
+        let cancel = CancellationToken::new();
+        let task =
+            tokio::spawn(async move { splice(proxy_a, proxy_b, Limits::default(), &cancel).await });
+
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        cw.write_all(b"hello").await.expect("write");
+        cw.shutdown().await.expect("half-close");
+        let mut got = Vec::new();
+        sr.read_to_end(&mut got).await.expect("server reads to EOF");
+        assert_eq!(got, b"hello");
+        // The other direction still works after the client's half-close.
+        sw.write_all(b"world!").await.expect("write back");
+        sw.shutdown().await.expect("close");
+        let mut back = Vec::new();
+        cr.read_to_end(&mut back).await.expect("client reads");
+        assert_eq!(back, b"world!");
+        let out = task.await.expect("join");
+        assert_eq!(
+            out,
+            Outcome {
+                a_to_b: 5,
+                b_to_a: 6,
+                end: End::Closed
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_direction_ends_both() {
+        let (client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, _server) = tokio::io::duplex(1024);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(async move {
+            splice(Failing(proxy_a), proxy_b, Limits::default(), &cancel).await
+        });
+        drop(client);
+        let out = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("ends although the server side stays open")
+            .expect("join");
+        assert_eq!(out.end, End::Error);
+    }
+
+    /// A stream whose EOF is an error, as a TLS stream truncated without
+    /// close_notify reads.
+    struct Failing(tokio::io::DuplexStream);
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+                std::task::Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                    std::task::Poll::Ready(Err(std::io::ErrorKind::UnexpectedEof.into()))
+                }
+                other => other,
+            }
+        }
+    }
+
+    impl AsyncWrite for Failing {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_ends_a_live_splice() {
+        let (_client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, _server) = tokio::io::duplex(1024);
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        let task =
+            tokio::spawn(async move { splice(proxy_a, proxy_b, Limits::default(), &c2).await });
+        cancel.cancel();
+        let out = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("ends promptly")
+            .expect("join");
+        assert_eq!(out.end, End::Cancelled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_closed() {
+        let (_client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, _server) = tokio::io::duplex(1024);
+        let cancel = CancellationToken::new();
+        let limits = Limits {
+            idle_timeout: Duration::from_secs(30),
+        };
+        let out = splice(proxy_a, proxy_b, limits, &cancel).await;
+        assert_eq!(out.end, End::Idle);
+    }
+}

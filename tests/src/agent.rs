@@ -1,0 +1,270 @@
+//! A real `connect-agent` process for tests: started on free loopback ports and a
+//! temporary data directory, waited for until its API answers, and killed by PID in
+//! `Drop` even when the test fails.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The agent binary `cargo xtask test` builds before the integration tests
+/// (`target/debug/connect-agent`, found next to this test executable's directory).
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CONNECT_AGENT_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("cannot locate the test executable")?;
+    // target/debug/deps/<test>-<hash> -> target/debug/connect-agent
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("connect-agent"))
+        .context("unexpected test executable location")?;
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: build it first (`cargo build -p connect-agent`, which `cargo xtask test` does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding an ephemeral port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Option<Child>,
+    pub http_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Where the agent's stderr goes, for failure messages.
+    pub log_path: PathBuf,
+    owns_data_dir: bool,
+}
+
+impl AgentProcess {
+    /// Starts `connect-agent --dev` with free loopback ports, plus `extra` flags.
+    pub fn start_dev(name: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_dev_env(name, extra, &[])
+    }
+
+    /// [`AgentProcess::start_dev`] with environment variables (e.g. `RUST_LOG`).
+    pub fn start_dev_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let dir = private_dir(name)?;
+        let mut p = Self::start_in_env(&dir, &["--dev"], extra, env)?;
+        p.owns_data_dir = true;
+        Ok(p)
+    }
+
+    /// Starts the agent with `--data-dir dir`, `base` and `extra` flags, on free ports.
+    /// The log goes to `agent.log` in `dir`, private (the agent refuses a data
+    /// directory holding anything others can read).
+    pub fn start_in(dir: &Path, base: &[&str], extra: &[&str]) -> Result<Self> {
+        Self::start_in_env(dir, base, extra, &[])
+    }
+
+    fn start_in_env(
+        dir: &Path,
+        base: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let dns_addr = format!("127.0.0.1:{}", free_port()?);
+        let outbound = format!("127.0.0.1:{}", free_port()?);
+        let inbound = format!("127.0.0.1:{}", free_port()?);
+        let log_path = dir.join("agent.log");
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = Command::new(agent_binary()?);
+        cmd.args(base)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--http-addr", &http_addr.to_string()])
+            .args([
+                "--dns-addr",
+                &dns_addr,
+                "--outbound-addr",
+                &outbound,
+                "--inbound-addr",
+                &inbound,
+            ])
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().context("starting connect-agent")?;
+        let mut p = Self {
+            child: Some(child),
+            http_addr,
+            data_dir: dir.to_owned(),
+            log_path,
+            owns_data_dir: false,
+        };
+        p.wait_ready(Duration::from_secs(20))?;
+        Ok(p)
+    }
+
+    /// Waits until `GET /v1/agent/connect/ca/roots` (which needs no ACL token)
+    /// answers 200, or fails with the agent's log.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("connect-agent exited early with {status}:\n{}", self.log());
+            }
+            if http(self.http_addr, "GET", "/v1/agent/connect/ca/roots", None)
+                .is_ok_and(|(s, _)| s == 200)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "connect-agent did not answer on {} within {timeout:?}:\n{}",
+                    self.http_addr,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends `sig` and waits (bounded) for the process to exit.
+    pub fn signal_and_wait(
+        &mut self,
+        sig: nix::sys::signal::Signal,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        nix::sys::signal::kill(pid, sig).context("signalling the agent")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("connect-agent did not exit within {timeout:?} after {sig}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.owns_data_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+}
+
+/// A directory under the system temp dir, named after the test, mode 0700 (what
+/// the agent demands of its data directory).
+pub fn private_dir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("connect-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 700 {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A minimal HTTP/1.1 request (Connection: close): status and body. Enough for tests
+/// to talk to the agent without another HTTP client.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String)> {
+    http_with_token(addr, method, path, body, None)
+}
+
+/// [`http`] with an ACL token in `X-Consul-Token`.
+pub fn http_with_token(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = body.unwrap_or("");
+    let token = token
+        .map(|t| format!("X-Consul-Token: {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{token}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status code")?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
