@@ -20,8 +20,11 @@
 //! [`EtcdOptions::request_timeout`] while etcd is unreachable; they never hang. Watches
 //! do not fail: they reconnect with bounded exponential backoff and resume after the
 //! last revision they delivered, so consumers (the agent's caches) keep what they had
-//! and keep serving from it until etcd is back. Only compacted history ends a watch,
-//! with [`WatchMessage::Resync`].
+//! and keep serving from it until etcd is back. As soon as any request or watch of the
+//! store gets through again after connection failures, every watch waiting out its
+//! backoff retries at once (`Reachability`): a write acknowledged right after an
+//! outage is not followed by seconds in which this node's own caches miss it. Only
+//! compacted history ends a watch, with [`WatchMessage::Resync`].
 //!
 //! Transactions: etcd rejects a transaction that puts a key it also deletes (a put
 //! inside a deleted range, or two puts of one key), while [`Txn`] runs its operations
@@ -37,7 +40,7 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -45,7 +48,10 @@ use std::{
 use async_trait::async_trait;
 use etcd_client::{Client, ConnectOptions, GetOptions};
 use rand::Rng;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, watch as signal},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{Index, KeyValue, Listing, Store, Txn, TxnOutcome, Watch, memory::WATCH_BUFFER};
@@ -210,6 +216,44 @@ impl From<Error> for store::Error {
     }
 }
 
+/// Whether etcd answers this store, shared by its requests and watch tasks, so that
+/// watches backing off after an outage retry as soon as etcd is seen to answer again
+/// instead of waiting out a delay of up to [`WATCH_BACKOFF`]'s cap.
+#[derive(Debug)]
+pub(crate) struct Reachability {
+    /// Set by a connection-level failure, cleared by the next answer.
+    down: AtomicBool,
+    /// Counts the answers that ended a failing stretch; watch tasks wait for a change.
+    recovered: signal::Sender<u64>,
+}
+
+impl Reachability {
+    fn new() -> Self {
+        Self {
+            down: AtomicBool::new(false),
+            recovered: signal::Sender::new(0),
+        }
+    }
+
+    /// A request or watch failed the way an unreachable etcd makes them fail.
+    pub(crate) fn failed(&self) {
+        self.down.store(true, Ordering::Release);
+    }
+
+    /// etcd answered. The first answer after failures wakes the waiting watches; the
+    /// wake-ups are as many as the failing stretches, so they cannot spin.
+    pub(crate) fn answered(&self) {
+        if self.down.swap(false, Ordering::AcqRel) {
+            self.recovered.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// A receiver whose `changed()` fires at the next recovery.
+    pub(crate) fn subscribe(&self) -> signal::Receiver<u64> {
+        self.recovered.subscribe()
+    }
+}
+
 /// A [`Store`] on an etcd cluster. Dropping it ends its watches.
 pub struct EtcdStore {
     client: Client,
@@ -218,6 +262,7 @@ pub struct EtcdStore {
     request_timeout: Duration,
     /// The highest revision seen in any response or watch event.
     index: Arc<AtomicU64>,
+    reach: Arc<Reachability>,
     /// Cancelled on drop: stops every watch task.
     stop: CancellationToken,
 }
@@ -266,6 +311,7 @@ impl EtcdStore {
             endpoints: joined,
             request_timeout: opts.request_timeout,
             index: Arc::new(AtomicU64::new(0)),
+            reach: Arc::new(Reachability::new()),
             stop: CancellationToken::new(),
         };
         let started = Instant::now();
@@ -361,17 +407,26 @@ impl EtcdStore {
         let mut backoff = Backoff::new(REQUEST_BACKOFF);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let result =
-                tokio::time::timeout(remaining, call())
-                    .await
-                    .map_err(|_| Error::Timeout {
-                        op,
-                        after: self.request_timeout,
-                    })?;
+            let Ok(result) = tokio::time::timeout(remaining, call()).await else {
+                self.reach.failed();
+                return Err(Error::Timeout {
+                    op,
+                    after: self.request_timeout,
+                });
+            };
             let source = match result {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.reach.answered();
+                    return Ok(v);
+                }
                 Err(source) => source,
             };
+            if is_transient(&source) {
+                self.reach.failed();
+            } else {
+                // etcd answered, if only to refuse this request.
+                self.reach.answered();
+            }
             let retry = if idempotent {
                 is_transient(&source)
             } else {
@@ -518,6 +573,7 @@ impl Store for EtcdStore {
             next: after.saturating_add(1),
             tx,
             index: self.index.clone(),
+            reach: self.reach.clone(),
             stop: self.stop.clone(),
             open_timeout: self.request_timeout,
             pending: Vec::new(),
@@ -759,6 +815,23 @@ mod tests {
         assert!(is_compacted(&E::GRpcStatus(Status::out_of_range(
             "etcdserver: mvcc: required revision has been compacted"
         ))));
+    }
+
+    #[test]
+    fn only_the_first_answer_after_failures_wakes_the_watches() {
+        let reach = Reachability::new();
+        let mut rx = reach.subscribe();
+        rx.borrow_and_update();
+        reach.answered();
+        assert!(!rx.has_changed().unwrap_or(true), "no failure, no wake-up");
+        reach.failed();
+        reach.failed();
+        assert!(!rx.has_changed().unwrap_or(true), "failures wake nobody");
+        reach.answered();
+        assert!(rx.has_changed().unwrap_or(false), "etcd is back");
+        rx.borrow_and_update();
+        reach.answered();
+        assert!(!rx.has_changed().unwrap_or(true), "one wake-up per outage");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The task behind each etcd [`crate::store::Store::watch`]: opens an etcd watch from
 //! the first revision not yet delivered, forwards each revision's events as one
 //! [`WatchMessage::Events`], and after any failure reopens with backoff from where it
-//! stopped. It ends (dropping its sender) on compaction or a consumer that fell
+//! stopped, or at once (after a short pause) when the store sees etcd answer again.
+//! It ends (dropping its sender) on compaction or a consumer that fell
 //! behind, after sending [`WatchMessage::Resync`], or when the consumer or the store
 //! is gone.
 
@@ -14,7 +15,10 @@ use etcd_client::{Client, WatchOptions, WatchResponse, proto::PbEvent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backoff, MAX_RESPONSE_BYTES, WATCH_BACKOFF, note_revision, rev_to_index, strip_root};
+use super::{
+    Backoff, MAX_RESPONSE_BYTES, Reachability, WATCH_BACKOFF, is_transient, note_revision,
+    rev_to_index, strip_root,
+};
 use crate::store::{Event, Index, KeyValue, WatchMessage};
 
 /// Follows one watch: opens it, forwards events grouped by revision, and reopens
@@ -28,6 +32,9 @@ pub(super) struct WatchTask {
     pub(super) next: Index,
     pub(super) tx: mpsc::Sender<WatchMessage>,
     pub(super) index: Arc<AtomicU64>,
+    /// Told when this watch finds etcd unreachable or answering; wakes the task from
+    /// its backoff when anything of the store gets through again.
+    pub(super) reach: Arc<Reachability>,
     pub(super) stop: CancellationToken,
     pub(super) open_timeout: Duration,
     /// Events of a response that etcd split into fragments, until the last one.
@@ -47,7 +54,11 @@ enum StreamEnd {
 impl WatchTask {
     pub(super) async fn run(mut self) {
         let mut backoff = Backoff::new(WATCH_BACKOFF);
+        let mut recovered = self.reach.subscribe();
         loop {
+            // Recoveries from here on cut the backoff below short; earlier ones were
+            // before this attempt and say nothing about it.
+            recovered.borrow_and_update();
             match self.follow(&mut backoff).await {
                 StreamEnd::Done => return,
                 StreamEnd::Broken => {}
@@ -57,6 +68,20 @@ impl WatchTask {
                 _ = self.stop.cancelled() => return,
                 _ = self.tx.closed() => return,
                 _ = tokio::time::sleep(delay) => {}
+                Ok(()) = recovered.changed() => {
+                    // etcd answers again: reopen soon, after the shortest jittered
+                    // pause, so the watches of a cluster's agents do not all reopen in
+                    // one instant and a watch that fails while requests succeed
+                    // retries at most a few times a second.
+                    backoff.reset();
+                    let pause = backoff.next_delay();
+                    tracing::debug!(from = self.next, ?pause, "etcd answers again, reopening the watch");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = self.tx.closed() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
             }
         }
     }
@@ -89,10 +114,14 @@ impl WatchTask {
         let mut stream = match opened {
             Ok(Ok(s)) => s,
             Ok(Err(error)) => {
+                if is_transient(&error) {
+                    self.reach.failed();
+                }
                 tracing::warn!(%error, from = self.next, "cannot open etcd watch, retrying");
                 return StreamEnd::Broken;
             }
             Err(_) => {
+                self.reach.failed();
                 tracing::warn!(timeout = ?self.open_timeout, from = self.next, "opening etcd watch timed out, retrying");
                 return StreamEnd::Broken;
             }
@@ -106,6 +135,7 @@ impl WatchTask {
             let resp = match msg {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
+                    self.reach.failed();
                     tracing::warn!(
                         from = self.next,
                         "etcd closed the watch stream, reconnecting"
@@ -113,13 +143,18 @@ impl WatchTask {
                     return StreamEnd::Broken;
                 }
                 Err(error) => {
+                    if is_transient(&error) {
+                        self.reach.failed();
+                    }
                     tracing::warn!(%error, from = self.next, "etcd watch failed, reconnecting");
                     return StreamEnd::Broken;
                 }
             };
             if resp.created() {
-                // The watch is established: the next failure starts from a short delay.
+                // The watch is established: the next failure starts from a short
+                // delay, and other watches waiting out a backoff may retry now.
                 backoff.reset();
+                self.reach.answered();
             }
             match self.deliver(resp) {
                 Delivery::Continue => {}
