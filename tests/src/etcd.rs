@@ -130,6 +130,40 @@ impl EtcdCluster {
         self.wait_ready(i).await
     }
 
+    /// Kills every member with SIGKILL, each by its PID, and waits until all are gone:
+    /// the whole cluster is down.
+    pub fn stop_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.members.len() {
+            self.stop_member(i)?;
+        }
+        Ok(())
+    }
+
+    /// Starts every stopped member again on its data directory and ports, and waits
+    /// until each serves. All are spawned before any is waited for, since a member
+    /// serves only once a quorum runs.
+    pub async fn start_all(&mut self) -> anyhow::Result<()> {
+        let binary = etcd_binary()?;
+        let stopped: Vec<usize> = (0..self.members.len())
+            .filter(|i| self.members[*i].child.is_none())
+            .collect();
+        for &i in &stopped {
+            self.spawn(&binary, i, None)?;
+        }
+        for &i in &stopped {
+            self.wait_ready(i).await?;
+        }
+        Ok(())
+    }
+
+    /// The PIDs of the running members.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter_map(|m| m.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// The index of the member that leads the cluster now, as a running member sees
     /// it; waits (bounded) while there is none, e.g. during an election.
     pub async fn leader(&self) -> anyhow::Result<usize> {
