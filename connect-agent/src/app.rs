@@ -142,6 +142,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .redirect
         .clone()
         .map(|r| catalog::directory::sync_redirect(directory.clone(), r));
+    let _redirect_sweep = agent
+        .redirect
+        .clone()
+        .map(catalog::directory::sweep_redirect);
     let _proxy = proxy::node::start(&agent, directory, proxy_listeners)?;
 
     loop {

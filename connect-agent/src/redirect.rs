@@ -14,6 +14,7 @@ use std::{
     os::fd::AsFd,
     path::{Path, PathBuf},
     sync::Mutex,
+    time::Duration,
 };
 
 use aya::{
@@ -127,6 +128,21 @@ pub struct Desired {
     pub protected_ports: BTreeSet<u16>,
 }
 
+/// What one [`Redirector::sweep`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    pub unclaimed: usize,
+    pub unestablished: usize,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
 /// What one [`Redirector::sync`] changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SyncStats {
@@ -144,6 +160,7 @@ pub struct Redirector {
     mesh: Mutex<HashMap<MapData, Ipv4Key, MeshDestination>>,
     protected: Mutex<HashMap<MapData, PortKey, ProtectedPort>>,
     by_port: Mutex<HashMap<MapData, Ipv4Key, RedirectRecord>>,
+    by_cookie: Mutex<HashMap<MapData, u64, RedirectRecord>>,
     counters: PerCpuArray<MapData, u64>,
     /// What the last [`Redirector::sync`] wrote, to diff the next one against.
     applied: Mutex<Desired>,
@@ -249,6 +266,7 @@ impl Redirector {
             mesh: Mutex::new(take_map(&mut ebpf, map::MESH_DESTINATIONS)?),
             protected: Mutex::new(take_map(&mut ebpf, map::PROTECTED_PORTS)?),
             by_port: Mutex::new(take_map(&mut ebpf, map::REDIRECT_BY_PORT)?),
+            by_cookie: Mutex::new(take_map(&mut ebpf, map::REDIRECT_BY_COOKIE)?),
             counters: take_map(&mut ebpf, map::COUNTERS)?,
             applied: Mutex::new(Desired::default()),
             ebpf,
@@ -392,6 +410,50 @@ impl Redirector {
             ),
             cgroup_id: rec.cgroup_id,
         }))
+    }
+
+    /// Removes records nobody will use: by-port records the proxy did not claim
+    /// within `unclaimed` (it claims right after `accept()`, so these belong to
+    /// connections that died before that), and by-cookie records of `connect()`s that
+    /// never completed within `unestablished` (established ones are removed by
+    /// `sock_ops` when the socket closes, and must stay until then for
+    /// `getpeername`). The LRU maps bound memory either way; this keeps them from
+    /// filling with garbage that evicts live records.
+    pub fn sweep(&self, unclaimed: Duration, unestablished: Duration) -> SweepStats {
+        let now = monotonic_ns();
+        let older = |rec: &RedirectRecord, age: Duration| {
+            now.saturating_sub(rec.created_ns) > u64::try_from(age.as_nanos()).unwrap_or(u64::MAX)
+        };
+        let mut stats = SweepStats::default();
+        {
+            let mut m = lock(&self.by_port);
+            let stale: Vec<Ipv4Key> = m
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, rec)| older(rec, unclaimed))
+                .map(|(k, _)| k)
+                .collect();
+            for k in stale {
+                if m.remove(&k).is_ok() {
+                    stats.unclaimed += 1;
+                }
+            }
+        }
+        {
+            let mut m = lock(&self.by_cookie);
+            let stale: Vec<u64> = m
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, rec)| rec.established == 0 && older(rec, unestablished))
+                .map(|(k, _)| k)
+                .collect();
+            for k in stale {
+                if m.remove(&k).is_ok() {
+                    stats.unestablished += 1;
+                }
+            }
+        }
+        stats
     }
 
     /// The programs' counters, summed over CPUs, with their metric names.

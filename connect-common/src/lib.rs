@@ -151,13 +151,20 @@ pub struct RedirectRecord {
     /// The cgroup (v2) id of the socket that called `connect()`: tells the agent
     /// which service the connection speaks for.
     pub cgroup_id: u64,
+    /// When `connect()` was redirected (`bpf_ktime_get_ns`, CLOCK_MONOTONIC): lets the
+    /// agent sweep records nobody will claim.
+    pub created_ns: u64,
     /// The address the application dialed, network order.
     pub orig_ip_be: u32,
     /// The port the application dialed, host order.
     pub orig_port: u16,
-    pub _pad: u16,
+    /// Set by `sock_ops` once the connection is established: from then on the record
+    /// lives as long as the socket (removed on close), before that a failed
+    /// `connect()` would leave it behind.
+    pub established: u8,
+    pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<RedirectRecord>() == 16);
+const _: () = assert!(core::mem::size_of::<RedirectRecord>() == 24);
 
 // ───────────────────────────── counters ─────────────────────────────
 

@@ -3,7 +3,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
@@ -40,10 +40,14 @@ pub fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
     // SAFETY: both helpers are allowed in cgroup/connect4 and take the context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: no arguments; allowed in every program type.
+    let created_ns = unsafe { bpf_ktime_get_ns() };
     let record = RedirectRecord {
         cgroup_id,
+        created_ns,
         orig_ip_be: ip_be,
         orig_port: port,
+        established: 0,
         _pad: 0,
     };
     if REDIRECT_BY_COOKIE.insert(cookie, record, 0).is_err() {

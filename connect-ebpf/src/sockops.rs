@@ -29,10 +29,17 @@ fn on_established(ctx: &SockOpsContext) {
     // SAFETY: the helper is allowed in sock_ops and takes the context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     // SAFETY: the value is copied out at once.
-    let Some(record) = (unsafe { REDIRECT_BY_COOKIE.get(cookie) }).copied() else {
+    let Some(mut record) = (unsafe { REDIRECT_BY_COOKIE.get(cookie) }).copied() else {
         // Not redirected: most connections of an application are not mesh traffic.
         return;
     };
+    record.established = 1;
+    // The cookie record now lives as long as the socket; mark it so the agent's
+    // sweep leaves it alone (it only removes records of connects that never
+    // completed).
+    if REDIRECT_BY_COOKIE.insert(cookie, record, 0).is_err() {
+        count(Counter::SockOpsUpdateFailed);
+    }
     // `local_port` is in host order; `local_ip4` in network order.
     let key = Ipv4Key::new(ctx.local_ip4(), ctx.local_port() as u16);
     if REDIRECT_BY_PORT.insert(key, record, 0).is_err() {

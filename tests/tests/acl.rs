@@ -2,7 +2,7 @@
 //! (py-consul with tokens), the HTTPS API with client verification and the CLI over
 //! it, `doctor`, the data directory's protection, and an external TLS scanner
 //! (sslyze, installed by `cargo xtask test` into target/py-venv) that must find
-//! nothing on the HTTPS API.
+//! nothing on the HTTPS API nor on the inbound mTLS port.
 
 use std::{
     net::SocketAddr,
@@ -532,5 +532,44 @@ fn data_dir_and_key_files_are_protected() -> Result<()> {
     }
     let mode = std::fs::metadata(&created)?.permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "data directory created with mode {mode:o}");
+    Ok(())
+}
+
+#[test]
+fn tls_scanner_finds_nothing_on_the_inbound_mtls_port() -> Result<()> {
+    use connect_tests::mesh::{TempDir, connect_address, leaf_files, register, roots, socat_echo};
+    let agent = AgentProcess::start_dev("acl-scan-inbound", &[])?;
+    // A live local service behind the SNI: the scanner's probes (early data, for
+    // one) complete a handshake and expect the connection to stay up.
+    let (_socat, port) = socat_echo()?;
+    register(&agent, &serde_json::json!({"Name": "socat", "Port": port}))?;
+    let dir = TempDir::new("acl-scan-inbound")?;
+    let (trust_domain, ca) = roots(&agent, &dir.0)?;
+    let (cert, key) = leaf_files(&agent, "web", &dir.0)?;
+    let inbound = connect_address(&agent, "socat")?;
+    let sni = format!("socat.svc.{trust_domain}");
+    let (clean, report) = scan(
+        &inbound.to_string(),
+        &[
+            "--ca-file",
+            &ca.display().to_string(),
+            "--cert",
+            &cert.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+            "--sni",
+            &sni,
+        ],
+    )?;
+    let findings: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("finding:"))
+        .collect();
+    assert!(
+        clean && findings.is_empty(),
+        "the scanner found on the inbound port:\n{}\n{report}",
+        findings.join("\n")
+    );
+    assert!(report.contains("no findings"), "{report}");
     Ok(())
 }

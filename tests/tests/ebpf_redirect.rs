@@ -388,3 +388,104 @@ fn sync_adds_and_removes_destinations() -> Result<()> {
     assert_eq!(code, 3, "no longer redirected after removal: {out}");
     Ok(())
 }
+
+/// Connects, says hello, waits for the server's word, and only then asks
+/// `getpeername()`: the sweep in between must not have touched a live connection.
+const PATIENT_CLIENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+try:
+    s = socket.create_connection((host, port), timeout=5)
+except OSError as e:
+    print("connect-failed", e.errno)
+    sys.exit(3)
+s.sendall(b"hello")
+word = s.recv(100).decode()
+peer = s.getpeername()
+print("got", word)
+print("peer", peer[0], peer[1])
+"#;
+
+#[test]
+fn stale_records_are_swept_and_live_ones_kept() -> Result<()> {
+    use connect_agent::redirect::SweepStats;
+    require_privileges()?;
+    let mut cg = TestCgroup::create("sweep")?;
+    let app = cg.child("web")?.to_owned();
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let SocketAddr::V4(proxy) = listener.local_addr()? else {
+        bail!("bound an IPv6 address");
+    };
+    let redirector = Redirector::attach(
+        &cg.path,
+        RedirectConfig {
+            proxy,
+            debug: false,
+        },
+    )?;
+    redirector.add_destination(MESH_DST, DestinationKind::Instance)?;
+    let hour = Duration::from_secs(3600);
+
+    // A live connection whose by-port record nobody claimed.
+    let client = CgroupProc::spawn(
+        &app,
+        "python3",
+        &[
+            "-c",
+            PATIENT_CLIENT,
+            &MESH_DST.ip().to_string(),
+            &MESH_DST.port().to_string(),
+        ],
+    )?;
+    let (mut conn, peer) = accept_one(&listener, Duration::from_secs(5))?;
+    let SocketAddr::V4(peer) = peer else {
+        bail!("IPv6 peer");
+    };
+    let mut buf = [0u8; 5];
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.read_exact(&mut buf)?;
+    assert_eq!(
+        redirector.sweep(hour, hour),
+        SweepStats::default(),
+        "nothing is stale yet"
+    );
+    // Everything old enough: the unclaimed by-port record goes, the established
+    // connection's cookie record stays.
+    let swept = redirector.sweep(Duration::ZERO, Duration::ZERO);
+    assert_eq!(swept.unclaimed, 1, "{swept:?}");
+    assert_eq!(swept.unestablished, 0, "{swept:?}");
+    assert_eq!(redirector.take_redirect(peer)?, None, "the record is gone");
+    conn.write_all(b"go")?;
+    let (code, out, err) = client.output(Duration::from_secs(10))?;
+    assert_eq!(code, 0, "client failed: {out}{err}");
+    assert!(
+        out.contains(&format!("peer {} {}", MESH_DST.ip(), MESH_DST.port())),
+        "getpeername still shows the dialed address after the sweep: {out}"
+    );
+    drop(conn);
+
+    // A connect() that never completes: the redirect target refuses it.
+    drop(listener);
+    let client = CgroupProc::spawn(
+        &app,
+        "python3",
+        &[
+            "-c",
+            PATIENT_CLIENT,
+            &MESH_DST.ip().to_string(),
+            &MESH_DST.port().to_string(),
+        ],
+    )?;
+    let (code, out, _) = client.output(Duration::from_secs(10))?;
+    assert_eq!(code, 3, "the connect fails: {out}");
+    let swept = redirector.sweep(hour, Duration::ZERO);
+    assert_eq!(
+        swept.unestablished, 1,
+        "the failed connect's record: {swept:?}"
+    );
+    assert_eq!(
+        redirector.sweep(Duration::ZERO, Duration::ZERO),
+        SweepStats::default()
+    );
+    Ok(())
+}

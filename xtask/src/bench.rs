@@ -316,7 +316,7 @@ impl Stunnel {
         let (echo_tls, iperf_tls) = (17443, 15443);
         let common = |cert: &str| {
             format!(
-                "foreground = yes\npid =\nsslVersionMin = TLSv1.3\ncert = {d}/{cert}.crt\nkey = {d}/{cert}.key\nCAfile = {d}/ca.crt\nverifyChain = yes\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n",
+                "foreground = yes\npid =\nlibwrap = no\nTIMEOUTclose = 0\nsslVersionMin = TLSv1.3\ncert = {d}/{cert}.crt\nkey = {d}/{cert}.key\nCAfile = {d}/ca.crt\nverifyChain = yes\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n",
                 d = work.display()
             )
         };

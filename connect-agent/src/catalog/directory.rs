@@ -266,6 +266,37 @@ pub fn sync_redirect(
     }))
 }
 
+/// How long a by-port record may wait for the proxy to claim it; the proxy claims
+/// right after `accept()`, so anything older belongs to a connection that is gone.
+const UNCLAIMED_AFTER: Duration = Duration::from_secs(30);
+/// How long a `connect()` may take before its record counts as abandoned: longer
+/// than Linux's default SYN retries (about 127 s).
+const UNESTABLISHED_AFTER: Duration = Duration::from_secs(180);
+
+/// Sweeps stale redirect records every 10 s (see [`redirect::Redirector::sweep`]).
+pub fn sweep_redirect(redirector: Arc<redirect::Redirector>) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let r = redirector.clone();
+            let stats =
+                tokio::task::spawn_blocking(move || r.sweep(UNCLAIMED_AFTER, UNESTABLISHED_AFTER))
+                    .await;
+            match stats {
+                Ok(s) if s.unclaimed + s.unestablished > 0 => tracing::info!(
+                    unclaimed = s.unclaimed,
+                    unestablished = s.unestablished,
+                    "removed stale redirect records"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "the redirect sweep failed"),
+            }
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
