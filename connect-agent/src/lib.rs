@@ -18,3 +18,4 @@ pub mod proxy;
 pub mod redirect;
 pub mod shutdown;
 pub mod store;
+pub mod vip;
