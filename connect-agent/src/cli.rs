@@ -9,6 +9,7 @@ pub mod http;
 
 use std::{ffi::OsString, process::ExitCode};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::AgentArgs;
@@ -34,6 +35,11 @@ pub struct Cli {
 pub enum Command {
     /// Ask the running agent to re-read its config directory (like SIGHUP).
     Reload(http::HttpArgs),
+    /// Make the applications of a lab network namespace resolve through the node's
+    /// agent: checks that the agent answers DNS on port 53 there (run it with
+    /// `--dns-addr 127.0.0.1:53`; the system resolver only uses port 53) and writes
+    /// /etc/netns/NAME/resolv.conf, which `ip netns exec NAME ...` uses.
+    DnsSetup(crate::dns::setup::SetupArgs),
 }
 
 /// Rewrites `-flag` and `-flag=value` to `--flag...` (Go flag style, as `consul`
@@ -77,6 +83,7 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
 pub async fn run(command: Command) -> ExitCode {
     let result = match command {
         Command::Reload(args) => reload(&args).await,
+        Command::DnsSetup(args) => dns_setup(&args),
     };
     match result {
         Ok(code) => code,
@@ -91,6 +98,20 @@ async fn reload(args: &http::HttpArgs) -> anyhow::Result<ExitCode> {
     let client = http::Client::new(args)?;
     client.put_empty("/v1/agent/reload").await?;
     println!("Configuration reload triggered");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dns_setup(args: &crate::dns::setup::SetupArgs) -> anyhow::Result<ExitCode> {
+    let path = crate::dns::setup::run(args)
+        .map_err(anyhow::Error::new)
+        .with_context(|| format!("dns-setup for network namespace {}", args.netns))?;
+    println!(
+        "Wrote {}: processes started with `ip netns exec {} ...` resolve through {}:{}",
+        path.display(),
+        args.netns,
+        args.nameserver,
+        crate::dns::setup::RESOLVER_PORT
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -47,6 +47,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_DNS_ADDR)]
     pub dns_addr: SocketAddr,
 
+    /// Where DNS queries outside `consul.` go (IP or IP:PORT, port 53 by default).
+    /// Without it they are refused.
+    #[arg(long, value_name = "ADDR", value_parser = crate::dns::parse_recursor)]
+    pub dns_recursor: Option<SocketAddr>,
+
     /// The transparent outbound listener that eBPF sends redirected connections to.
     #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_OUTBOUND_ADDR)]
     pub outbound_addr: SocketAddr,
@@ -86,6 +91,7 @@ pub struct Config {
     pub dev: bool,
     pub http_addr: SocketAddr,
     pub dns_addr: SocketAddr,
+    pub dns_recursor: Option<SocketAddr>,
     pub outbound_addr: std::net::SocketAddrV4,
     pub inbound_addr: SocketAddr,
     pub advertise_addr: IpAddr,
@@ -114,6 +120,8 @@ pub enum Error {
     Store(String),
     #[error("--outbound-addr {0} must be an IPv4 address: eBPF redirects IPv4 connections")]
     OutboundNotV4(SocketAddr),
+    #[error("--dns-recursor {0} is the agent's own DNS address: queries would loop")]
+    DnsRecursorLoop(SocketAddr),
     #[error("--node-name {0:?} is invalid: {1}")]
     NodeName(String, &'static str),
 }
@@ -128,6 +136,9 @@ impl AgentArgs {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => return Err(Error::OutboundNotV4(self.outbound_addr)),
         };
+        if self.dns_recursor == Some(self.dns_addr) {
+            return Err(Error::DnsRecursorLoop(self.dns_addr));
+        }
         let store = parse_store(&self.store)?;
         let node_name = match self.node_name {
             Some(n) => n,
@@ -155,6 +166,7 @@ impl AgentArgs {
             dev: self.dev,
             http_addr: self.http_addr,
             dns_addr: self.dns_addr,
+            dns_recursor: self.dns_recursor,
             outbound_addr,
             inbound_addr,
             advertise_addr: self.advertise_addr,
@@ -178,6 +190,7 @@ impl Config {
             dev: true,
             http_addr: any(0),
             dns_addr: any(0),
+            dns_recursor: None,
             outbound_addr: std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
             inbound_addr: any(0),
             advertise_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),

@@ -12,6 +12,7 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod duration;
 pub mod identity;
 pub mod proxy;
