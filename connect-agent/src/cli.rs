@@ -35,10 +35,12 @@ pub struct Cli {
 pub enum Command {
     /// Ask the running agent to re-read its config directory (like SIGHUP).
     Reload(http::HttpArgs),
-    /// Make the applications of a lab network namespace resolve through the node's
-    /// agent: checks that the agent answers DNS on port 53 there (run it with
-    /// `--dns-addr 127.0.0.1:53`; the system resolver only uses port 53) and writes
-    /// /etc/netns/NAME/resolv.conf, which `ip netns exec NAME ...` uses.
+    /// Make a lab network namespace's applications resolve through its agent.
+    ///
+    /// Checks that the node's agent answers DNS on port 53 in the namespace (run it
+    /// with `--dns-addr 127.0.0.1:53`: the system resolver only uses port 53), then
+    /// writes /etc/netns/NAME/resolv.conf, which `ip netns exec NAME ...` mounts as
+    /// /etc/resolv.conf for the processes it starts.
     DnsSetup(crate::dns::setup::SetupArgs),
 }
 

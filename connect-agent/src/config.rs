@@ -221,6 +221,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_dns_recursor_may_not_be_the_agent_itself() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let parse = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("connect-agent").chain(args.iter().copied()))
+                .expect("flags parse")
+                .agent
+                .into_config()
+        };
+        let config = parse(&["--dns-recursor", "127.0.0.1"]).expect("valid");
+        assert_eq!(
+            config.dns_recursor,
+            Some("127.0.0.1:53".parse().expect("addr"))
+        );
+        assert!(matches!(
+            parse(&[
+                "--dns-addr",
+                "127.0.0.1:5300",
+                "--dns-recursor",
+                "127.0.0.1:5300"
+            ]),
+            Err(Error::DnsRecursorLoop(_))
+        ));
+    }
+
+    #[test]
     fn store_urls() {
         assert_eq!(parse_store("embedded").ok(), Some(StoreUrl::Embedded));
         assert_eq!(
