@@ -7,16 +7,22 @@
 //! `intentions`, `agent`). Handlers read in-memory state; they never hold a lock
 //! across `.await`.
 
+pub mod acl;
 pub mod agent;
+pub mod authz;
 pub mod ca;
 pub mod catalog;
+pub mod https;
 pub mod intentions;
+pub mod security;
+
+pub use authz::{Authz, Right};
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::{FromRequestParts, rejection::JsonRejection},
+    extract::FromRequestParts,
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, request::Parts},
     response::{IntoResponse, Response},
 };
@@ -42,6 +48,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .merge(ca::routes())
         .merge(catalog::routes())
         .merge(intentions::routes())
+        .merge(acl::routes())
+        .merge(security::routes())
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             MAX_BODY_BYTES,
         ))
@@ -98,6 +106,12 @@ pub enum Error {
     /// The token is unknown.
     #[error("ACL not found")]
     AclNotFound,
+    /// ACL endpoints while ACLs are disabled (Consul: 401).
+    #[error("ACL support disabled")]
+    AclDisabled,
+    /// Refused for a reason the caller may know (e.g. a repeated ACL bootstrap).
+    #[error("{0}")]
+    Forbidden(String),
     /// A write lost a check-and-set race or conflicts with existing state.
     #[error("{0}")]
     Conflict(String),
@@ -123,7 +137,10 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::PermissionDenied | Error::AclNotFound => StatusCode::FORBIDDEN,
+            Error::PermissionDenied | Error::AclNotFound | Error::Forbidden(_) => {
+                StatusCode::FORBIDDEN
+            }
+            Error::AclDisabled => StatusCode::UNAUTHORIZED,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::MissingParam(_) | Error::Store(_) | Error::Internal(_) | Error::Bind { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -150,26 +167,27 @@ impl IntoResponse for Error {
     }
 }
 
-impl From<JsonRejection> for Error {
-    fn from(r: JsonRejection) -> Self {
-        Error::Decode(r.body_text())
-    }
-}
-
 /// A JSON body extractor whose rejections are Consul's 400 `Request decode failed`.
+///
+/// It does not insist on a JSON `Content-Type`: Consul does not, and clients such as
+/// py-consul send none.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Json<T>(pub T);
 
 impl<S, T> axum::extract::FromRequest<S> for Json<T>
 where
-    axum::Json<T>: axum::extract::FromRequest<S, Rejection = JsonRejection>,
+    T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = Error;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
-        Ok(Json(v))
+        let body = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| Error::BadRequest(e.body_text()))?;
+        serde_json::from_slice(&body)
+            .map(Json)
+            .map_err(|e| Error::Decode(e.to_string()))
     }
 }
 
@@ -178,7 +196,7 @@ where
 /// `?index=` and `?wait=` of a read, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueryOptions {
-    /// Block while the result's index equals this; `None` or `0` returns at once.
+    /// Block while the result's index is at most this; `None` or `0` returns at once.
     pub index: Option<Index>,
     /// How long to block at most, clamped to [`MAX_WAIT`].
     pub wait: Duration,
@@ -228,7 +246,7 @@ fn serde_urlencoded_query(q: &str) -> RawQueryOptions {
 }
 
 /// Runs a blocking read: calls `read` (cheap, in-memory) and, while the result's index
-/// equals `opts.index`, waits for `changes` to move or for the wait to pass (plus up
+/// is at most `opts.index` (Consul's rule), waits for `changes` to move or for the wait to pass (plus up
 /// to wait/16 of jitter, as Consul does, so that many clients don't return at once).
 /// On timeout the current result is returned, as Consul does.
 pub async fn block_on<T>(
@@ -247,7 +265,7 @@ pub async fn block_on<T>(
         changes.borrow_and_update();
         let (value, index) = read();
         match opts.index {
-            Some(min) if index == min => {}
+            Some(min) if index <= min => {}
             _ => return (value, index),
         }
         match tokio::time::timeout_at(deadline, changes.changed()).await {

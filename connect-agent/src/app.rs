@@ -7,8 +7,12 @@
 use std::sync::Arc;
 
 use crate::{
-    api,
-    config::{Config, StoreUrl},
+    acl::{self, Acl, AclConfig},
+    api, ca, catalog,
+    config::{Config, HttpsCert, StoreUrl},
+    datadir,
+    intentions::{self, Intentions},
+    proxy,
     redirect::{self, RedirectConfig, Redirector},
     shutdown::{DRAIN_DEADLINE, Shutdown, Signal, Signals},
     store::{self, Store},
@@ -19,8 +23,18 @@ use crate::{
 pub struct Agent {
     pub config: Config,
     pub store: Arc<dyn Store>,
+    /// The CA: trust bundle, leaves, configuration.
+    pub ca: Arc<ca::CaManager>,
+    /// Intentions and the authorize decision, served from memory.
+    pub intentions: Arc<Intentions>,
+    /// ACL tokens and policies; every API request is checked against them.
+    pub acl: Arc<Acl>,
+    /// Services and nodes, served from memory.
+    pub catalog: Arc<catalog::Catalog>,
     /// Present when the agent runs with `--cgroup`.
     pub redirect: Option<Arc<Redirector>>,
+    /// The mTLS proxy's counters (for `/v1/agent/metrics`).
+    pub proxy_metrics: Arc<proxy::Metrics>,
     pub shutdown: Shutdown,
 }
 
@@ -33,6 +47,20 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Api(#[from] api::Error),
+    #[error("cannot start the CA: {0}")]
+    Ca(#[from] ca::Error),
+    #[error("cannot load intentions: {0}")]
+    Intentions(#[from] intentions::Error),
+    #[error("cannot load ACLs: {0}")]
+    Acl(#[from] acl::Error),
+    #[error(transparent)]
+    DataDirUnsafe(#[from] datadir::Error),
+    #[error("cannot start the HTTPS API: {0}")]
+    Https(#[from] api::https::Error),
+    #[error("cannot load the catalog: {0}")]
+    Catalog(#[from] catalog::Error),
+    #[error(transparent)]
+    Proxy(#[from] proxy::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the HTTP API failed: {0}")]
@@ -49,13 +77,26 @@ pub enum Error {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), Error> {
-    tracing::info!(config = ?config, "starting connect-agent");
+    // Prerequisites first, so a missing privilege is one line, not a startup log.
     if let Some(cgroup) = &config.cgroup {
         redirect::preflight(cgroup)?;
     }
+    if let Some(https) = &config.https
+        && let HttpsCert::Files { key, .. } = &https.cert
+    {
+        datadir::check_key_file(key)?;
+    }
+    tracing::info!(config = ?config, "starting connect-agent");
     let mut signals = Signals::install().map_err(Error::Signals)?;
-    let store = open_store(&config).await?;
+    let opened = open_store(&config).await?;
+    let store = opened.store.clone();
     let http = api::bind(config.http_addr).await?;
+    let https = match &config.https {
+        Some(h) => Some(api::bind(h.addr).await?),
+        None => None,
+    };
+    // Before eBPF attaches: a redirected connection must find its listener.
+    let proxy_listeners = proxy::node::Listeners::bind(&config).await?;
 
     let redirect = match &config.cgroup {
         Some(cgroup) => {
@@ -80,11 +121,41 @@ pub async fn run(config: Config) -> Result<(), Error> {
         stop.cancelled().await
     }));
     tracing::info!(addr = %agent.config.http_addr, "HTTP API listening");
+    let https_server = match (https, &agent.config.https) {
+        (Some(listener), Some(cfg)) => {
+            let tls = api::https::HttpsServer::new(cfg, &agent).await?;
+            let listener = tls.listen(listener).map_err(Error::Serve)?;
+            let stop = shutdown.stop.clone();
+            tracing::info!(addr = %cfg.addr, verify_incoming = cfg.verify_incoming, "HTTPS API listening");
+            Some(tokio::spawn(api::https::serve(
+                listener,
+                agent.clone(),
+                async move { stop.cancelled().await },
+            )))
+        }
+        _ => None,
+    };
+    // The catalog drives both the proxy's routing and the eBPF maps.
+    let directory =
+        catalog::directory::CatalogDirectory::start(&agent.catalog, agent.config.cgroup.clone());
+    let _redirect_sync = agent
+        .redirect
+        .clone()
+        .map(|r| catalog::directory::sync_redirect(directory.clone(), r));
+    let _proxy = proxy::node::start(&agent, directory, proxy_listeners)?;
 
     loop {
         match signals.next().await {
             Signal::Stop => break,
-            Signal::Reload => tracing::info!("reload requested"),
+            Signal::Reload => {
+                tracing::info!("reload requested");
+                match agent.catalog.reload().await {
+                    Ok(s) => tracing::info!(files = s.files, services = s.services, "reloaded"),
+                    Err(error) => {
+                        tracing::error!(%error, "reload failed; the previous services stay in force")
+                    }
+                }
+            }
         }
     }
     tracing::info!("stopping");
@@ -94,7 +165,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Ok(Err(e)) => return Err(Error::Serve(e)),
         Err(e) => tracing::error!(error = %e, "HTTP API task failed"),
     }
+    if let Some(task) = https_server {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Serve(e)),
+            Err(e) => tracing::error!(error = %e, "HTTPS API task failed"),
+        }
+    }
     drop(agent);
+    drop(opened);
     tracing::info!("stopped");
     Ok(())
 }
@@ -107,22 +186,74 @@ pub async fn build(
     redirect: Option<Arc<Redirector>>,
     shutdown: Shutdown,
 ) -> Result<Arc<Agent>, Error> {
+    let ca = ca::CaManager::start(&config, store.clone()).await?;
+    let acl = Acl::start(
+        store.clone(),
+        AclConfig {
+            enabled: config.acl_enabled,
+            default_policy: config.acl_default_policy,
+            datacenter: config.datacenter.to_string(),
+        },
+    )
+    .await?;
+    // The catalog writes (its node record, --config-dir) before intentions start, so
+    // those writes cannot race the intentions follower's first watch.
+    let catalog = catalog::Catalog::start(&config, store.clone()).await?;
+    // No matching intention: ACLs off or default allow ⇒ allow (reference §3);
+    // `Config` derives `default_allow` from the ACL settings.
+    let intentions = Intentions::start(store.clone(), config.default_allow).await?;
     Ok(Arc::new(Agent {
         config,
         store,
+        ca,
+        intentions,
+        acl,
+        catalog,
         redirect,
+        proxy_metrics: Arc::new(proxy::Metrics::new()),
         shutdown,
     }))
 }
 
-async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Error> {
+/// The opened store, and the temporary directory holding it in `--dev` (removed when
+/// this value is dropped, so it must live as long as the agent).
+#[derive(Debug)]
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    pub dev_dir: Option<tempfile::TempDir>,
+}
+
+/// Opens the configured store: `<data-dir>/connect.redb` (the directory created with
+/// mode 0700, as it holds CA keys), or a throw-away directory in `--dev`.
+pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
+    use std::os::unix::fs::PermissionsExt;
     match &config.store {
         StoreUrl::Embedded => {
-            std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
-                path: config.data_dir.clone(),
-                source,
-            })?;
-            Ok(Arc::new(store::memory::MemStore::new()))
+            let (dir, dev_dir) = if config.dev {
+                let tmp = tempfile::Builder::new()
+                    .prefix("connect-dev-")
+                    .tempdir()
+                    .map_err(|source| Error::DataDir {
+                        path: std::env::temp_dir(),
+                        source,
+                    })?;
+                // Private like a real data directory (the doctor checks it too).
+                std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700))
+                    .map_err(|source| Error::DataDir {
+                        path: tmp.path().to_owned(),
+                        source,
+                    })?;
+                datadir::prepare(tmp.path())?;
+                (tmp.path().to_owned(), Some(tmp))
+            } else {
+                datadir::prepare(&config.data_dir)?;
+                (config.data_dir.clone(), None)
+            };
+            let store = store::open(&dir).await?;
+            Ok(OpenedStore {
+                store: Arc::new(store),
+                dev_dir,
+            })
         }
         StoreUrl::Etcd { .. } => Err(Error::EtcdUnsupported),
     }

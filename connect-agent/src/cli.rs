@@ -5,7 +5,13 @@
 //! `--service`. [`normalize_args`] rewrites single-dash long flags before parsing, so
 //! both spellings work, as they do for `consul`.
 
+pub mod acl;
+pub mod ca;
+pub mod doctor;
 pub mod http;
+pub mod intention;
+pub mod proxy;
+pub mod services;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -33,6 +39,9 @@ pub struct Cli {
 /// Subcommands that talk to a running agent.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Inspect and configure the built-in CA (roots, configuration, rotation).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Ask the running agent to re-read its config directory (like SIGHUP).
     Reload(http::HttpArgs),
     /// Make a lab network namespace's applications resolve through its agent.
@@ -42,6 +51,24 @@ pub enum Command {
     /// writes /etc/netns/NAME/resolv.conf, which `ip netns exec NAME ...` mounts as
     /// /etc/resolv.conf for the processes it starts.
     DnsSetup(crate::dns::setup::SetupArgs),
+    /// Manage intentions: which services may connect to which.
+    Intention(intention::IntentionArgs),
+    /// Manage ACL tokens and policies.
+    Acl(acl::AclArgs),
+    /// Check the running agent against the Connect security checklist.
+    Doctor(http::HttpArgs),
+    /// Register, deregister and list the agent's services.
+    #[command(subcommand)]
+    Services(services::ServicesCommand),
+    /// Run a Connect proxy for a service, through the local agent (like `consul connect proxy`).
+    Proxy(proxy::ProxyArgs),
+}
+
+impl Command {
+    /// Whether the command runs long and logs as it goes (main sets up logging).
+    pub fn streams_logs(&self) -> bool {
+        matches!(self, Command::Proxy(_))
+    }
 }
 
 /// Rewrites `-flag` and `-flag=value` to `--flag...` (Go flag style, as `consul`
@@ -84,8 +111,14 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
 /// Runs a subcommand and turns its result into Consul's exit codes.
 pub async fn run(command: Command) -> ExitCode {
     let result = match command {
+        Command::Ca(cmd) => ca::run(cmd).await,
         Command::Reload(args) => reload(&args).await,
         Command::DnsSetup(args) => dns_setup(&args),
+        Command::Intention(args) => intention::run(args).await,
+        Command::Acl(args) => acl::run(args).await,
+        Command::Doctor(args) => return doctor::run(args).await,
+        Command::Services(cmd) => services::run(cmd).await,
+        Command::Proxy(args) => proxy::run(args).await,
     };
     match result {
         Ok(code) => code,

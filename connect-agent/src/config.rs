@@ -7,7 +7,7 @@ use std::{
 
 use clap::Args;
 
-use crate::identity::Datacenter;
+use crate::{acl::DefaultPolicy, identity::Datacenter};
 
 /// Default HTTP API address (Consul's).
 pub const DEFAULT_HTTP_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8500);
@@ -80,6 +80,34 @@ pub struct AgentArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
+
+    /// ACL default policy: what a request without a matching rule may do, and the
+    /// intention decision when no intention matches. ACLs are on with `deny` unless
+    /// --dev, where they are off (everything allowed) unless this flag is given.
+    #[arg(long, value_name = "POLICY")]
+    pub acl_default_policy: Option<DefaultPolicy>,
+
+    /// Address of the HTTPS API (any address; clients need the CA to verify it).
+    #[arg(long, value_name = "ADDR")]
+    pub https_addr: Option<SocketAddr>,
+
+    /// PEM certificate (chain) of the HTTPS API. Without it the built-in CA issues
+    /// one for `localhost` and the --https-addr IP.
+    #[arg(long, value_name = "FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+
+    /// PEM private key of --cert-file; must not be readable by group or others.
+    #[arg(long, value_name = "FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+
+    /// PEM CA certificates that client certificates must chain to under
+    /// --verify-incoming (default: the built-in CA's roots).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Require and verify a client certificate on every HTTPS API connection.
+    #[arg(long)]
+    pub verify_incoming: bool,
 }
 
 /// Validated configuration of a running agent.
@@ -98,8 +126,34 @@ pub struct Config {
     pub node_name: String,
     pub datacenter: Datacenter,
     pub store: StoreUrl,
-    /// The decision when no intention matches: allow in `--dev`, deny otherwise.
+    /// The decision when no intention matches: ACLs off or default policy `allow`
+    /// allow; ACLs on with `deny` deny (reference §3).
     pub default_allow: bool,
+    /// Whether requests are checked against ACL tokens.
+    pub acl_enabled: bool,
+    pub acl_default_policy: DefaultPolicy,
+    /// The HTTPS API, when configured.
+    pub https: Option<HttpsConfig>,
+}
+
+/// The HTTPS API's listener and certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsConfig {
+    pub addr: SocketAddr,
+    pub cert: HttpsCert,
+    /// Client certificates required; they must chain to `client_ca` or, without
+    /// it, to the built-in CA.
+    pub verify_incoming: bool,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Where the HTTPS API's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpsCert {
+    /// Issued (and renewed) by the built-in CA.
+    BuiltinCa,
+    /// Operator-supplied PEM files.
+    Files { cert: PathBuf, key: PathBuf },
 }
 
 /// Where cluster state lives.
@@ -124,6 +178,8 @@ pub enum Error {
     DnsRecursorLoop(SocketAddr),
     #[error("--node-name {0:?} is invalid: {1}")]
     NodeName(String, &'static str),
+    #[error("--{0} needs --https-addr: it configures the HTTPS API")]
+    NeedsHttps(&'static str),
 }
 
 impl AgentArgs {
@@ -159,6 +215,32 @@ impl AgentArgs {
         let inbound_addr = self
             .inbound_addr
             .unwrap_or(SocketAddr::new(self.advertise_addr, DEFAULT_INBOUND_PORT));
+        // Consul's dev mode runs without ACLs; anywhere else they are on, deny first.
+        let acl_enabled = !self.dev || self.acl_default_policy.is_some();
+        let acl_default_policy = self.acl_default_policy.unwrap_or(DefaultPolicy::Deny);
+        let https = match self.https_addr {
+            Some(addr) => Some(HttpsConfig {
+                addr,
+                cert: match (self.cert_file, self.key_file) {
+                    (Some(cert), Some(key)) => HttpsCert::Files { cert, key },
+                    _ => HttpsCert::BuiltinCa,
+                },
+                verify_incoming: self.verify_incoming,
+                client_ca: self.ca_file,
+            }),
+            None => {
+                for (set, flag) in [
+                    (self.verify_incoming, "verify-incoming"),
+                    (self.cert_file.is_some(), "cert-file"),
+                    (self.ca_file.is_some(), "ca-file"),
+                ] {
+                    if set {
+                        return Err(Error::NeedsHttps(flag));
+                    }
+                }
+                None
+            }
+        };
         Ok(Config {
             cgroup: self.cgroup,
             config_dir: self.config_dir,
@@ -173,7 +255,10 @@ impl AgentArgs {
             node_name,
             datacenter: self.datacenter,
             store,
-            default_allow: self.dev,
+            default_allow: !acl_enabled || acl_default_policy == DefaultPolicy::Allow,
+            acl_enabled,
+            acl_default_policy,
+            https,
         })
     }
 }
@@ -198,6 +283,9 @@ impl Config {
             datacenter: Datacenter::default(),
             store: StoreUrl::Embedded,
             default_allow: true,
+            acl_enabled: false,
+            acl_default_policy: DefaultPolicy::Deny,
+            https: None,
         }
     }
 }
@@ -218,7 +306,106 @@ fn parse_store(s: &str) -> Result<StoreUrl, Error> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<Config, Error> {
+        let mut argv = vec!["connect-agent"];
+        argv.extend(args);
+        Flags::try_parse_from(argv)
+            .expect("flags")
+            .agent
+            .into_config()
+    }
+
+    #[test]
+    fn acl_defaults() {
+        // (flags, ACLs on, default policy, intentions default allow)
+        let cases: &[(&[&str], bool, DefaultPolicy, bool)] = &[
+            (&[], true, DefaultPolicy::Deny, false),
+            (
+                &["--acl-default-policy", "allow"],
+                true,
+                DefaultPolicy::Allow,
+                true,
+            ),
+            (&["--dev"], false, DefaultPolicy::Deny, true),
+            (
+                &["--dev", "--acl-default-policy", "deny"],
+                true,
+                DefaultPolicy::Deny,
+                false,
+            ),
+            (
+                &["--dev", "--acl-default-policy", "allow"],
+                true,
+                DefaultPolicy::Allow,
+                true,
+            ),
+        ];
+        for (flags, enabled, policy, allow) in cases {
+            let c = config(flags).expect("valid");
+            assert_eq!(
+                (c.acl_enabled, c.acl_default_policy, c.default_allow),
+                (*enabled, *policy, *allow),
+                "{flags:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn https_flags() {
+        let c = config(&["--https-addr", "198.18.0.1:8501", "--verify-incoming"]).expect("https");
+        let h = c.https.expect("https config");
+        assert_eq!(h.cert, HttpsCert::BuiltinCa);
+        assert!(h.verify_incoming);
+        let c = config(&[
+            "--https-addr",
+            "127.0.0.1:8501",
+            "--cert-file",
+            "c.pem",
+            "--key-file",
+            "k.pem",
+            "--ca-file",
+            "ca.pem",
+        ])
+        .expect("files");
+        let h = c.https.expect("https config");
+        assert_eq!(
+            h.cert,
+            HttpsCert::Files {
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            }
+        );
+        assert_eq!(h.client_ca, Some(PathBuf::from("ca.pem")));
+        for flags in [
+            &["--verify-incoming"][..],
+            &["--ca-file", "ca.pem"],
+            &["--cert-file", "c", "--key-file", "k"],
+        ] {
+            assert!(
+                matches!(config(flags), Err(Error::NeedsHttps(_))),
+                "{flags:?}"
+            );
+        }
+        assert!(
+            Flags::try_parse_from(["x", "--https-addr", "127.0.0.1:1", "--cert-file", "c"])
+                .is_err(),
+            "cert without key"
+        );
+        assert!(matches!(
+            config(&["--http-addr", "198.18.0.1:8500"]),
+            Err(Error::HttpNotLoopback(_))
+        ));
+    }
 
     #[test]
     fn a_dns_recursor_may_not_be_the_agent_itself() {

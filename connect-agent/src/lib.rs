@@ -8,13 +8,18 @@
 //! Modules, from the edge in: `cli` and `api` (the interfaces), `app` (wiring and
 //! lifecycle), `redirect` (eBPF), `store` (durable state), `identity` (names).
 
+pub mod acl;
 pub mod api;
 pub mod app;
+pub mod ca;
+pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod datadir;
 pub mod dns;
 pub mod duration;
 pub mod identity;
+pub mod intentions;
 pub mod proxy;
 pub mod redirect;
 pub mod shutdown;

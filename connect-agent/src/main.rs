@@ -19,7 +19,12 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(command) => runtime.block_on(cli::run(command)),
+        Some(command) => {
+            if command.streams_logs() {
+                init_tracing(false);
+            }
+            runtime.block_on(cli::run(command))
+        }
         None => {
             init_tracing(cli.agent.log_json);
             let config = match cli.agent.into_config() {
@@ -44,7 +49,12 @@ fn main() -> ExitCode {
 fn init_tracing(json: bool) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a terminal: a log file or journald gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if json {
         builder.json().init();
     } else {

@@ -8,6 +8,7 @@
 //! says so and calls [`Redirector`]'s setters.
 
 use std::{
+    collections::BTreeSet,
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsFd,
@@ -109,12 +110,30 @@ pub struct Redirect {
 }
 
 /// Kind of a mesh destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DestinationKind {
     /// A service instance's `IP:port`.
     Instance,
     /// A service virtual IP: every port of it.
     VirtualIp,
+}
+
+/// What the maps should hold, computed from the catalog (and virtual IPs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Service instances (`IP:port`) and virtual IPs whose connections go to the proxy.
+    pub destinations: BTreeSet<(SocketAddrV4, DestinationKind)>,
+    /// Plaintext ports of this node's services.
+    pub protected_ports: BTreeSet<u16>,
+}
+
+/// What one [`Redirector::sync`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub added: usize,
+    pub removed: usize,
+    /// Entries that could not be written (map full, kernel error); retried next sync.
+    pub failed: usize,
 }
 
 /// Loaded and attached programs plus the maps the agent drives. Dropping it detaches
@@ -126,6 +145,8 @@ pub struct Redirector {
     protected: Mutex<HashMap<MapData, PortKey, ProtectedPort>>,
     by_port: Mutex<HashMap<MapData, Ipv4Key, RedirectRecord>>,
     counters: PerCpuArray<MapData, u64>,
+    /// What the last [`Redirector::sync`] wrote, to diff the next one against.
+    applied: Mutex<Desired>,
     ebpf: Ebpf,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -190,6 +211,11 @@ impl Redirector {
             source,
         })?;
         let fd = file.as_fd();
+        // Through BPF links (kernel >= 5.7, which aya uses when available) a cgroup
+        // attachment always coexists with others: the kernel ignores the legacy
+        // BPF_F_ALLOW_MULTI semantics for links and rejects any flag with EINVAL
+        // (`cgroup_bpf_link_attach`). So the mode must be the flag-less default.
+        let mode = CgroupAttachMode::default();
         let attach_err = |name: &'static str| {
             let path = cgroup.to_owned();
             move |e: aya::programs::ProgramError| Error::Attach {
@@ -207,21 +233,16 @@ impl Redirector {
         for name in [program::CONNECT4, program::GETPEERNAME4] {
             let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             prog.load().map_err(load_err(name))?;
-            prog.attach(fd, CgroupAttachMode::AllowMultiple)
-                .map_err(attach_err(name))?;
+            prog.attach(fd, mode).map_err(attach_err(name))?;
         }
         let prog: &mut SockOps = program_mut(&mut ebpf, program::SOCK_OPS)?;
         prog.load().map_err(load_err(program::SOCK_OPS))?;
-        prog.attach(fd, CgroupAttachMode::AllowMultiple)
+        prog.attach(fd, mode)
             .map_err(attach_err(program::SOCK_OPS))?;
         let prog: &mut CgroupSkb = program_mut(&mut ebpf, program::INGRESS)?;
         prog.load().map_err(load_err(program::INGRESS))?;
-        prog.attach(
-            fd,
-            CgroupSkbAttachType::Ingress,
-            CgroupAttachMode::AllowMultiple,
-        )
-        .map_err(attach_err(program::INGRESS))?;
+        prog.attach(fd, CgroupSkbAttachType::Ingress, mode)
+            .map_err(attach_err(program::INGRESS))?;
 
         Ok(Self {
             cgroup: cgroup.to_owned(),
@@ -229,6 +250,7 @@ impl Redirector {
             protected: Mutex::new(take_map(&mut ebpf, map::PROTECTED_PORTS)?),
             by_port: Mutex::new(take_map(&mut ebpf, map::REDIRECT_BY_PORT)?),
             counters: take_map(&mut ebpf, map::COUNTERS)?,
+            applied: Mutex::new(Desired::default()),
             ebpf,
             _logger: logger,
         })
@@ -237,6 +259,69 @@ impl Redirector {
     /// The cgroup the programs are attached to.
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
+    }
+
+    /// Brings the maps in step with `desired`: adds what is new, removes what is gone,
+    /// and leaves the rest alone (so in-flight lookups never see a gap). Entries that
+    /// fail are logged, counted, and retried on the next sync.
+    pub fn sync(&self, desired: &Desired) -> SyncStats {
+        let mut applied = lock(&self.applied);
+        let mut stats = SyncStats::default();
+        let mut now = Desired::default();
+        for &(addr, kind) in applied.destinations.difference(&desired.destinations) {
+            match self.remove_destination(addr, kind) {
+                Ok(()) => stats.removed += 1,
+                Err(error) => {
+                    tracing::warn!(%addr, ?kind, %error, "cannot remove mesh destination");
+                    stats.failed += 1;
+                    now.destinations.insert((addr, kind));
+                }
+            }
+        }
+        for &(addr, kind) in &desired.destinations {
+            if applied.destinations.contains(&(addr, kind)) {
+                now.destinations.insert((addr, kind));
+                continue;
+            }
+            match self.add_destination(addr, kind) {
+                Ok(()) => {
+                    stats.added += 1;
+                    now.destinations.insert((addr, kind));
+                }
+                Err(error) => {
+                    tracing::warn!(%addr, ?kind, %error, "cannot add mesh destination");
+                    stats.failed += 1;
+                }
+            }
+        }
+        for &port in applied.protected_ports.difference(&desired.protected_ports) {
+            match self.unprotect_port(port) {
+                Ok(()) => stats.removed += 1,
+                Err(error) => {
+                    tracing::warn!(port, %error, "cannot unprotect port");
+                    stats.failed += 1;
+                    now.protected_ports.insert(port);
+                }
+            }
+        }
+        for &port in &desired.protected_ports {
+            if applied.protected_ports.contains(&port) {
+                now.protected_ports.insert(port);
+                continue;
+            }
+            match self.protect_port(port) {
+                Ok(()) => {
+                    stats.added += 1;
+                    now.protected_ports.insert(port);
+                }
+                Err(error) => {
+                    tracing::warn!(port, %error, "cannot protect port");
+                    stats.failed += 1;
+                }
+            }
+        }
+        *applied = now;
+        stats
     }
 
     /// Makes `addr` a mesh destination: connections to it go to the proxy.
@@ -336,6 +421,13 @@ impl std::fmt::Debug for Redirector {
             .field("cgroup", &self.cgroup)
             .finish_non_exhaustive()
     }
+}
+
+/// The cgroup (v2) id of a cgroup directory: its inode number, which is what
+/// `bpf_get_current_cgroup_id` reports for processes in it.
+pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.ino())
 }
 
 fn ip_key(ip: Ipv4Addr, port: u16) -> Ipv4Key {

@@ -14,6 +14,7 @@
 //! (`cache`), which follow the store through [`Store::watch`].
 
 pub mod memory;
+pub mod redb;
 
 use std::fmt;
 
@@ -212,6 +213,14 @@ pub enum Error {
     Unavailable { reason: String },
     #[error("the store holds a corrupt record at {key}: {reason}")]
     Corrupt { key: String, reason: String },
+}
+
+/// The file name of the embedded store under `--data-dir`.
+pub const EMBEDDED_FILE: &str = "connect.redb";
+
+/// Opens the embedded store in `data_dir` (which must exist), on the blocking pool.
+pub async fn open(data_dir: &std::path::Path) -> Result<redb::RedbStore, Error> {
+    redb::RedbStore::open_async(data_dir.join(EMBEDDED_FILE)).await
 }
 
 /// Durable, ordered key-value state with one index. See the module doc for the model.

@@ -46,7 +46,7 @@ pub fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
         orig_port: port,
         _pad: 0,
     };
-    if REDIRECT_BY_COOKIE.insert(&cookie, &record, 0).is_err() {
+    if REDIRECT_BY_COOKIE.insert(cookie, record, 0).is_err() {
         count(Counter::RedirectRecordFull);
         return Err(());
     }
@@ -73,15 +73,15 @@ pub fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
 fn is_mesh_destination(ip_be: u32, port: u16) -> bool {
     // SAFETY: values are copied out immediately; the map is not modified through them.
     unsafe {
-        if MESH_DESTINATIONS.get(&Ipv4Key::new(ip_be, port)).is_some()
-            || MESH_DESTINATIONS.get(&Ipv4Key::new(ip_be, 0)).is_some()
+        if MESH_DESTINATIONS.get(Ipv4Key::new(ip_be, port)).is_some()
+            || MESH_DESTINATIONS.get(Ipv4Key::new(ip_be, 0)).is_some()
         {
             return true;
         }
-        if is_loopback(ip_be) {
-            if let Some(p) = PROTECTED_PORTS.get(&PortKey::new(port)) {
-                return p.redirect_loopback != 0;
-            }
+        if is_loopback(ip_be)
+            && let Some(p) = PROTECTED_PORTS.get(PortKey::new(port))
+        {
+            return p.redirect_loopback != 0;
         }
     }
     false

@@ -71,7 +71,7 @@ fn ingress_v6(ctx: &SkBuffContext) -> Result<i32, ()> {
 #[inline(always)]
 fn verdict(ctx: &SkBuffContext, port: u16, from_loopback: bool) -> Result<i32, ()> {
     // SAFETY: only tested for presence.
-    let protected = unsafe { PROTECTED_PORTS.get(&PortKey::new(port)) }.is_some();
+    let protected = unsafe { PROTECTED_PORTS.get(PortKey::new(port)) }.is_some();
     if !protected || from_loopback {
         return Ok(PASS);
     }

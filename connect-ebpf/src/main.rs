@@ -115,7 +115,7 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
 /// Drops packets from off the node to protected (plaintext service) ports.
 ///
 /// Fails closed: a packet that cannot be parsed is dropped.
-#[cgroup_skb]
+#[cgroup_skb(ingress)]
 pub fn ingress(ctx: SkBuffContext) -> i32 {
     match ingress::try_ingress(&ctx) {
         Ok(verdict) => verdict,

@@ -11,7 +11,7 @@ pub fn try_getpeername4(ctx: &SockAddrContext) {
     // SAFETY: the helper is allowed in cgroup/getpeername4 and takes the context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
     // SAFETY: the value is copied out at once.
-    let Some(record) = (unsafe { REDIRECT_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(record) = (unsafe { REDIRECT_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
     // SAFETY: the kernel hands a valid `bpf_sock_addr` for the program's lifetime.

@@ -29,13 +29,13 @@ fn on_established(ctx: &SockOpsContext) {
     // SAFETY: the helper is allowed in sock_ops and takes the context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     // SAFETY: the value is copied out at once.
-    let Some(record) = (unsafe { REDIRECT_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(record) = (unsafe { REDIRECT_BY_COOKIE.get(cookie) }).copied() else {
         // Not redirected: most connections of an application are not mesh traffic.
         return;
     };
     // `local_port` is in host order; `local_ip4` in network order.
     let key = Ipv4Key::new(ctx.local_ip4(), ctx.local_port() as u16);
-    if REDIRECT_BY_PORT.insert(&key, &record, 0).is_err() {
+    if REDIRECT_BY_PORT.insert(key, record, 0).is_err() {
         count(Counter::SockOpsUpdateFailed);
         return;
     }
@@ -49,5 +49,5 @@ fn on_close(ctx: &SockOpsContext) {
     // SAFETY: the helper is allowed in sock_ops and takes the context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     // A missing entry is fine: LRU may have evicted it.
-    let _ = REDIRECT_BY_COOKIE.remove(&cookie);
+    let _ = REDIRECT_BY_COOKIE.remove(cookie);
 }

@@ -5,6 +5,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -54,21 +55,41 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `connect-agent --dev` with free loopback ports, plus `extra` flags.
     pub fn start_dev(name: &str, extra: &[&str]) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("connect-test-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut p = Self::start_in(&dir, &["--dev"], extra)?;
+        Self::start_dev_env(name, extra, &[])
+    }
+
+    /// [`AgentProcess::start_dev`] with environment variables (e.g. `RUST_LOG`).
+    pub fn start_dev_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let dir = private_dir(name)?;
+        let mut p = Self::start_in_env(&dir, &["--dev"], extra, env)?;
         p.owns_data_dir = true;
         Ok(p)
     }
 
     /// Starts the agent with `--data-dir dir`, `base` and `extra` flags, on free ports.
+    /// The log goes to `agent.log` in `dir`, private (the agent refuses a data
+    /// directory holding anything others can read).
     pub fn start_in(dir: &Path, base: &[&str], extra: &[&str]) -> Result<Self> {
+        Self::start_in_env(dir, base, extra, &[])
+    }
+
+    fn start_in_env(
+        dir: &Path,
+        base: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let dns_addr = format!("127.0.0.1:{}", free_port()?);
         let outbound = format!("127.0.0.1:{}", free_port()?);
         let inbound = format!("127.0.0.1:{}", free_port()?);
         let log_path = dir.join("agent.log");
-        let log = std::fs::File::create(&log_path)
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new(agent_binary()?);
         cmd.args(base)
@@ -84,6 +105,7 @@ impl AgentProcess {
                 &inbound,
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -99,7 +121,8 @@ impl AgentProcess {
         Ok(p)
     }
 
-    /// Waits until `GET /v1/agent/self` answers 200, or fails with the agent's log.
+    /// Waits until `GET /v1/agent/connect/ca/roots` (which needs no ACL token)
+    /// answers 200, or fails with the agent's log.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -108,7 +131,9 @@ impl AgentProcess {
             {
                 bail!("connect-agent exited early with {status}:\n{}", self.log());
             }
-            if http(self.http_addr, "GET", "/v1/agent/self", None).is_ok_and(|(s, _)| s == 200) {
+            if http(self.http_addr, "GET", "/v1/agent/connect/ca/roots", None)
+                .is_ok_and(|(s, _)| s == 200)
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -167,6 +192,16 @@ impl Drop for AgentProcess {
     }
 }
 
+/// A directory under the system temp dir, named after the test, mode 0700 (what
+/// the agent demands of its data directory).
+pub fn private_dir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("connect-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 700 {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// A minimal HTTP/1.1 request (Connection: close): status and body. Enough for tests
 /// to talk to the agent without another HTTP client.
 pub fn http(
@@ -175,12 +210,26 @@ pub fn http(
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String)> {
+    http_with_token(addr, method, path, body, None)
+}
+
+/// [`http`] with an ACL token in `X-Consul-Token`.
+pub fn http_with_token(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body = body.unwrap_or("");
+    let token = token
+        .map(|t| format!("X-Consul-Token: {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{token}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut raw = Vec::new();

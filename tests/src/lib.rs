@@ -1,4 +1,6 @@
-//! Integration-test helpers: real agent processes, and (see `lab`) nodes made of
-//! network namespaces and cgroups.
+//! Integration-test helpers: real agent processes (`agent`), and cgroups and
+//! processes for the privileged eBPF tests (`lab`).
 
 pub mod agent;
+pub mod lab;
+pub mod mesh;

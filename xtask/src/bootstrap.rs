@@ -34,6 +34,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("util-linux", "nsenter"),
     ("python3-venv", ""),
+    ("vagrant", "vagrant"),
 ];
 
 /// What the eBPF build needs: where bpf-linker lives.

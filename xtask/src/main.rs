@@ -6,8 +6,12 @@
 //! own LLVM) is installed by [`bootstrap`], cached so that a second run costs seconds.
 //! Every error names the command that failed.
 
+mod bench;
 mod bootstrap;
 mod ebpf;
+mod lab;
+mod loadgen;
+mod netns;
 mod test;
 mod util;
 
@@ -43,6 +47,16 @@ enum Command {
     },
     /// fmt, clippy, unit tests, then the privileged integration tests; one summary.
     Test(test::TestArgs),
+    /// A multi-node lab in network namespaces: `up [--nodes N]`, `status`, `down`.
+    Lab(lab::LabArgs),
+    /// Benchmarks against a direct connection and a stunnel pair, on two namespace nodes.
+    Bench(bench::BenchArgs),
+    /// (internal) the echo server the benchmarks run inside a namespace.
+    #[command(hide = true)]
+    BenchEcho(loadgen::EchoArgs),
+    /// (internal) the benchmark load generators.
+    #[command(hide = true, subcommand)]
+    BenchClient(loadgen::ClientCommand),
 }
 
 fn main() {
@@ -53,6 +67,10 @@ fn main() {
         Command::Build => build(),
         Command::Run { args } => run(args),
         Command::Test(args) => test::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Lab(args) => lab::run(args),
+        Command::BenchEcho(args) => loadgen::echo(args),
+        Command::BenchClient(cmd) => loadgen::client(cmd),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

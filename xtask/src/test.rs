@@ -17,6 +17,8 @@ use crate::{bootstrap, ebpf, util};
 
 /// Pinned so the compatibility test always talks to the same client.
 const PY_CONSUL: &str = "py-consul==1.8.0";
+/// Pinned TLS scanner for the security tests (an external check of our TLS).
+const SSLYZE: &str = "sslyze==6.3.1";
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
@@ -74,22 +76,40 @@ pub fn run(args: TestArgs) -> Result<()> {
     cargo_tests(
         "unit tests",
         &mut steps,
-        &["test", "--workspace", "--exclude", "connect-tests"],
+        &[
+            "test",
+            "--workspace",
+            "--exclude",
+            "connect-tests",
+            "--no-fail-fast",
+        ],
         &[],
     );
 
     if !args.unit_only {
+        timed("vagrant validate", &mut steps, || {
+            let mut cmd = Command::new("vagrant");
+            cmd.args(["validate", "--ignore-provider"])
+                .current_dir(util::workspace_root().join("vagrant"))
+                // Keep vagrant's state out of the user's home.
+                .env(
+                    "VAGRANT_HOME",
+                    util::workspace_root().join("target/vagrant-home"),
+                )
+                .env("CONNECT_BOX", "connect/debian12");
+            util::run_status(&mut cmd)
+        });
         let built = timed("build agent binary", &mut steps, || {
             util::cargo(&["build", "-p", "connect-agent", "--bin", "connect-agent"])
         });
-        let venv = timed("python venv (py-consul)", &mut steps, python_venv);
+        let venv = timed("python venv (py-consul, sslyze)", &mut steps, python_venv);
         if built.is_some() && venv.is_some() {
             let mut extra: Vec<&str> = vec!["--"];
             extra.extend(args.filter.iter().map(String::as_str));
             cargo_tests(
                 "integration tests (privileged)",
                 &mut steps,
-                &["test", "-p", "connect-tests"],
+                &["test", "-p", "connect-tests", "--no-fail-fast"],
                 &extra,
             );
         }
@@ -169,14 +189,16 @@ fn parse_result_line(line: &str) -> Option<(u64, u64)> {
     Some((count("passed")?, count("failed")?))
 }
 
-/// A venv under target/ with the pinned py-consul, for the compatibility test.
+/// A venv under target/ with the pinned py-consul (compatibility tests) and sslyze
+/// (TLS scan of the agent's listeners).
 fn python_venv() -> Result<()> {
     let venv = util::workspace_root().join("target/py-venv");
     let python = venv.join("bin/python3");
     let check = Command::new(&python)
         .args([
             "-c",
-            "import consul, importlib.metadata as m; assert m.version('py-consul') == '1.8.0'",
+            "import consul, sslyze, importlib.metadata as m; \
+             assert m.version('py-consul') == '1.8.0' and m.version('sslyze') == '6.3.1'",
         ])
         .output();
     if check.is_ok_and(|o| o.status.success()) {
@@ -196,6 +218,7 @@ fn python_venv() -> Result<()> {
         "--quiet",
         "--disable-pip-version-check",
         PY_CONSUL,
+        SSLYZE,
     ]))?;
     if !python.is_file() {
         bail!("{} missing after creating the venv", python.display());

@@ -1,9 +1,536 @@
-//! HTTP routes of the `ca` area.
+//! HTTP routes of the `ca` area (reference §2.1, §2.2, §2.4, §2.5):
+//! `GET /v1/agent/connect/ca/roots`, `GET /v1/agent/connect/ca/leaf/:service`,
+//! `GET /v1/connect/ca/roots`, `GET|PUT /v1/connect/ca/configuration`.
+//!
+//! Everything is read from the CA manager's in-memory snapshot and leaf cache;
+//! blocking reads wake on the manager's change watches. The JSON types here are
+//! Consul's and are shared with the CLI.
+//!
+//! ACLs (reference §3): roots need nothing; a leaf needs `service:write` on its
+//! service, so nobody can obtain another service's identity; reading the CA
+//! configuration needs `operator:read` (the CA key is never shown), changing it
+//! `operator:write`.
 
-use axum::Router;
+use axum::{
+    Router,
+    extract::{Path, RawQuery, State},
+    http::{HeaderValue, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use super::ApiState;
+use super::{
+    ApiState, Error, Json, QueryOptions,
+    authz::{Authz, Right},
+    block_on, cache_header, index_headers,
+};
+use crate::{
+    ca::{self, CaState, Leaf},
+    identity::ServiceName,
+};
 
 pub fn routes() -> Router<ApiState> {
     Router::new()
+        .route("/v1/agent/connect/ca/roots", get(agent_roots))
+        .route("/v1/agent/connect/ca/leaf/{service}", get(agent_leaf))
+        .route("/v1/connect/ca/roots", get(roots))
+        .route(
+            "/v1/connect/ca/configuration",
+            get(get_configuration).put(put_configuration),
+        )
+}
+
+/// `IndexedCARoots`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct IndexedCaRoots {
+    #[serde(rename = "ActiveRootID")]
+    pub active_root_id: String,
+    pub trust_domain: String,
+    pub roots: Vec<CaRoot>,
+}
+
+/// `CARoot`, without the signing material Consul never returns either.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct CaRoot {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub name: String,
+    pub serial_number: u64,
+    #[serde(rename = "SigningKeyID")]
+    pub signing_key_id: String,
+    pub external_trust_domain: String,
+    pub not_before: String,
+    pub not_after: String,
+    pub root_cert: String,
+    pub intermediate_certs: Option<Vec<String>>,
+    pub active: bool,
+    pub private_key_type: String,
+    pub private_key_bits: u32,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// `IssuedCert` of the agent leaf endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct IssuedCertJson {
+    pub serial_number: String,
+    #[serde(rename = "CertPEM")]
+    pub cert_pem: String,
+    #[serde(rename = "PrivateKeyPEM")]
+    pub private_key_pem: String,
+    pub service: String,
+    #[serde(rename = "ServiceURI")]
+    pub service_uri: String,
+    pub valid_after: String,
+    pub valid_before: String,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// `CAConfiguration` as `GET /v1/connect/ca/configuration` returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct CaConfigurationJson {
+    pub provider: String,
+    pub config: Map<String, Value>,
+    pub force_without_cross_signing: bool,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+impl From<ca::Error> for Error {
+    fn from(e: ca::Error) -> Self {
+        match e {
+            ca::Error::Store(s) => Error::Store(s),
+            ca::Error::StateNotSettable | ca::Error::CsrRefused { .. } => {
+                Error::BadRequest(e.to_string())
+            }
+            ca::Error::Contended { .. } => Error::Conflict(e.to_string()),
+            // Consul answers validation failures of the CA configuration with 500
+            // and the message (reference §2.5); everything else is ours anyway.
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// The roots body from a snapshot.
+pub fn indexed_roots(state: &CaState) -> IndexedCaRoots {
+    IndexedCaRoots {
+        active_root_id: state.active_root().id().to_owned(),
+        trust_domain: state.trust_domain.to_string(),
+        roots: state
+            .roots
+            .iter()
+            .map(|r| CaRoot {
+                id: r.id().to_owned(),
+                name: r.record.name.clone(),
+                serial_number: r.record.serial_number,
+                signing_key_id: r.signing_key_id(),
+                external_trust_domain: state.cluster_id.hyphenated().to_string(),
+                not_before: rfc3339(r.not_before),
+                not_after: rfc3339(r.not_after),
+                root_cert: r.record.root_cert.clone(),
+                intermediate_certs: if r.intermediates.is_empty() {
+                    None
+                } else {
+                    Some(r.intermediates.iter().map(|i| i.pem.clone()).collect())
+                },
+                active: r.active(),
+                private_key_type: r.record.private_key_type.clone(),
+                private_key_bits: r.record.private_key_bits,
+                create_index: r.create_index,
+                modify_index: r.modify_index,
+            })
+            .collect(),
+    }
+}
+
+fn leaf_json(leaf: &Leaf) -> IssuedCertJson {
+    let c = &leaf.cert;
+    IssuedCertJson {
+        serial_number: c.serial_hex(),
+        cert_pem: c.cert_pem.clone(),
+        private_key_pem: leaf.private_key_pem().to_owned(),
+        service: c.service.to_string(),
+        service_uri: c.spiffe_id.to_string(),
+        valid_after: rfc3339(c.valid_after),
+        valid_before: rfc3339(c.valid_before),
+        create_index: c.index,
+        modify_index: c.index,
+    }
+}
+
+async fn blocking_roots(agent: &ApiState, opts: QueryOptions) -> (IndexedCaRoots, u64) {
+    let ca = agent.ca.clone();
+    block_on(opts, agent.ca.changes(), move || {
+        let s = ca.state();
+        (indexed_roots(&s), s.roots_index)
+    })
+    .await
+}
+
+async fn agent_roots(State(agent): State<ApiState>, opts: QueryOptions) -> Response {
+    let (body, index) = blocking_roots(&agent, opts).await;
+    let mut headers = index_headers(index);
+    // Served from the agent's in-memory CA state, always current with the store.
+    cache_header(&mut headers, true);
+    (headers, axum::Json(body)).into_response()
+}
+
+async fn roots(
+    State(agent): State<ApiState>,
+    opts: QueryOptions,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Error> {
+    let pem = match query_param(query.as_deref().unwrap_or(""), "pem") {
+        None => false,
+        Some(v) => parse_go_bool(&v)
+            .ok_or_else(|| Error::BadRequest(format!("Invalid value for 'pem': {v:?}")))?,
+    };
+    let (body, index) = blocking_roots(&agent, opts).await;
+    let headers = index_headers(index);
+    if pem {
+        let mut text = String::new();
+        for r in &body.roots {
+            text.push_str(&r.root_cert);
+            for i in r.intermediate_certs.iter().flatten() {
+                text.push_str(i);
+            }
+        }
+        let mut resp = (headers, text).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/pem-certificate-chain"),
+        );
+        return Ok(resp);
+    }
+    Ok((headers, axum::Json(body)).into_response())
+}
+
+async fn agent_leaf(
+    State(agent): State<ApiState>,
+    authz: Authz,
+    Path(service): Path<String>,
+    opts: QueryOptions,
+) -> Result<Response, Error> {
+    authz.require(Right::ServiceWrite(&service))?;
+    let service: ServiceName = service
+        .parse()
+        .map_err(|e: crate::identity::Error| Error::BadRequest(e.to_string()))?;
+    let watch = agent.ca.leaf(&service).await?;
+    let rx = watch.rx;
+    let (leaf, index) = block_on(opts, agent.ca.leaf_changes(), move || {
+        let l = rx.borrow().clone();
+        let i = l.cert.index;
+        (l, i)
+    })
+    .await;
+    let mut headers = index_headers(index);
+    cache_header(&mut headers, watch.cache_hit);
+    Ok((headers, axum::Json(leaf_json(&leaf))).into_response())
+}
+
+async fn get_configuration(
+    State(agent): State<ApiState>,
+    authz: Authz,
+    opts: QueryOptions,
+) -> Result<Response, Error> {
+    authz.require(Right::OperatorRead)?;
+    let ca = agent.ca.clone();
+    let (body, index) = block_on(opts, agent.ca.changes(), move || {
+        let s = ca.state();
+        (
+            CaConfigurationJson {
+                provider: s.config.provider.clone(),
+                config: s.config.public_map(),
+                force_without_cross_signing: s.config.force_without_cross_signing,
+                create_index: s.config_create_index,
+                modify_index: s.config_modify_index,
+            },
+            s.config_modify_index,
+        )
+    })
+    .await;
+    Ok((index_headers(index), axum::Json(body)).into_response())
+}
+
+async fn put_configuration(
+    State(agent): State<ApiState>,
+    authz: Authz,
+    Json(body): Json<Value>,
+) -> Result<Response, Error> {
+    authz.require(Right::OperatorWrite)?;
+    let config = ca::CaConfig::from_request(&body)?;
+    agent.ca.set_config(config).await?;
+    Ok(().into_response())
+}
+
+/// One query parameter's raw value (no percent-decoding: the values read here are
+/// plain words).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| v.to_owned())
+    })
+}
+
+/// Go's `strconv.ParseBool`; a bare `?pem` means true, as Consul treats flags.
+fn parse_go_bool(v: &str) -> Option<bool> {
+    match v {
+        "" | "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::{
+        body::Body,
+        http::{Request, StatusCode},
+    };
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{app, config::Config, shutdown::Shutdown, store::memory::MemStore};
+
+    async fn agent() -> ApiState {
+        app::build(
+            Config::for_tests(),
+            Arc::new(MemStore::new()),
+            None,
+            Shutdown::new(),
+        )
+        .await
+        .expect("agent")
+    }
+
+    async fn call(
+        agent: &ApiState,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let req = Request::builder().method(method).uri(uri);
+        let req = match body {
+            Some(v) => req
+                .header("content-type", "application/json")
+                .body(Body::from(v.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .expect("request");
+        let resp = crate::api::router(agent.clone())
+            .oneshot(req)
+            .await
+            .expect("infallible");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body")
+            .to_vec();
+        (status, headers, body)
+    }
+
+    fn header(h: &axum::http::HeaderMap, name: &str) -> String {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn roots_leaf_and_configuration() {
+        let agent = agent().await;
+
+        let (st, h, body) = call(&agent, "GET", "/v1/agent/connect/ca/roots", None).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(header(&h, "x-cache"), "HIT");
+        let raw: Value = serde_json::from_slice(&body).expect("json");
+        assert!(raw["Roots"][0]["SerialNumber"].is_u64(), "{raw}");
+        assert!(raw["Roots"][0]["IntermediateCerts"].is_null());
+        let roots: IndexedCaRoots = serde_json::from_slice(&body).expect("roots");
+        assert_eq!(roots.roots.len(), 1);
+        assert_eq!(roots.active_root_id, roots.roots[0].id);
+        assert!(roots.roots[0].active);
+        assert_eq!(roots.roots[0].name, "Consul CA Root Cert");
+        assert_eq!(roots.roots[0].signing_key_id.len(), 32 * 3 - 1);
+        assert!(roots.trust_domain.ends_with(".consul"));
+        assert_eq!(
+            header(&h, "x-consul-index"),
+            roots.roots[0].modify_index.to_string()
+        );
+        let (_, _, plain) = call(&agent, "GET", "/v1/connect/ca/roots", None).await;
+        assert_eq!(plain, body);
+
+        let (st, h, pem) = call(&agent, "GET", "/v1/connect/ca/roots?pem=true", None).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(
+            header(&h, "content-type"),
+            "application/pem-certificate-chain"
+        );
+        assert!(pem.starts_with(b"-----BEGIN CERTIFICATE-----"));
+        let (st, _, _) = call(&agent, "GET", "/v1/connect/ca/roots?pem=maybe", None).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+
+        let (st, h, body) = call(&agent, "GET", "/v1/agent/connect/ca/leaf/web", None).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(header(&h, "x-cache"), "MISS");
+        let leaf: IssuedCertJson = serde_json::from_slice(&body).expect("leaf");
+        assert_eq!(
+            leaf.service_uri,
+            format!("spiffe://{}/ns/default/dc/dc1/svc/web", roots.trust_domain)
+        );
+        assert_eq!(leaf.service, "web");
+        assert!(
+            leaf.private_key_pem
+                .starts_with("-----BEGIN EC PRIVATE KEY-----")
+        );
+        assert!(leaf.serial_number.split(':').all(|b| b.len() == 2));
+        assert!(leaf.valid_after.ends_with('Z') && leaf.valid_before.ends_with('Z'));
+        assert_eq!(header(&h, "x-consul-index"), leaf.modify_index.to_string());
+        let idx = leaf.modify_index;
+        let (_, h, body) = call(
+            &agent,
+            "GET",
+            &format!("/v1/agent/connect/ca/leaf/web?index={idx}&wait=50ms"),
+            None,
+        )
+        .await;
+        assert_eq!(header(&h, "x-cache"), "HIT");
+        let same: IssuedCertJson = serde_json::from_slice(&body).expect("leaf");
+        assert_eq!(
+            same.serial_number, leaf.serial_number,
+            "timed out unchanged"
+        );
+        let (st, _, _) = call(&agent, "GET", "/v1/agent/connect/ca/leaf/we%20b", None).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+
+        let (st, _, body) = call(&agent, "GET", "/v1/connect/ca/configuration", None).await;
+        assert_eq!(st, StatusCode::OK);
+        let cfg: CaConfigurationJson = serde_json::from_slice(&body).expect("config");
+        assert_eq!(cfg.provider, "consul");
+        assert_eq!(cfg.config["LeafCertTTL"], "72h");
+        assert_eq!(cfg.config["RotationPeriod"], "2160h");
+        assert_eq!(cfg.config["IntermediateCertTTL"], "8760h");
+
+        let (st, _, body) = call(
+            &agent,
+            "PUT",
+            "/v1/connect/ca/configuration",
+            Some(serde_json::json!({"Provider": "consul", "Config": {"LeafCertTTL": "30m"}})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body, b"leaf cert TTL must be greater or equal than 1h0m0s");
+        let (st, _, _) = call(
+            &agent,
+            "PUT",
+            "/v1/connect/ca/configuration",
+            Some(serde_json::json!({"State": {"k": "v"}})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+
+        // Rotation through the API: a blocked leaf query returns the new leaf.
+        let (st, _, body) = call(
+            &agent,
+            "PUT",
+            "/v1/connect/ca/configuration",
+            Some(serde_json::json!({"Provider": "consul", "Config": {"PrivateKeyBits": 384}})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(body.is_empty());
+        let (_, _, body) = call(&agent, "GET", "/v1/agent/connect/ca/roots", None).await;
+        let rotated: IndexedCaRoots = serde_json::from_slice(&body).expect("roots");
+        assert_eq!(rotated.roots.len(), 2);
+        assert_ne!(rotated.active_root_id, roots.active_root_id);
+        let active = rotated.roots.iter().find(|r| r.active).expect("one active");
+        assert_eq!(active.intermediate_certs.as_ref().map(Vec::len), Some(1));
+        assert_eq!(active.private_key_bits, 384);
+        let (_, _, body) = call(
+            &agent,
+            "GET",
+            &format!("/v1/agent/connect/ca/leaf/web?index={idx}&wait=10s"),
+            None,
+        )
+        .await;
+        let renewed: IssuedCertJson = serde_json::from_slice(&body).expect("leaf");
+        assert_ne!(renewed.serial_number, leaf.serial_number);
+        assert!(renewed.modify_index > idx);
+        assert_eq!(renewed.cert_pem.matches("BEGIN CERTIFICATE").count(), 2);
+    }
+
+    #[tokio::test]
+    async fn cli_commands_against_a_running_agent() {
+        use crate::cli::{
+            ca::{CaCommand, RootsArgs, SetConfigArgs, run},
+            http::HttpArgs,
+        };
+
+        let agent = agent().await;
+        let listener = crate::api::bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        let server = tokio::spawn(crate::api::serve(listener, agent.clone(), async move {
+            s.cancelled().await
+        }));
+        let http = HttpArgs::to(addr.to_string());
+        let ok = |r: anyhow::Result<std::process::ExitCode>| {
+            assert_eq!(
+                r.expect("command succeeds"),
+                std::process::ExitCode::SUCCESS
+            )
+        };
+        ok(run(CaCommand::Roots(RootsArgs {
+            pem: false,
+            http: http.clone(),
+        }))
+        .await);
+        ok(run(CaCommand::GetConfig(http.clone())).await);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("ca.json");
+        std::fs::write(
+            &file,
+            r#"{"Provider": "consul", "Config": {"LeafCertTTL": "48h"}}"#,
+        )
+        .expect("write");
+        ok(run(CaCommand::SetConfig(SetConfigArgs {
+            config_file: Some(file.display().to_string()),
+            force_without_cross_signing: false,
+            http: http.clone(),
+        }))
+        .await);
+        assert_eq!(
+            agent.ca.state().config.leaf_cert_ttl,
+            std::time::Duration::from_secs(48 * 3600)
+        );
+        std::fs::write(&file, r#"{"Config": {"LeafCertTTL": "1m"}}"#).expect("write");
+        let err = run(CaCommand::SetConfig(SetConfigArgs {
+            config_file: Some(file.display().to_string()),
+            force_without_cross_signing: false,
+            http,
+        }))
+        .await
+        .expect_err("invalid config refused");
+        assert!(format!("{err:#}").contains("leaf cert TTL"), "{err:#}");
+        stop.cancel();
+        server.await.expect("join").expect("serve");
+    }
 }

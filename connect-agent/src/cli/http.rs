@@ -1,5 +1,10 @@
 //! The HTTP client the CLI subcommands (and the explicit proxy) use to talk to a
 //! running agent, with Consul's flags and environment variables.
+//!
+//! `https://` addresses verify the agent against `-ca-file` (the built-in CA's
+//! bundle is `connect-agent ca roots -pem`); `-client-cert`/`-client-key` present a
+//! certificate to an agent that runs with `--verify-incoming`. The token goes in
+//! `X-Consul-Token`, from `-token`, `-token-file` or `CONNECT_HTTP_TOKEN`.
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -15,6 +20,55 @@ pub struct HttpArgs {
     /// ACL token sent as X-Consul-Token.
     #[arg(long, env = "CONNECT_HTTP_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+
+    /// File holding the ACL token (keeps it out of the process list).
+    #[arg(long, env = "CONNECT_HTTP_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+
+    /// PEM CA bundle that verifies an https:// agent.
+    #[arg(long, env = "CONNECT_CACERT", value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+
+    /// PEM client certificate for an agent that runs with --verify-incoming.
+    #[arg(
+        long,
+        env = "CONNECT_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --client-cert.
+    #[arg(
+        long,
+        env = "CONNECT_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+impl Default for HttpArgs {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:8500".to_owned(),
+            token: None,
+            token_file: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+        }
+    }
+}
+
+impl HttpArgs {
+    /// Plain HTTP to `addr` with no token.
+    pub fn to(addr: impl Into<String>) -> Self {
+        Self {
+            http_addr: addr.into(),
+            ..Self::default()
+        }
+    }
 }
 
 /// A thin JSON client for the agent's API.
@@ -41,15 +95,51 @@ impl Client {
             } else {
                 format!("http://{}", args.http_addr)
             };
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(15 * 60))
-            .build()
-            .context("cannot build the HTTP client")?;
-        Ok(Self {
-            base,
-            token: args.token.clone().filter(|t| !t.is_empty()),
-            http,
-        })
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .use_rustls_tls()
+            .https_only(base.starts_with("https://"));
+        if let Some(path) = &args.ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read -ca-file {}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("-ca-file {} is not a PEM bundle", path.display()))?;
+            if certs.is_empty() {
+                bail!("-ca-file {} holds no certificate", path.display());
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+            let mut pem = std::fs::read(cert)
+                .with_context(|| format!("cannot read -client-cert {}", cert.display()))?;
+            pem.push(b'\n');
+            pem.extend(
+                std::fs::read(key)
+                    .with_context(|| format!("cannot read -client-key {}", key.display()))?,
+            );
+            let identity = reqwest::Identity::from_pem(&pem).with_context(|| {
+                format!(
+                    "-client-cert {} / -client-key {} are not a PEM certificate and key",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+            builder = builder.identity(identity);
+        }
+        let http = builder.build().context("cannot build the HTTP client")?;
+        let token = match (&args.token, &args.token_file) {
+            (Some(t), _) if !t.is_empty() => Some(t.clone()),
+            (_, Some(path)) => {
+                let t = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read -token-file {}", path.display()))?;
+                Some(t.trim().to_owned()).filter(|t| !t.is_empty())
+            }
+            _ => None,
+        };
+        Ok(Self { base, token, http })
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

@@ -139,6 +139,21 @@ impl Registry {
         closed
     }
 
+    /// The distinct (source, destination) pairs of the live connections, so that a
+    /// caller whose decisions need I/O can take them before [`Registry::recheck`].
+    pub fn pairs(&self) -> Vec<(ServiceName, ServiceName)> {
+        let live = self.lock();
+        let mut pairs: Vec<_> = live
+            .values()
+            .filter(|e| !e.cancel.is_cancelled())
+            .map(|e| (e.source.clone(), e.destination.clone()))
+            .collect();
+        drop(live);
+        pairs.sort();
+        pairs.dedup();
+        pairs
+    }
+
     /// Number of live connections.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -182,6 +197,30 @@ mod tests {
         assert!(!b.cancelled().is_cancelled());
         drop(a);
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn pairs_are_distinct_and_skip_cancelled_connections() {
+        let r = Registry::new(10);
+        let root = CancellationToken::new();
+        let reg = |s: &str, d: &str| {
+            r.register(
+                r.next_id(),
+                r.reserve().expect("slot"),
+                svc(s),
+                svc(d),
+                &root,
+            )
+        };
+        let _a = reg("web", "socat");
+        let _b = reg("web", "socat");
+        let c = reg("api", "db");
+        assert_eq!(
+            r.pairs(),
+            vec![(svc("api"), svc("db")), (svc("web"), svc("socat"))]
+        );
+        c.cancelled().cancel();
+        assert_eq!(r.pairs(), vec![(svc("web"), svc("socat"))]);
     }
 
     #[test]

@@ -75,12 +75,13 @@ where
 
     let forward = pump(&mut ar, &mut bw, &a_to_b, &last, started);
     let backward = pump(&mut br, &mut aw, &b_to_a, &last, started);
+    // A failed direction ends both: after a reset or a truncated TLS stream the
+    // other direction has no one to deliver to, and waiting for it would hold the
+    // connection until the idle timeout.
     let both = async {
-        let (f, b) = tokio::join!(forward, backward);
-        if f.is_ok() && b.is_ok() {
-            End::Closed
-        } else {
-            End::Error
+        match tokio::try_join!(forward, backward) {
+            Ok(_) => End::Closed,
+            Err(_) => End::Error,
         }
     };
     let idle = async {
@@ -167,6 +168,64 @@ mod tests {
                 end: End::Closed
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_direction_ends_both() {
+        let (client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, _server) = tokio::io::duplex(1024);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(async move {
+            splice(Failing(proxy_a), proxy_b, Limits::default(), &cancel).await
+        });
+        drop(client);
+        let out = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("ends although the server side stays open")
+            .expect("join");
+        assert_eq!(out.end, End::Error);
+    }
+
+    /// A stream whose EOF is an error, as a TLS stream truncated without
+    /// close_notify reads.
+    struct Failing(tokio::io::DuplexStream);
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+                std::task::Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                    std::task::Poll::Ready(Err(std::io::ErrorKind::UnexpectedEof.into()))
+                }
+                other => other,
+            }
+        }
+    }
+
+    impl AsyncWrite for Failing {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        }
     }
 
     #[tokio::test]

@@ -1,0 +1,657 @@
+//! The service catalog: which services run on which node, at which address, in which
+//! cgroup, with which upstreams.
+//!
+//! Records live in the store (`catalog/nodes/<node>`, `catalog/services/<node>/<id>`,
+//! JSON); [`Catalog`] follows them with a watch into an immutable
+//! [`CatalogSnapshot`] that readers take without I/O. Writes come from the HTTP API
+//! (register/deregister) and from the `--config-dir` files ([`Catalog::reload`]: all
+//! files parsed first, then applied in one transaction or not at all).
+//!
+//! Connect endpoints in this design: every node runs one inbound mTLS proxy for all
+//! of its services, so the Connect endpoint of an instance is its node's inbound
+//! address. `/v1/health/connect/<svc>` and `/v1/catalog/connect/<svc>` answer one
+//! entry per instance of `<svc>` — its sidecar registration when it has one (so
+//! clients see `Kind: connect-proxy` as with Consul), else the instance itself — with
+//! `Service.Address`/`Port` set to the node's inbound address. A sidecar's own port is
+//! recorded (Consul clients expect one) but nothing listens on it.
+//!
+//! This module does not own what the catalog drives (eBPF maps, upstream listeners,
+//! leaves): those follow [`Catalog::subscribe`].
+
+pub mod definition;
+pub mod directory;
+pub mod model;
+pub mod snapshot;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
+
+pub use self::{
+    definition::{Definition, InputError},
+    model::{Node, Proxy, Service, ServiceKind, Source, Upstream},
+    snapshot::{CatalogSnapshot, Instance},
+};
+use crate::{
+    config::Config,
+    identity::ServiceName,
+    store::{self, Event, Index, KeyValue, Store, Txn, WatchMessage},
+};
+
+/// Prefix of every catalog key.
+pub const PREFIX: &str = "catalog/";
+const NODES: &str = "catalog/nodes/";
+const SERVICES: &str = "catalog/services/";
+/// Consul's sidecar port range (`ports.sidecar_min_port..=sidecar_max_port`).
+const SIDECAR_PORTS: std::ops::RangeInclusive<u16> = 21000..=21255;
+/// Largest definition file read from `--config-dir` (same bound as an API body).
+const MAX_FILE_BYTES: u64 = crate::api::MAX_BODY_BYTES as u64;
+/// How long a write waits for the view to include it before answering anyway.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Why a catalog operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A registration body is wrong (the client's fault).
+    #[error("{0}")]
+    Input(#[from] InputError),
+    /// A definition file is wrong (the operator's fault); nothing was applied.
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: InputError,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    FileJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: larger than {MAX_FILE_BYTES} bytes")]
+    FileTooLarge { path: PathBuf },
+    #[error("{second}: service ID {id:?} is also defined in {first}")]
+    DuplicateId {
+        id: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("no sidecar port left in the range [21000, 21255] for {id:?}")]
+    NoSidecarPort { id: String },
+    #[error("Unknown service ID {id:?}")]
+    UnknownService { id: String },
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("the store holds a corrupt catalog record at {key}: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// Whether the caller (client, operator) is at fault rather than the agent.
+    pub fn is_user_error(&self) -> bool {
+        !matches!(self, Error::Store(_) | Error::Corrupt { .. })
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub files: usize,
+    pub services: usize,
+}
+
+/// The catalog as this agent sees it. See the module doc.
+#[derive(Debug)]
+pub struct Catalog {
+    store: Arc<dyn Store>,
+    node: Node,
+    config_dir: Option<PathBuf>,
+    advertise: IpAddr,
+    snapshot: watch::Sender<Arc<CatalogSnapshot>>,
+    changes: watch::Sender<Index>,
+    /// Serialises writers, so that sidecar ports and reload's replace-all are planned
+    /// on what the previous write left.
+    writes: tokio::sync::Mutex<()>,
+    _follower: AbortOnDropHandle<()>,
+}
+
+impl Catalog {
+    /// Records this node, loads the catalog, starts following the store and applies
+    /// `--config-dir` (a bad file fails startup, naming path and field).
+    pub async fn start(config: &Config, store: Arc<dyn Store>) -> Result<Arc<Self>, Error> {
+        let node = Node {
+            node: config.node_name.clone(),
+            address: config.advertise_addr,
+            datacenter: config.datacenter.to_string(),
+            inbound_addr: config.inbound_addr,
+        };
+        let node_key = format!("{NODES}{}", node.node);
+        let encoded = encode(&node)?;
+        let current = store.get(&node_key).await?;
+        if current.as_ref().map(|kv| &kv.value) != Some(&encoded) {
+            store.put(&node_key, encoded).await?;
+        }
+        let listing = store.list(PREFIX).await?;
+        let mut records: BTreeMap<String, KeyValue> = listing
+            .items
+            .into_iter()
+            .map(|kv| (kv.key.clone(), kv))
+            .collect();
+        let snap = build(&records, listing.index, &node.node);
+        tracing::info!(
+            services = snap.counts().1,
+            index = listing.index,
+            "catalog loaded"
+        );
+        let (snapshot, _) = watch::channel(Arc::new(snap));
+        let (changes, _) = watch::channel(listing.index);
+        // Watch before returning, so that no write after the listing is missed and a
+        // write elsewhere in the store cannot force a needless resync.
+        let first = store.watch(PREFIX, listing.index).await?;
+        let follower = {
+            let store = store.clone();
+            let snapshot = snapshot.clone();
+            let changes = changes.clone();
+            let local = node.node.clone();
+            let after = listing.index;
+            tokio::spawn(async move {
+                follow(
+                    store,
+                    snapshot,
+                    changes,
+                    local,
+                    &mut records,
+                    after,
+                    Some(first),
+                )
+                .await;
+            })
+        };
+        let catalog = Arc::new(Self {
+            store,
+            node,
+            config_dir: config.config_dir.clone(),
+            advertise: config.advertise_addr,
+            snapshot,
+            changes,
+            writes: tokio::sync::Mutex::new(()),
+            _follower: AbortOnDropHandle::new(follower),
+        });
+        if catalog.config_dir.is_some() {
+            let s = catalog.reload().await?;
+            tracing::info!(
+                files = s.files,
+                services = s.services,
+                "service definitions loaded"
+            );
+        }
+        Ok(catalog)
+    }
+
+    /// The current view.
+    pub fn snapshot(&self) -> Arc<CatalogSnapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Every new view, for components that follow the catalog.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<CatalogSnapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    /// The index of every new view, for blocking queries ([`crate::api::block_on`]).
+    pub fn changes(&self) -> watch::Receiver<Index> {
+        self.changes.subscribe()
+    }
+
+    /// This node.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Registers one service from an API body (Consul's shape, any key case), with its
+    /// sidecar when `connect.sidecar_service` is given. Returns the service ID.
+    pub async fn register(&self, body: &serde_json::Value) -> Result<String, Error> {
+        let def = definition::parse(body, "")?;
+        let id = def.id.clone();
+        self.apply(vec![def], Source::Api, false).await?;
+        tracing::info!(id = %id, "service registered");
+        Ok(id)
+    }
+
+    /// Removes a local service and its sidecar.
+    pub async fn deregister(&self, id: &str) -> Result<(), Error> {
+        definition::check_id(id)?;
+        let _w = self.writes.lock().await;
+        let existing = self.local_services().await?;
+        if !existing.contains_key(id) {
+            return Err(Error::UnknownService { id: id.to_owned() });
+        }
+        let mut txn = Txn::new().delete(self.service_key(id));
+        for s in existing.values() {
+            if s.sidecar_of.as_deref() == Some(id) {
+                txn = txn.delete(self.service_key(&s.id));
+            }
+        }
+        let out = self.store.txn(txn).await?;
+        self.caught_up(out.index()).await;
+        tracing::info!(id = %id, "service deregistered");
+        Ok(())
+    }
+
+    /// Re-reads `--config-dir`: every `*.json` file parsed first; on any error nothing
+    /// changes and the error names the file and field. On success the file-sourced
+    /// services are replaced in one transaction; API registrations are untouched.
+    pub async fn reload(&self) -> Result<ReloadSummary, Error> {
+        let Some(dir) = self.config_dir.clone() else {
+            return Ok(ReloadSummary {
+                files: 0,
+                services: 0,
+            });
+        };
+        let files = tokio::task::spawn_blocking(move || read_dir(&dir))
+            .await
+            .map_err(|e| Error::Read {
+                path: PathBuf::from("<config-dir>"),
+                source: std::io::Error::other(e),
+            })??;
+        let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut defs = Vec::new();
+        for (path, doc) in &files {
+            for def in definition::parse_document(doc).map_err(|source| Error::File {
+                path: path.clone(),
+                source,
+            })? {
+                if let Some(first) = seen.insert(def.id.clone(), path.clone()) {
+                    return Err(Error::DuplicateId {
+                        id: def.id,
+                        first,
+                        second: path.clone(),
+                    });
+                }
+                defs.push((path.clone(), def));
+            }
+        }
+        let services = defs.len();
+        let mut by_source: Vec<(Definition, Source)> = Vec::new();
+        for (path, def) in defs {
+            by_source.push((def, Source::File { path }));
+        }
+        self.apply_sourced(by_source, true).await?;
+        tracing::info!(
+            files = files.len(),
+            services,
+            "service definitions reloaded"
+        );
+        Ok(ReloadSummary {
+            files: files.len(),
+            services,
+        })
+    }
+
+    // ─────────────────────── internals ───────────────────────
+
+    async fn apply(
+        &self,
+        defs: Vec<Definition>,
+        source: Source,
+        replace_files: bool,
+    ) -> Result<(), Error> {
+        let sourced = defs.into_iter().map(|d| (d, source.clone())).collect();
+        self.apply_sourced(sourced, replace_files).await
+    }
+
+    /// Writes definitions (with sidecars) in one transaction; with `replace_files`,
+    /// first removes every file-sourced service of this node.
+    async fn apply_sourced(
+        &self,
+        defs: Vec<(Definition, Source)>,
+        replace_files: bool,
+    ) -> Result<(), Error> {
+        let _w = self.writes.lock().await;
+        let mut existing = self.local_services().await?;
+        let mut txn = Txn::new();
+        if replace_files {
+            let files: Vec<String> = existing
+                .values()
+                .filter(|s| matches!(s.source, Source::File { .. }))
+                .map(|s| s.id.clone())
+                .collect();
+            for id in files {
+                txn = txn.delete(self.service_key(&id));
+                existing.remove(&id);
+            }
+        }
+        let mut new: BTreeMap<String, Service> = BTreeMap::new();
+        for (def, source) in defs {
+            // A re-registration without a sidecar drops the old one.
+            let old_sidecars: Vec<String> = existing
+                .values()
+                .filter(|s| s.sidecar_of.as_deref() == Some(def.id.as_str()))
+                .map(|s| s.id.clone())
+                .collect();
+            let (svc, sidecar) = self.materialize(def, source, &existing, &new)?;
+            for old in old_sidecars {
+                if sidecar.as_ref().is_none_or(|s| s.id != old) {
+                    txn = txn.delete(self.service_key(&old));
+                    existing.remove(&old);
+                }
+            }
+            if let Some(s) = sidecar {
+                new.insert(s.id.clone(), s);
+            }
+            new.insert(svc.id.clone(), svc);
+        }
+        for s in new.values() {
+            txn = txn.put(self.service_key(&s.id), encode(s)?);
+        }
+        let out = self.store.txn(txn).await?;
+        self.caught_up(out.index()).await;
+        Ok(())
+    }
+
+    /// Fills in defaults that depend on the node and the catalog.
+    fn materialize(
+        &self,
+        def: Definition,
+        source: Source,
+        existing: &BTreeMap<String, Service>,
+        new: &BTreeMap<String, Service>,
+    ) -> Result<(Service, Option<Service>), Error> {
+        let address = def
+            .address
+            .clone()
+            .unwrap_or_else(|| self.advertise.to_string());
+        let svc = Service {
+            id: def.id.clone(),
+            service: def.name.clone(),
+            kind: def.kind,
+            address: address.clone(),
+            port: def.port,
+            tags: def.tags.clone(),
+            meta: def.meta.clone(),
+            cgroup: def.cgroup.clone(),
+            native: def.native,
+            proxy: def.proxy.clone(),
+            upstreams: def.upstreams.clone(),
+            sidecar_of: None,
+            source: source.clone(),
+        };
+        let Some(spec) = def.sidecar else {
+            return Ok((svc, None));
+        };
+        let id = format!("{}-sidecar-proxy", def.id);
+        let name_str = format!("{}-sidecar-proxy", def.name);
+        let name: ServiceName = name_str.parse().map_err(|e| InputError {
+            field: "Connect.SidecarService".into(),
+            reason: format!("{e}"),
+        })?;
+        let port = match spec.port {
+            Some(p) => p,
+            None => match existing.get(&id) {
+                // Re-registration keeps the sidecar's port.
+                Some(old) if old.port != 0 => old.port,
+                _ => {
+                    let used: HashSet<u16> = existing
+                        .values()
+                        .chain(new.values())
+                        .map(|s| s.port)
+                        .collect();
+                    SIDECAR_PORTS
+                        .clone()
+                        .find(|p| !used.contains(p))
+                        .ok_or(Error::NoSidecarPort { id: id.clone() })?
+                }
+            },
+        };
+        let sidecar = Service {
+            id: id.clone(),
+            service: name,
+            kind: ServiceKind::ConnectProxy,
+            address: spec.address.unwrap_or(address),
+            port,
+            tags: spec.tags.unwrap_or_else(|| def.tags.clone()),
+            meta: spec.meta.unwrap_or_else(|| def.meta.clone()),
+            cgroup: None,
+            native: false,
+            proxy: Some(Proxy {
+                destination_service_name: def.name.clone(),
+                destination_service_id: def.id.clone(),
+                local_service_address: "127.0.0.1".into(),
+                local_service_port: def.port,
+                upstreams: spec.upstreams,
+                config: spec.config,
+            }),
+            upstreams: Vec::new(),
+            sidecar_of: Some(def.id),
+            source,
+        };
+        Ok((svc, Some(sidecar)))
+    }
+
+    fn service_key(&self, id: &str) -> String {
+        format!("{SERVICES}{}/{id}", self.node.node)
+    }
+
+    /// This node's services as the store has them now (not the possibly lagging view).
+    async fn local_services(&self) -> Result<BTreeMap<String, Service>, Error> {
+        let prefix = format!("{SERVICES}{}/", self.node.node);
+        let listing = self.store.list(&prefix).await?;
+        listing
+            .items
+            .iter()
+            .map(|kv| decode::<Service>(kv).map(|s| (s.id.clone(), s)))
+            .collect()
+    }
+
+    /// Waits (bounded) until the view includes `index`, so that a client reading right
+    /// after a write sees it.
+    async fn caught_up(&self, index: Index) {
+        let mut rx = self.changes();
+        let waited = tokio::time::timeout(CATCH_UP_TIMEOUT, rx.wait_for(|i| *i >= index)).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            tracing::warn!(index, "catalog view lags behind a write");
+        }
+    }
+}
+
+/// Reads every `*.json` file of `dir` (sorted, so errors and IDs are deterministic).
+fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, serde_json::Value)>, Error> {
+    let read_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Read { path, source }
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(read_err(dir))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json") && p.is_file())
+        .collect();
+    paths.sort();
+    let mut out = Vec::with_capacity(paths.len());
+    for path in paths {
+        let len = std::fs::metadata(&path).map_err(read_err(&path))?.len();
+        if len > MAX_FILE_BYTES {
+            return Err(Error::FileTooLarge { path });
+        }
+        let bytes = std::fs::read(&path).map_err(read_err(&path))?;
+        let doc = serde_json::from_slice(&bytes).map_err(|source| Error::FileJson {
+            path: path.clone(),
+            source,
+        })?;
+        out.push((path, doc));
+    }
+    Ok(out)
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(v).map_err(|source| Error::Corrupt {
+        key: "<new record>".into(),
+        source,
+    })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T, Error> {
+    serde_json::from_slice(&kv.value).map_err(|source| Error::Corrupt {
+        key: kv.key.clone(),
+        source,
+    })
+}
+
+/// Builds a snapshot from the raw records; a corrupt record is logged and skipped
+/// so that one bad key cannot hide the rest of the catalog.
+fn build(records: &BTreeMap<String, KeyValue>, index: Index, local: &str) -> CatalogSnapshot {
+    let mut nodes = BTreeMap::new();
+    let mut services = Vec::new();
+    for (key, kv) in records {
+        if let Some(name) = key.strip_prefix(NODES) {
+            match decode::<Node>(kv) {
+                Ok(n) => {
+                    nodes.insert(
+                        name.to_owned(),
+                        (Arc::new(n), kv.create_index, kv.mod_index),
+                    );
+                }
+                Err(error) => tracing::error!(%error, "skipping a catalog node record"),
+            }
+        } else if let Some(rest) = key.strip_prefix(SERVICES) {
+            let Some((node, _)) = rest.split_once('/') else {
+                continue;
+            };
+            match decode::<Service>(kv) {
+                Ok(s) => {
+                    services.push((node.to_owned(), Arc::new(s), kv.create_index, kv.mod_index))
+                }
+                Err(error) => tracing::error!(%error, "skipping a catalog service record"),
+            }
+        }
+    }
+    CatalogSnapshot::new(index, local.to_owned(), nodes, services)
+}
+
+/// Follows `catalog/` in the store and publishes a new snapshot per batch of changes.
+async fn follow(
+    store: Arc<dyn Store>,
+    snapshot: watch::Sender<Arc<CatalogSnapshot>>,
+    changes: watch::Sender<Index>,
+    local: String,
+    records: &mut BTreeMap<String, KeyValue>,
+    mut after: Index,
+    mut first: Option<store::Watch>,
+) {
+    let mut backoff = RETRY_MIN;
+    loop {
+        let next = match first.take() {
+            Some(w) => Ok(w),
+            None => store.watch(PREFIX, after).await,
+        };
+        let mut watch = match next {
+            Ok(w) => w,
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "cannot watch the catalog");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        loop {
+            let Some(msg) = watch.next().await else {
+                tracing::warn!(retry_in = ?backoff, "catalog watch ended; re-reading");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                break;
+            };
+            let mut pending = Some(msg);
+            let mut last = None;
+            let mut resync = false;
+            // Apply what is already queued in one go, so a burst publishes once.
+            while let Some(m) = pending.take() {
+                match m {
+                    WatchMessage::Events(evs) => {
+                        for ev in evs {
+                            last = Some(ev.index()).max(last);
+                            match ev {
+                                Event::Put(kv) => {
+                                    records.insert(kv.key.clone(), kv);
+                                }
+                                Event::Delete { key, .. } => {
+                                    records.remove(&key);
+                                }
+                            }
+                        }
+                    }
+                    WatchMessage::Resync => {
+                        resync = true;
+                        break;
+                    }
+                }
+                pending = watch.rx.try_recv().ok();
+            }
+            if resync {
+                match store.list(PREFIX).await {
+                    Ok(listing) => {
+                        let fresh: BTreeMap<String, KeyValue> = listing
+                            .items
+                            .into_iter()
+                            .map(|kv| (kv.key.clone(), kv))
+                            .collect();
+                        after = listing.index;
+                        // Wake readers only if the catalog really changed.
+                        if fresh != *records {
+                            *records = fresh;
+                            publish(&snapshot, &changes, records, after, &local);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?backoff, "cannot re-read the catalog");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
+                }
+                break;
+            }
+            if let Some(index) = last {
+                after = after.max(index);
+                publish(&snapshot, &changes, records, after, &local);
+                backoff = RETRY_MIN;
+            }
+        }
+    }
+}
+
+fn publish(
+    snapshot: &watch::Sender<Arc<CatalogSnapshot>>,
+    changes: &watch::Sender<Index>,
+    records: &BTreeMap<String, KeyValue>,
+    index: Index,
+    local: &str,
+) {
+    snapshot.send_replace(Arc::new(build(records, index, local)));
+    changes.send_replace(index);
+}
+
+/// The Connect endpoint of an instance: its node's inbound proxy.
+pub fn connect_endpoint(inst: &Instance) -> SocketAddr {
+    inst.node.inbound_addr
+}
+
+#[cfg(test)]
+mod tests;

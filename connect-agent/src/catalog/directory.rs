@@ -1,0 +1,394 @@
+//! The catalog as the proxy's [`Directory`] and as the source of the eBPF maps'
+//! desired contents.
+//!
+//! The proxy asks on every connection (which local service is `web`, where are the
+//! instances of `socat`, which service does cgroup 1234 belong to), so the answers
+//! come from an index built once per catalog view, off the connection path: a
+//! follower task rebuilds it when the catalog changes and only then moves
+//! [`Directory::changes`], so whoever reacts to a change sees the new index.
+//! Service names are compared case-insensitively (SNI arrives lower-cased).
+//!
+//! Cgroup ids are the inodes of the service cgroups under `--cgroup`; a service may
+//! be registered before its cgroup exists, so unresolved cgroups are retried on a
+//! short tick until they appear.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::{Catalog, CatalogSnapshot, Instance, connect_endpoint};
+use crate::{
+    identity::{Datacenter, ServiceName},
+    proxy::{Directory, Endpoint, LocalService, Upstream},
+    redirect::{self, Desired, DestinationKind},
+};
+
+/// How often cgroups named by services but not yet present are looked up again.
+const CGROUP_RETRY: Duration = Duration::from_secs(1);
+
+/// The proxy's view of the catalog. See the module doc.
+#[derive(Debug)]
+pub struct CatalogDirectory {
+    index: Arc<RwLock<Arc<DirIndex>>>,
+    changes: watch::Sender<u64>,
+    _follower: AbortOnDropHandle<()>,
+}
+
+/// Everything the directory answers, for one catalog view.
+#[derive(Debug, Default)]
+pub struct DirIndex {
+    /// Lower-cased name → local service.
+    local: HashMap<String, LocalService>,
+    /// Lower-cased name → healthy Connect endpoints, anywhere.
+    endpoints: HashMap<String, Vec<Endpoint>>,
+    cgroups: HashMap<u64, ServiceName>,
+    /// Instance addresses (every node) → service.
+    by_addr: HashMap<SocketAddrV4, ServiceName>,
+    /// Local plaintext ports → service, for loopback destinations.
+    local_ports: HashMap<u16, ServiceName>,
+    upstreams: Vec<Upstream>,
+    /// What the eBPF maps should hold.
+    desired: Desired,
+    /// Whether some service names a cgroup that does not exist (yet).
+    unresolved_cgroups: bool,
+}
+
+fn key(name: &ServiceName) -> String {
+    name.as_str().to_ascii_lowercase()
+}
+
+impl DirIndex {
+    /// Builds the index of one view. `cgroup_root` is `--cgroup` (no cgroup ids
+    /// without it).
+    pub fn build(snap: &CatalogSnapshot, cgroup_root: Option<&Path>) -> Self {
+        let mut ix = DirIndex::default();
+        let mut seen = BTreeSet::new();
+        for inst in snap.all() {
+            if !inst.service.kind.is_typical() {
+                continue;
+            }
+            let name = &inst.service.service;
+            if let Some(SocketAddr::V4(a)) = inst.addr()
+                && inst.service.port != 0
+            {
+                ix.by_addr.insert(a, name.clone());
+                ix.desired
+                    .destinations
+                    .insert((a, DestinationKind::Instance));
+            }
+            if seen.insert(name.clone()) {
+                let eps = snap
+                    .connect_endpoints(name)
+                    .iter()
+                    .map(|i| Endpoint {
+                        addr: connect_endpoint(i),
+                        datacenter: datacenter(i),
+                    })
+                    .collect();
+                ix.endpoints.insert(key(name), eps);
+            }
+        }
+        for inst in snap.local() {
+            let svc = &inst.service;
+            if svc.kind.is_typical() {
+                if svc.port != 0 {
+                    // The inbound side reaches a local service on loopback: its port
+                    // is protected from everyone off the node, loopback is not.
+                    ix.local.entry(key(&svc.service)).or_insert(LocalService {
+                        name: svc.service.clone(),
+                        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), svc.port),
+                    });
+                    ix.local_ports.insert(svc.port, svc.service.clone());
+                    ix.desired.protected_ports.insert(svc.port);
+                }
+                if let (Some(root), Some(rel)) = (cgroup_root, &svc.cgroup) {
+                    match redirect::cgroup_id(&root.join(rel)) {
+                        Ok(id) => {
+                            ix.cgroups.insert(id, svc.service.clone());
+                        }
+                        Err(_) => ix.unresolved_cgroups = true,
+                    }
+                }
+                for u in &svc.upstreams {
+                    ix.upstreams.push(upstream(&svc.service, u));
+                }
+            } else if let Some(p) = &svc.proxy {
+                // A sidecar's upstreams dial as the service it fronts.
+                for u in &p.upstreams {
+                    ix.upstreams.push(upstream(&p.destination_service_name, u));
+                }
+            }
+        }
+        ix.upstreams.sort_by_key(|u| u.bind);
+        ix.upstreams.dedup_by_key(|u| u.bind);
+        ix
+    }
+
+    /// What the eBPF maps should hold for this view.
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+}
+
+fn upstream(source: &ServiceName, u: &super::model::Upstream) -> Upstream {
+    Upstream {
+        source: source.clone(),
+        destination: u.destination_name.clone(),
+        bind: SocketAddr::new(u.local_bind_address, u.local_bind_port),
+    }
+}
+
+fn datacenter(i: &Instance) -> Datacenter {
+    i.node.datacenter.parse().unwrap_or_default()
+}
+
+impl CatalogDirectory {
+    /// Follows `catalog`; `cgroup_root` is the agent's `--cgroup`.
+    pub fn start(catalog: &Arc<Catalog>, cgroup_root: Option<PathBuf>) -> Arc<Self> {
+        let mut views = catalog.subscribe();
+        let first = DirIndex::build(&views.borrow_and_update(), cgroup_root.as_deref());
+        let index = Arc::new(RwLock::new(Arc::new(first)));
+        let (changes, _) = watch::channel(0u64);
+        let follower = {
+            let index = index.clone();
+            let changes = changes.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(CGROUP_RETRY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        r = views.changed() => if r.is_err() { return },
+                        _ = tick.tick() => {
+                            let unresolved = read(&index).unresolved_cgroups;
+                            if !unresolved {
+                                continue;
+                            }
+                        }
+                    }
+                    let snap = views.borrow_and_update().clone();
+                    let next = DirIndex::build(&snap, cgroup_root.as_deref());
+                    let old = std::mem::replace(
+                        &mut *index.write().unwrap_or_else(|p| p.into_inner()),
+                        Arc::new(next),
+                    );
+                    // Freed outside the lock.
+                    drop(old);
+                    changes.send_modify(|v| *v += 1);
+                }
+            })
+        };
+        Arc::new(Self {
+            index,
+            changes,
+            _follower: AbortOnDropHandle::new(follower),
+        })
+    }
+
+    /// The current index (cheap: an `Arc` clone under a read lock).
+    pub fn index(&self) -> Arc<DirIndex> {
+        read(&self.index)
+    }
+}
+
+fn read(index: &RwLock<Arc<DirIndex>>) -> Arc<DirIndex> {
+    index.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+impl Directory for CatalogDirectory {
+    fn local_service(&self, name: &ServiceName) -> Option<LocalService> {
+        self.index().local.get(&key(name)).cloned()
+    }
+    fn endpoints(&self, name: &ServiceName) -> Vec<Endpoint> {
+        self.index()
+            .endpoints
+            .get(&key(name))
+            .cloned()
+            .unwrap_or_default()
+    }
+    fn service_of_cgroup(&self, cgroup_id: u64) -> Option<ServiceName> {
+        self.index().cgroups.get(&cgroup_id).cloned()
+    }
+    fn destination_of(&self, orig_dst: SocketAddrV4) -> Option<ServiceName> {
+        let ix = self.index();
+        if let Some(n) = ix.by_addr.get(&orig_dst) {
+            return Some(n.clone());
+        }
+        // eBPF redirects loopback connections to protected ports: a local service.
+        if orig_dst.ip().is_loopback() {
+            return ix.local_ports.get(&orig_dst.port()).cloned();
+        }
+        None
+    }
+    fn upstream_listeners(&self) -> Vec<Upstream> {
+        self.index().upstreams.clone()
+    }
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// Keeps the eBPF maps in step with the directory: one full diff per change, and a
+/// retry on the next tick when some entries could not be written.
+pub fn sync_redirect(
+    directory: Arc<CatalogDirectory>,
+    redirector: Arc<redirect::Redirector>,
+) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut changes = directory.changes();
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let ix = directory.index();
+            let stats = redirector.sync(ix.desired());
+            if stats.added + stats.removed + stats.failed > 0 {
+                tracing::info!(
+                    added = stats.added,
+                    removed = stats.removed,
+                    failed = stats.failed,
+                    destinations = ix.desired().destinations.len(),
+                    protected_ports = ix.desired().protected_ports.len(),
+                    "redirect maps synced"
+                );
+            }
+            let failed = stats.failed > 0;
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = tick.tick(), if failed => {}
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    async fn catalog() -> (Arc<Catalog>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::memory::MemStore::new());
+        let mut config = Config::for_tests();
+        config.advertise_addr = "198.18.0.2".parse().expect("ip");
+        config.inbound_addr = "198.18.0.2:20000".parse().expect("addr");
+        let c = Catalog::start(&config, store).await.expect("catalog");
+        (c, dir)
+    }
+
+    fn svc(s: &str) -> ServiceName {
+        s.parse().expect("name")
+    }
+
+    #[tokio::test]
+    async fn answers_follow_registrations_case_insensitively() {
+        let (catalog, cgroups) = catalog().await;
+        std::fs::create_dir(cgroups.path().join("web")).expect("mkdir");
+        let dir = CatalogDirectory::start(&catalog, Some(cgroups.path().to_owned()));
+        let mut changes = dir.changes();
+        assert!(dir.local_service(&svc("socat")).is_none());
+
+        catalog
+            .register(&serde_json::json!({"Name": "Socat", "Port": 8181}))
+            .await
+            .expect("register");
+        catalog
+            .register(&serde_json::json!({
+                "Name": "web", "Port": 8080, "cgroup": "web",
+                "Connect": {"SidecarService": {"Proxy": {"Upstreams": [
+                    {"DestinationName": "socat", "LocalBindPort": 9191}]}}}
+            }))
+            .await
+            .expect("register");
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while dir.local_service(&svc("web")).is_none() {
+                changes.changed().await.expect("open");
+            }
+        })
+        .await
+        .expect("the directory follows the catalog");
+
+        let local = dir.local_service(&svc("socat")).expect("local, any case");
+        assert_eq!(local.name.as_str(), "Socat");
+        assert_eq!(local.addr, "127.0.0.1:8181".parse().expect("addr"));
+        let eps = dir.endpoints(&svc("SOCAT"));
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].addr, "198.18.0.2:20000".parse().expect("addr"));
+
+        let node_socat: SocketAddrV4 = "198.18.0.2:8181".parse().expect("addr");
+        assert_eq!(dir.destination_of(node_socat), Some(svc("Socat")));
+        let loopback: SocketAddrV4 = "127.0.0.1:8181".parse().expect("addr");
+        assert_eq!(dir.destination_of(loopback), Some(svc("Socat")));
+        assert_eq!(
+            dir.destination_of("198.18.0.9:8181".parse().expect("addr")),
+            None
+        );
+
+        let id = redirect::cgroup_id(&cgroups.path().join("web")).expect("inode");
+        assert_eq!(dir.service_of_cgroup(id), Some(svc("web")));
+        assert_eq!(dir.service_of_cgroup(id + 1), None);
+
+        let ups = dir.upstream_listeners();
+        assert_eq!(ups.len(), 1, "{ups:?}");
+        assert_eq!(ups[0].source, svc("web"));
+        assert_eq!(ups[0].destination, svc("socat"));
+        assert_eq!(ups[0].bind.port(), 9191);
+
+        let ix = dir.index();
+        let d = ix.desired();
+        assert!(d.protected_ports.contains(&8181) && d.protected_ports.contains(&8080));
+        assert!(
+            d.destinations
+                .contains(&(node_socat, DestinationKind::Instance))
+        );
+
+        catalog
+            .deregister(&dir_id(&catalog, "Socat"))
+            .await
+            .expect("deregister");
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while dir.local_service(&svc("socat")).is_some() {
+                changes.changed().await.expect("open");
+            }
+        })
+        .await
+        .expect("deregistration is seen");
+        assert_eq!(dir.destination_of(node_socat), None);
+        assert!(!dir.index().desired().protected_ports.contains(&8181));
+    }
+
+    #[tokio::test]
+    async fn a_cgroup_made_after_registration_is_picked_up() {
+        let (catalog, cgroups) = catalog().await;
+        let dir = CatalogDirectory::start(&catalog, Some(cgroups.path().to_owned()));
+        catalog
+            .register(&serde_json::json!({"Name": "web", "Port": 8080, "cgroup": "late"}))
+            .await
+            .expect("register");
+        let path = cgroups.path().join("late");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::create_dir(&path).expect("mkdir");
+        let id = redirect::cgroup_id(&path).expect("inode");
+        tokio::time::timeout(Duration::from_secs(4), async {
+            while dir.service_of_cgroup(id).is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the late cgroup is resolved on the retry tick");
+    }
+
+    fn dir_id(catalog: &Catalog, name: &str) -> String {
+        catalog
+            .snapshot()
+            .local()
+            .find(|i| i.service.service.as_str() == name)
+            .map(|i| i.service.id.clone())
+            .expect("registered")
+    }
+}

@@ -1,0 +1,310 @@
+//! The data directory's protection (Consul's security checklist: configuration and
+//! data directories readable by the agent's user only).
+//!
+//! At start the agent sets its umask to 077, so everything it writes is private,
+//! creates the directory with mode 0700 if it is missing, and refuses to start if
+//! the directory, or anything in it, is open to group or others, or if the
+//! directory belongs to another user: the store holds the CA's private keys and the
+//! ACL system's state. Operator-supplied key files (`--key-file`) get the same
+//! check. [`inspect`] reports the same facts to `connect-agent doctor`.
+//! This module does not open the store; it only guards where the store lives.
+
+use std::{
+    fs,
+    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+/// Permission bits nobody but the owner may have on the data directory and its
+/// contents.
+const GROUP_OTHER: u32 = 0o077;
+/// How deep and how many entries the check walks: the store is a file or two.
+const MAX_DEPTH: usize = 4;
+const MAX_ENTRIES: usize = 10_000;
+
+/// Why the agent refuses its data directory or a key file. The operator must act;
+/// each message names the path and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create the data directory {path}: {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot inspect {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the data directory {path} is not a directory")]
+    NotADirectory { path: PathBuf },
+    #[error(
+        "refusing to start: {what} {path} is accessible to group or others (mode {mode:04o}); run `chmod {fix} {path}`"
+    )]
+    Exposed {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+        fix: &'static str,
+    },
+    #[error(
+        "refusing to start: the data directory {path} belongs to uid {owner}, not to the agent's uid {uid}; run `chown {uid} {path}`"
+    )]
+    Owner { path: PathBuf, owner: u32, uid: u32 },
+    #[error(
+        "the data directory {path} holds more than {MAX_ENTRIES} entries; it is not a Connect data directory"
+    )]
+    TooManyEntries { path: PathBuf },
+}
+
+/// Makes the data directory private and checks it; call before opening the store.
+pub fn prepare(dir: &Path) -> Result<(), Error> {
+    // Every file the agent creates from now on is private (0600/0700).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| Error::Create {
+                path: dir.to_owned(),
+                source,
+            })?;
+        // `recursive` applies the mode to the last component only through the
+        // umask; make sure of it.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            Error::Create {
+                path: dir.to_owned(),
+                source,
+            }
+        })?;
+        tracing::info!(path = %dir.display(), "data directory created (mode 0700)");
+    }
+    check(dir)
+}
+
+/// Refuses a data directory that others can read or enter, or that holds anything
+/// others can read or write.
+pub fn check(dir: &Path) -> Result<(), Error> {
+    let report = inspect(dir)?;
+    if !report.is_dir {
+        return Err(Error::NotADirectory {
+            path: dir.to_owned(),
+        });
+    }
+    if report.owner_uid != report.agent_uid {
+        return Err(Error::Owner {
+            path: dir.to_owned(),
+            owner: report.owner_uid,
+            uid: report.agent_uid,
+        });
+    }
+    if report.mode & GROUP_OTHER != 0 {
+        return Err(Error::Exposed {
+            what: "the data directory",
+            path: dir.to_owned(),
+            mode: report.mode,
+            fix: "700",
+        });
+    }
+    if let Some(e) = report.exposed.into_iter().next() {
+        return Err(Error::Exposed {
+            what: if e.is_dir {
+                "the directory"
+            } else {
+                "the file"
+            },
+            fix: if e.is_dir { "700" } else { "600" },
+            path: e.path,
+            mode: e.mode,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a private key file that group or others can read or write.
+pub fn check_key_file(path: &Path) -> Result<(), Error> {
+    let meta = fs::metadata(path).map_err(|source| Error::Stat {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & GROUP_OTHER != 0 {
+        return Err(Error::Exposed {
+            what: "the key file",
+            path: path.to_owned(),
+            mode,
+            fix: "600",
+        });
+    }
+    Ok(())
+}
+
+/// One entry of the data directory that is open to group or others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exposed {
+    pub path: PathBuf,
+    pub mode: u32,
+    pub is_dir: bool,
+}
+
+/// The data directory's protection as it is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub is_dir: bool,
+    /// Permission bits (`0o700`).
+    pub mode: u32,
+    pub owner_uid: u32,
+    /// The agent's effective uid.
+    pub agent_uid: u32,
+    /// Entries inside that group or others may access.
+    pub exposed: Vec<Exposed>,
+}
+
+/// Reads the directory's mode and owner and walks its contents (bounded).
+pub fn inspect(dir: &Path) -> Result<Report, Error> {
+    let stat = |p: &Path| {
+        fs::metadata(p).map_err(|source| Error::Stat {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let meta = stat(dir)?;
+    let mut report = Report {
+        is_dir: meta.is_dir(),
+        mode: meta.permissions().mode() & 0o7777,
+        owner_uid: meta.uid(),
+        agent_uid: nix::unistd::geteuid().as_raw(),
+        exposed: Vec::new(),
+    };
+    if report.is_dir {
+        let mut seen = 0;
+        walk(dir, 0, &mut seen, &mut report.exposed)?;
+    }
+    Ok(report)
+}
+
+fn walk(dir: &Path, depth: usize, seen: &mut usize, out: &mut Vec<Exposed>) -> Result<(), Error> {
+    let entries = fs::read_dir(dir).map_err(|source| Error::Stat {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| Error::Stat {
+            path: dir.to_owned(),
+            source,
+        })?;
+        *seen += 1;
+        if *seen > MAX_ENTRIES {
+            return Err(Error::TooManyEntries {
+                path: dir.to_owned(),
+            });
+        }
+        let path = entry.path();
+        // Follow symbolic links: what matters is who can read what they point to.
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            // A dangling link exposes nothing; an entry removed meanwhile neither.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(Error::Stat { path, source }),
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & GROUP_OTHER != 0 {
+            out.push(Exposed {
+                path: path.clone(),
+                mode,
+                is_dir: meta.is_dir(),
+            });
+        }
+        let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+        if meta.is_dir() && !is_link && depth + 1 < MAX_DEPTH {
+            walk(&path, depth + 1, seen, out)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn chmod(p: &Path, mode: u32) {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn creates_private_and_refuses_exposed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("a/data");
+        prepare(&dir).expect("fresh directory");
+        assert_eq!(inspect(&dir).expect("inspect").mode, 0o700);
+        // Files the agent writes are private thanks to the umask.
+        fs::write(dir.join("connect.redb"), b"x").expect("write");
+        assert_eq!(
+            fs::metadata(dir.join("connect.redb"))
+                .expect("meta")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        check(&dir).expect("private");
+
+        chmod(&dir, 0o755);
+        let e = check(&dir).expect_err("world-readable dir").to_string();
+        assert!(e.contains("mode 0755") && e.contains("chmod 700"), "{e}");
+        chmod(&dir, 0o700);
+
+        let file = dir.join("connect.redb");
+        chmod(&file, 0o640);
+        let e = check(&dir).expect_err("group-readable file").to_string();
+        assert!(
+            e.contains(&file.display().to_string()) && e.contains("chmod 600"),
+            "{e}"
+        );
+        chmod(&file, 0o600);
+
+        let sub = dir.join("sub");
+        fs::create_dir(&sub).expect("mkdir");
+        fs::write(sub.join("k"), b"k").expect("write");
+        chmod(&sub.join("k"), 0o604);
+        assert!(check(&dir).is_err(), "nested files are checked");
+        chmod(&sub.join("k"), 0o600);
+
+        // A link to a readable file outside exposes that file.
+        let outside = tmp.path().join("outside");
+        fs::write(&outside, b"o").expect("write");
+        chmod(&outside, 0o644);
+        symlink(&outside, dir.join("link")).expect("symlink");
+        assert!(check(&dir).is_err(), "links are followed");
+        fs::remove_file(dir.join("link")).expect("rm");
+        symlink(tmp.path().join("missing"), dir.join("dangling")).expect("symlink");
+        check(&dir).expect("a dangling link exposes nothing");
+    }
+
+    #[test]
+    fn key_files() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let key = tmp.path().join("key.pem");
+        fs::write(&key, b"k").expect("write");
+        chmod(&key, 0o600);
+        check_key_file(&key).expect("private key");
+        chmod(&key, 0o644);
+        let e = check_key_file(&key).expect_err("readable key").to_string();
+        assert!(e.contains("key file") && e.contains("chmod 600"), "{e}");
+        assert!(check_key_file(&tmp.path().join("none")).is_err());
+    }
+
+    #[test]
+    fn not_a_directory() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let f = tmp.path().join("file");
+        fs::write(&f, b"x").expect("write");
+        chmod(&f, 0o600);
+        assert!(matches!(check(&f), Err(Error::NotADirectory { .. })));
+    }
+}

@@ -1,0 +1,271 @@
+//! The inbound side: mTLS from peer proxies to this node's services.
+//!
+//! Per connection: read the ClientHello (within the handshake timeout), take the
+//! destination service from the SNI `<service>.svc.<trust-domain>`, refuse names
+//! that are not local services, finish the handshake with that service's leaf and a
+//! required, verified client certificate, read the client's SPIFFE ID, register the
+//! connection, authorize it, and only with a [`Permit`] connect to the service's
+//! plaintext port and splice. A denied connection is closed without reading a byte
+//! of application data.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use rustls::{
+    HandshakeKind,
+    pki_types::UnixTime,
+    server::{Acceptor, ServerConnection},
+};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    time::{Instant, timeout, timeout_at},
+};
+use tokio_rustls::LazyConfigAcceptor;
+use tracing::{Instrument, field};
+
+use super::{
+    ConnError, Outcome, Permit, Shared, Side, accept_loop, metrics::ConnRecord, splice,
+    splice_outcome,
+};
+use crate::{
+    ca::{PeerRole, TrustBundle, verify::leaf_identity, verify_chain},
+    identity::{ServiceName, SpiffeId, TrustDomain},
+};
+
+/// How long a denied connection's close_notify may take to go out.
+const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(super) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let stop = shared.shutdown.stop.clone();
+    accept_loop(
+        shared,
+        listener,
+        stop,
+        "inbound",
+        |shared, tcp, peer| async move { handle(shared, tcp, peer).await },
+    )
+    .await;
+}
+
+async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let id = shared.registry.next_id();
+    let span = tracing::info_span!(
+        "inbound",
+        conn = id,
+        peer = %peer,
+        src = field::Empty,
+        dst = field::Empty
+    );
+    let mut rec = ConnRecord::open(&shared.metrics, Side::Inbound, span.clone());
+    let slot = match shared.registry.reserve() {
+        Ok(slot) => slot,
+        Err(full) => {
+            shared.limit_log.refused(full.max);
+            rec.finish(Outcome::LimitReached);
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let run = async {
+        let Setup {
+            tls,
+            backend,
+            guard,
+        } = setup(&shared, id, tcp, slot).await?;
+        let limits = splice::Limits {
+            idle_timeout: shared.limits.idle_timeout,
+        };
+        Ok::<_, ConnError>(splice::splice(tls, backend, limits, guard.cancelled()).await)
+    }
+    .instrument(span);
+    let result = tokio::select! {
+        r = run => Some(r),
+        () = shared.shutdown.force.cancelled() => None,
+    };
+    match result {
+        Some(Ok(out)) => {
+            // a = the peer, b = the local service.
+            rec.bytes(out.a_to_b, out.b_to_a);
+            rec.finish(splice_outcome(out.end, &shared.shutdown));
+        }
+        Some(Err(e)) => {
+            if e.outcome() == Outcome::HandshakeFailed {
+                shared.metrics.count_handshake_failure(Side::Inbound);
+            }
+            rec.fail(e.outcome(), &e);
+        }
+        None => rec.finish(Outcome::Shutdown),
+    }
+}
+
+struct Setup {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    backend: TcpStream,
+    guard: super::conns::Guard,
+}
+
+async fn setup(
+    shared: &Shared,
+    id: super::conns::ConnId,
+    tcp: TcpStream,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Setup, ConnError> {
+    let after = shared.limits.handshake_timeout;
+    let deadline = Instant::now() + after;
+    let start = timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp))
+        .await
+        .map_err(|_| ConnError::HandshakeTimeout { after })?
+        .map_err(|source| ConnError::Handshake { source })?;
+    let bundle = shared.tls.bundle();
+    let wanted = service_of_sni(start.client_hello().server_name(), bundle.trust_domain())?;
+    let local = shared
+        .directory
+        .local_service(&wanted)
+        .ok_or(ConnError::NotLocal { service: wanted })?;
+    tracing::Span::current().record("dst", field::display(&local.name));
+    let config = shared
+        .tls
+        .server(&local.name)
+        .await
+        .map_err(|source| ConnError::Leaf {
+            service: local.name.clone(),
+            source,
+        })?;
+    let mut tls = timeout_at(deadline, start.into_stream(config))
+        .await
+        .map_err(|_| ConnError::HandshakeTimeout { after })?
+        .map_err(|source| ConnError::Handshake { source })?;
+    let client = peer_identity(tls.get_ref().1, &shared.tls.bundle())?;
+    tracing::Span::current().record("src", field::display(&client.service));
+
+    // Registered before the decision, so that an intention change between the
+    // decision and the splice is re-checked against this connection too.
+    let guard = shared.registry.register(
+        id,
+        slot,
+        client.service.clone(),
+        local.name.clone(),
+        &shared.shutdown.force,
+    );
+    let verdict = shared
+        .authorizer
+        .authorize(&client.service, &local.name)
+        .await?;
+    let permit = Permit::from_verdict(&client.service, &local.name, &verdict);
+    shared.metrics.count_decision(permit.is_some());
+    let Some(permit) = permit else {
+        tracing::info!(src = %client, dst = %local.name, reason = %verdict.reason, "connection denied");
+        // Nothing was read past the handshake; say goodbye and close.
+        let _ = timeout(CLOSE_NOTIFY_TIMEOUT, tls.shutdown()).await;
+        return Err(ConnError::Denied {
+            src: client.service,
+            dst: local.name,
+            reason: verdict.reason,
+        });
+    };
+    tracing::debug!(src = %client, dst = %local.name, reason = %verdict.reason, "connection allowed");
+    let backend = connect_local(&permit, local.addr, shared.limits.local_connect_timeout).await?;
+    Ok(Setup {
+        tls,
+        backend,
+        guard,
+    })
+}
+
+/// The SPIFFE ID of the client. A full handshake verified the chain already; a
+/// resumed session carries the certificate of the session it resumes, which is
+/// verified again against the bundle of now (it may have expired, or its root may
+/// have left the bundle, since).
+fn peer_identity(conn: &ServerConnection, bundle: &TrustBundle) -> Result<SpiffeId, ConnError> {
+    let certs =
+        conn.peer_certificates()
+            .filter(|c| !c.is_empty())
+            .ok_or(ConnError::PeerIdentity {
+                source: crate::ca::VerifyError::EmptyChain,
+            })?;
+    let id = if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
+        verify_chain(certs, bundle, UnixTime::now(), PeerRole::Client)
+    } else {
+        leaf_identity(&certs[0])
+    };
+    id.map_err(|source| ConnError::PeerIdentity { source })
+}
+
+/// Opens the local service's plaintext port. Takes a [`Permit`]: only authorized
+/// connections get here.
+async fn connect_local(
+    permit: &Permit,
+    addr: SocketAddr,
+    after: Duration,
+) -> Result<TcpStream, ConnError> {
+    let service = permit.destination().clone();
+    let tcp = timeout(after, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnError::LocalConnectTimeout {
+            service: service.clone(),
+            addr,
+            after,
+        })?
+        .map_err(|source| ConnError::LocalConnect {
+            service,
+            addr,
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// The destination service an SNI names: `<service>.svc.<trust-domain>`, any case.
+fn service_of_sni(sni: Option<&str>, trust_domain: &TrustDomain) -> Result<ServiceName, ConnError> {
+    let name = sni.ok_or(ConnError::NoSni)?;
+    let bad = || ConnError::BadSni {
+        name: name.chars().take(256).collect(),
+    };
+    let lower = name.to_ascii_lowercase();
+    let service = lower
+        .strip_suffix(trust_domain.as_str())
+        .and_then(|s| s.strip_suffix(".svc."))
+        .ok_or_else(bad)?;
+    service.parse().map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_names_a_service_of_our_trust_domain() {
+        let td: TrustDomain = "11111111-2222-3333-4444-555555555555.consul"
+            .parse()
+            .expect("td");
+        let ok = |sni: &str, want: &str| {
+            let got = service_of_sni(Some(sni), &td).expect(sni);
+            assert_eq!(got.as_str(), want, "{sni}");
+        };
+        ok(
+            "socat.svc.11111111-2222-3333-4444-555555555555.consul",
+            "socat",
+        );
+        ok(
+            "Web-2.SVC.11111111-2222-3333-4444-555555555555.CONSUL",
+            "web-2",
+        );
+        for bad in [
+            "socat",
+            "socat.svc.other.consul",
+            ".svc.11111111-2222-3333-4444-555555555555.consul",
+            "a.b.svc.11111111-2222-3333-4444-555555555555.consul",
+            "socat.svc11111111-2222-3333-4444-555555555555.consul",
+            "socat.svc.x11111111-2222-3333-4444-555555555555.consul",
+        ] {
+            assert!(
+                matches!(
+                    service_of_sni(Some(bad), &td),
+                    Err(ConnError::BadSni { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(matches!(service_of_sni(None, &td), Err(ConnError::NoSni)));
+    }
+}

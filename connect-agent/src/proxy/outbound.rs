@@ -1,0 +1,289 @@
+//! The outbound side: plaintext from local applications into the mesh.
+//!
+//! Three ways in — the transparent listener (eBPF-redirected connections: the
+//! source service from the dialing process's cgroup, the destination from the
+//! address it dialed), upstream listeners (fixed source and destination), and the
+//! explicit proxy's upstream listeners (the same code in another process) — and one
+//! way out: pick healthy instances of the destination in random order, dial their
+//! node's inbound port with TLS 1.3, the source service's leaf and SNI
+//! `<destination>.svc.<trust-domain>`, accept the server only if its certificate
+//! carries the destination's SPIFFE ID (`ca::tls::SpiffeServerVerifier`), then
+//! splice.
+//!
+//! Authorization is the destination's job; the connection is still registered
+//! here so that a deny closes both ends at once and the limit covers it.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use rand::seq::SliceRandom;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
+use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field};
+
+use super::{
+    ConnError, OriginLookup, Outcome, Shared, Side, Upstream, accept_loop, metrics::ConnRecord,
+    splice, splice_outcome,
+};
+use crate::{ca::tls::server_name_for, identity::ServiceName, redirect::Redirect};
+
+/// Instances tried per connection before giving up: enough to step over a node
+/// that just went away, few enough that a dead destination fails fast.
+pub const MAX_DIAL_ATTEMPTS: usize = 3;
+
+/// Waits between lookups of a redirect record. `sock_ops` files the record when
+/// the client's side is established, which is before our `accept()` returns; the
+/// retries only cover a record filed late on a loaded machine.
+const ORIGIN_RETRIES: [Duration; 2] = [Duration::from_millis(1), Duration::from_millis(10)];
+
+/// Why one dial attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("TCP connect failed: {source}")]
+    Connect {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TCP connect did not finish within {after:?}")]
+    ConnectTimeout { after: Duration },
+    /// Includes a server whose certificate is not the destination's
+    /// ("peer certificate mismatch").
+    #[error("TLS handshake failed: {source}")]
+    Handshake {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake did not finish within {after:?}")]
+    HandshakeTimeout { after: Duration },
+}
+
+/// Where an accepted connection goes.
+#[derive(Clone)]
+enum Route {
+    Fixed { src: ServiceName, dst: ServiceName },
+    Transparent(Arc<dyn OriginLookup>),
+}
+
+pub(super) async fn serve_upstream(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    upstream: Upstream,
+    stop: CancellationToken,
+) {
+    let route = Route::Fixed {
+        src: upstream.source,
+        dst: upstream.destination,
+    };
+    accept_loop(
+        shared,
+        listener,
+        stop,
+        "upstream",
+        move |shared, tcp, peer| handle(shared, tcp, peer, route.clone()),
+    )
+    .await;
+}
+
+pub(super) async fn serve_transparent(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    origin: Arc<dyn OriginLookup>,
+) {
+    let stop = shared.shutdown.stop.clone();
+    let route = Route::Transparent(origin);
+    accept_loop(
+        shared,
+        listener,
+        stop,
+        "transparent",
+        move |shared, tcp, peer| handle(shared, tcp, peer, route.clone()),
+    )
+    .await;
+}
+
+async fn handle(shared: Arc<Shared>, app: TcpStream, peer: SocketAddr, route: Route) {
+    let id = shared.registry.next_id();
+    let span = tracing::info_span!(
+        "outbound",
+        conn = id,
+        peer = %peer,
+        src = field::Empty,
+        dst = field::Empty,
+        orig_dst = field::Empty
+    );
+    let mut rec = ConnRecord::open(&shared.metrics, Side::Outbound, span.clone());
+    let slot = match shared.registry.reserve() {
+        Ok(slot) => slot,
+        Err(full) => {
+            shared.limit_log.refused(full.max);
+            rec.finish(Outcome::LimitReached);
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    let run = async {
+        let (src, dst) = resolve(&shared, &route, peer).await?;
+        let span = tracing::Span::current();
+        span.record("src", field::display(&src));
+        span.record("dst", field::display(&dst));
+        let guard =
+            shared
+                .registry
+                .register(id, slot, src.clone(), dst.clone(), &shared.shutdown.force);
+        let tls = dial(&shared, &src, &dst).await?;
+        tracing::debug!("connected to the destination");
+        let limits = splice::Limits {
+            idle_timeout: shared.limits.idle_timeout,
+        };
+        Ok::<_, ConnError>(splice::splice(app, tls, limits, guard.cancelled()).await)
+    }
+    .instrument(span);
+    let result = tokio::select! {
+        r = run => Some(r),
+        () = shared.shutdown.force.cancelled() => None,
+    };
+    match result {
+        Some(Ok(out)) => {
+            // a = the local application, b = the destination.
+            rec.bytes(out.b_to_a, out.a_to_b);
+            rec.finish(splice_outcome(out.end, &shared.shutdown));
+        }
+        Some(Err(e)) => rec.fail(e.outcome(), &e),
+        None => rec.finish(Outcome::Shutdown),
+    }
+}
+
+/// Source and destination service of an accepted connection.
+async fn resolve(
+    shared: &Shared,
+    route: &Route,
+    peer: SocketAddr,
+) -> Result<(ServiceName, ServiceName), ConnError> {
+    let origin = match route {
+        Route::Fixed { src, dst } => return Ok((src.clone(), dst.clone())),
+        Route::Transparent(origin) => origin,
+    };
+    let SocketAddr::V4(peer) = peer else {
+        return Err(ConnError::NotV4 { peer });
+    };
+    let redirect = take_redirect(origin.as_ref(), peer).await?;
+    tracing::Span::current().record("orig_dst", field::display(redirect.orig_dst));
+    let src = shared
+        .directory
+        .service_of_cgroup(redirect.cgroup_id)
+        .ok_or(ConnError::UnknownCgroup {
+            cgroup_id: redirect.cgroup_id,
+        })?;
+    let dst = shared.directory.destination_of(redirect.orig_dst).ok_or(
+        ConnError::UnknownDestination {
+            orig_dst: redirect.orig_dst,
+        },
+    )?;
+    Ok((src, dst))
+}
+
+async fn take_redirect(
+    origin: &dyn OriginLookup,
+    peer: SocketAddrV4,
+) -> Result<Redirect, ConnError> {
+    let lookup = || {
+        origin
+            .take_redirect(peer)
+            .map_err(|source| ConnError::Origin { peer, source })
+    };
+    if let Some(r) = lookup()? {
+        return Ok(r);
+    }
+    for pause in ORIGIN_RETRIES {
+        tokio::time::sleep(pause).await;
+        if let Some(r) = lookup()? {
+            return Ok(r);
+        }
+    }
+    Err(ConnError::NoOrigin { peer })
+}
+
+/// Dials healthy instances of `dst` as `src` until one answers with `dst`'s
+/// identity.
+async fn dial(
+    shared: &Shared,
+    src: &ServiceName,
+    dst: &ServiceName,
+) -> Result<TlsStream<TcpStream>, ConnError> {
+    let mut endpoints = shared.directory.endpoints(dst);
+    if endpoints.is_empty() {
+        return Err(ConnError::NoEndpoints {
+            service: dst.clone(),
+        });
+    }
+    endpoints.shuffle(&mut rand::thread_rng());
+    let config = shared
+        .tls
+        .client(src)
+        .await
+        .map_err(|source| ConnError::Leaf {
+            service: src.clone(),
+            source,
+        })?;
+    let connector = TlsConnector::from(config);
+    let bundle = shared.tls.bundle();
+    let name = server_name_for(dst, &bundle).map_err(|_| ConnError::ServerName {
+        service: dst.clone(),
+        trust_domain: bundle.trust_domain().to_string(),
+    })?;
+    let attempts = endpoints.len().min(MAX_DIAL_ATTEMPTS);
+    let mut last = None;
+    for endpoint in endpoints.into_iter().take(attempts) {
+        match attempt(&connector, name.clone(), endpoint.addr, shared).await {
+            Ok(tls) => return Ok(tls),
+            Err(e) => {
+                if matches!(
+                    e,
+                    DialError::Handshake { .. } | DialError::HandshakeTimeout { .. }
+                ) {
+                    shared.metrics.count_handshake_failure(Side::Outbound);
+                }
+                tracing::debug!(endpoint = %endpoint.addr, dc = %endpoint.datacenter, error = %e, "dial attempt failed");
+                last = Some((endpoint.addr, e));
+            }
+        }
+    }
+    match last {
+        Some((addr, source)) => Err(ConnError::Dial {
+            service: dst.clone(),
+            addr,
+            attempts,
+            source,
+        }),
+        // `attempts` is at least one: `endpoints` was checked non-empty above.
+        None => Err(ConnError::NoEndpoints {
+            service: dst.clone(),
+        }),
+    }
+}
+
+async fn attempt(
+    connector: &TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+    addr: SocketAddr,
+    shared: &Shared,
+) -> Result<TlsStream<TcpStream>, DialError> {
+    let after = shared.limits.connect_timeout;
+    let tcp = timeout(after, TcpStream::connect(addr))
+        .await
+        .map_err(|_| DialError::ConnectTimeout { after })?
+        .map_err(|source| DialError::Connect { source })?;
+    let _ = tcp.set_nodelay(true);
+    let after = shared.limits.handshake_timeout;
+    timeout(after, connector.connect(name, tcp))
+        .await
+        .map_err(|_| DialError::HandshakeTimeout { after })?
+        .map_err(|source| DialError::Handshake { source })
+}

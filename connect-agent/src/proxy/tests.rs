@@ -1,0 +1,886 @@
+//! In-process tests of the proxy: a real agent core (CA and intentions on a memory
+//! store), a [`MemDirectory`], real sockets on 127.0.0.1, and rustls clients and
+//! servers standing in for peers.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use rustls::{
+    ClientConfig, ServerConfig,
+    client::ResolvesClientCert,
+    pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
+    sign::CertifiedKey,
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
+    time::{Instant, timeout, timeout_at},
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
+
+use super::{node::IntentionsAuthorizer, *};
+use crate::{
+    app::{self, Agent},
+    ca::{
+        CaManager,
+        tls::{SpiffeServerVerifier, server_name_for},
+    },
+    config::Config,
+    identity::SpiffeId,
+    intentions::Selector,
+    store::memory::MemStore,
+};
+
+/// Upper bound of every wait in these tests.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn svc(s: &str) -> ServiceName {
+    s.parse().expect("valid service name")
+}
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+}
+
+/// Polls `f` until it holds, failing after [`DEADLINE`].
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ───────────────────────────── backends ─────────────────────────────
+
+/// A plaintext service on 127.0.0.1 that counts the connections it accepted.
+struct Backend {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Echoes until EOF, then closes (like `socat ... exec:/bin/cat`).
+async fn echo_backend() -> Backend {
+    backend(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// Reads to EOF, then answers `<n> bytes` and closes: only a forwarded half-close
+/// gets an answer.
+async fn count_backend() -> Backend {
+    backend(|mut s| async move {
+        let mut buf = Vec::new();
+        if s.read_to_end(&mut buf).await.is_ok() {
+            let _ = s.write_all(format!("{} bytes", buf.len()).as_bytes()).await;
+        }
+        let _ = s.shutdown().await;
+    })
+    .await
+}
+
+async fn backend<F, Fut>(serve: F) -> Backend
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind(any_port()).await.expect("bind backend");
+    let addr = l.local_addr().expect("backend addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(s));
+        }
+    });
+    Backend { addr, accepted }
+}
+
+// ───────────────────────────── nodes ─────────────────────────────
+
+struct Node {
+    agent: Arc<Agent>,
+    dir: Arc<MemDirectory>,
+    proxy: Proxy,
+    inbound: SocketAddr,
+}
+
+async fn agent() -> Arc<Agent> {
+    app::build(
+        Config::for_tests(),
+        Arc::new(MemStore::new()),
+        None,
+        Shutdown::new(),
+    )
+    .await
+    .expect("agent builds")
+}
+
+async fn node() -> Node {
+    node_with(agent().await, Limits::default(), None).await
+}
+
+/// A proxy on `agent` with a fresh directory and an inbound listener; `leaves`
+/// replaces the CA as leaf source.
+async fn node_with(agent: Arc<Agent>, limits: Limits, leaves: Option<Arc<dyn LeafSource>>) -> Node {
+    let dir = Arc::new(MemDirectory::new());
+    let proxy = Proxy::start(Parts {
+        directory: dir.clone(),
+        authorizer: Arc::new(IntentionsAuthorizer::new(agent.intentions.clone())),
+        leaves: leaves.unwrap_or_else(|| agent.ca.clone()),
+        bundle: agent.ca.bundle(),
+        metrics: agent.proxy_metrics.clone(),
+        limits,
+        shutdown: agent.shutdown.clone(),
+    })
+    .expect("proxy starts");
+    let l = bind("inbound", any_port()).await.expect("bind inbound");
+    let inbound = l.local_addr().expect("inbound addr");
+    proxy.serve_inbound(l);
+    Node {
+        agent,
+        dir,
+        proxy,
+        inbound,
+    }
+}
+
+impl Node {
+    /// Makes `name` a local service on `backend`, reached through this node.
+    fn serve(&self, name: &str, backend: &Backend) {
+        self.dir.set_local(&svc(name), backend.addr);
+        self.dir.set_endpoints(
+            &svc(name),
+            vec![Endpoint {
+                addr: self.inbound,
+                datacenter: Datacenter::default(),
+            }],
+        );
+    }
+
+    /// Opens an upstream listener `src` → `dst` on a free port; returns its address.
+    async fn upstream(&self, src: &str, dst: &str) -> SocketAddr {
+        let probe = std::net::TcpListener::bind(any_port()).expect("probe port");
+        let bind = probe.local_addr().expect("probe addr");
+        drop(probe);
+        self.dir.add_upstream(Upstream {
+            source: svc(src),
+            destination: svc(dst),
+            bind,
+        });
+        let errors = self.proxy.sync_upstreams().await;
+        assert!(errors.is_empty(), "{errors:?}");
+        bind
+    }
+
+    async fn intention(&self, src: &str, dst: &str, action: Action) {
+        self.agent
+            .intentions
+            .upsert(
+                Selector::Service(svc(src)),
+                Selector::Service(svc(dst)),
+                action,
+                String::new(),
+                BTreeMap::new(),
+            )
+            .await
+            .expect("intention written");
+    }
+
+    async fn delete_intention(&self, src: &str, dst: &str) {
+        self.agent
+            .intentions
+            .delete_exact(&Selector::Service(svc(src)), &Selector::Service(svc(dst)))
+            .await
+            .expect("intention deleted");
+    }
+
+    async fn leaf(&self, service: &str) -> Arc<CertifiedKey> {
+        self.agent
+            .ca
+            .leaf(&svc(service))
+            .await
+            .expect("leaf")
+            .rx
+            .borrow()
+            .certified_key
+            .clone()
+    }
+
+    fn metrics(&self) -> &Metrics {
+        self.proxy.metrics()
+    }
+
+    async fn settle(&self) {
+        let proxy = self.proxy.clone();
+        eventually("connections to close", move || {
+            proxy.live_connections() == 0
+        })
+        .await;
+    }
+}
+
+// ───────────────────────────── clients ─────────────────────────────
+
+#[derive(Debug)]
+struct FixedClientCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for FixedClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A TLS 1.3 client that verifies the server like the proxy does and presents
+/// `cert` (or nothing).
+fn client_config(
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    cert: Option<Arc<CertifiedKey>>,
+) -> Arc<ClientConfig> {
+    let b = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(SpiffeServerVerifier::new(bundle));
+    Arc::new(match cert {
+        Some(c) => b.with_client_cert_resolver(Arc::new(FixedClientCert(c))),
+        None => b.with_no_client_auth(),
+    })
+}
+
+async fn tls_connect(
+    node: &Node,
+    dst: &str,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(node.inbound).await?;
+    let name = server_name_for(&svc(dst), &node.agent.ca.bundle().borrow()).expect("sni");
+    timeout(DEADLINE, TlsConnector::from(config).connect(name, tcp))
+        .await
+        .expect("handshake finishes or fails in time")
+}
+
+async fn expect_echo<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) {
+    s.write_all(msg).await.expect("write");
+    s.flush().await.expect("flush");
+    let mut got = vec![0u8; msg.len()];
+    timeout(DEADLINE, s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(got, msg);
+}
+
+/// The stream ends (EOF or error) without yielding a byte.
+async fn expect_closed<S: AsyncRead + Unpin>(s: &mut S, within: Duration) {
+    let mut buf = [0u8; 64];
+    match timeout(within, s.read(&mut buf)).await {
+        Err(_) => panic!("the connection stayed open for {within:?}"),
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("received {:?} on a connection that must close", &buf[..n]),
+    }
+}
+
+// ───────────────────────────── tests ─────────────────────────────
+
+#[tokio::test]
+async fn echo_through_an_upstream_listener_and_the_inbound_side() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let up = n.upstream("web", "socat").await;
+
+    let mut c = TcpStream::connect(up).await.expect("connect upstream");
+    expect_echo(&mut c, b"hello mesh\n").await;
+    expect_echo(&mut c, &vec![7u8; 300_000]).await;
+    drop(c);
+    n.settle().await;
+
+    let m = n.metrics();
+    assert_eq!(m.accepted(Side::Outbound), 1);
+    assert_eq!(m.accepted(Side::Inbound), 1);
+    assert_eq!(m.allowed(), 1);
+    assert_eq!(m.denied(), 0);
+    eventually("both sides to record", || {
+        m.active(Side::Inbound) == 0 && m.active(Side::Outbound) == 0
+    })
+    .await;
+    let total = 11 + 300_000;
+    assert_eq!(
+        m.bytes_in(),
+        2 * total,
+        "both sides count bytes toward apps"
+    );
+    assert_eq!(m.bytes_out(), 2 * total);
+    let mut text = String::new();
+    m.render_prometheus(&mut text);
+    assert!(text.contains("connect_proxy_authorizations_total{decision=\"allow\"} 1"));
+}
+
+#[tokio::test]
+async fn half_close_travels_through_both_proxies() {
+    let n = node().await;
+    let backend = count_backend().await;
+    n.serve("socat", &backend);
+    let up = n.upstream("web", "socat").await;
+
+    let mut c = TcpStream::connect(up).await.expect("connect");
+    c.write_all(b"ping").await.expect("write");
+    // The backend answers only once it sees EOF, so the answer proves the FIN
+    // crossed both proxies (as close_notify in between) while the way back stayed
+    // open.
+    c.shutdown().await.expect("half-close");
+    let mut answer = String::new();
+    timeout(DEADLINE, c.read_to_string(&mut answer))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    assert_eq!(answer, "4 bytes");
+    n.settle().await;
+    let m = n.metrics();
+    eventually("clean closes", || {
+        m.closed(Side::Inbound, Outcome::Closed) == 1
+            && m.closed(Side::Outbound, Outcome::Closed) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_denied_connection_closes_before_any_byte_passes() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let up = n.upstream("web", "socat").await;
+    n.intention("web", "socat", Action::Deny).await;
+
+    let mut c = TcpStream::connect(up).await.expect("connect");
+    c.write_all(b"secret").await.expect("write");
+    expect_closed(&mut c, DEADLINE).await;
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "the service saw the denied connection"
+    );
+    let m = n.metrics();
+    eventually("the denial to be recorded", || {
+        m.closed(Side::Inbound, Outcome::Denied) == 1
+    })
+    .await;
+    assert_eq!((m.allowed(), m.denied()), (0, 1));
+
+    // Deleting the intention restores the default (allow in dev mode).
+    n.delete_intention("web", "socat").await;
+    let mut c = TcpStream::connect(up).await.expect("connect");
+    expect_echo(&mut c, b"again").await;
+}
+
+#[tokio::test]
+async fn a_live_connection_closes_within_a_second_of_a_deny() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let up = n.upstream("web", "socat").await;
+    let mut live = TcpStream::connect(up).await.expect("connect");
+    expect_echo(&mut live, b"before").await;
+    // Another pair's connection must survive the re-check.
+    n.serve("other", &backend);
+    let up_other = n.upstream("web", "other").await;
+    let mut unrelated = TcpStream::connect(up_other).await.expect("connect");
+    expect_echo(&mut unrelated, b"other").await;
+
+    let t0 = Instant::now();
+    n.intention("web", "socat", Action::Deny).await;
+    let mut buf = [0u8; 16];
+    match timeout_at(t0 + Duration::from_secs(1), live.read(&mut buf)).await {
+        Err(_) => panic!("the denied connection was still open a second later"),
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(k)) => panic!("unexpected bytes {:?}", &buf[..k]),
+    }
+    expect_echo(&mut unrelated, b"still here").await;
+    let m = n.metrics();
+    eventually("the revocation to be recorded", || {
+        m.closed(Side::Inbound, Outcome::Revoked) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn another_service_with_its_own_leaf_is_allowed_or_denied_per_intentions() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("api").await));
+
+    let mut tls = tls_connect(&n, "socat", config.clone())
+        .await
+        .expect("handshake");
+    expect_echo(&mut tls, b"from api").await;
+
+    n.intention("api", "socat", Action::Deny).await;
+    // The live one is revoked; a new one is refused.
+    expect_closed(&mut tls, DEADLINE).await;
+    let mut tls = tls_connect(&n, "socat", config).await.expect("handshake");
+    let _ = tls.write_all(b"let me in").await;
+    expect_closed(&mut tls, DEADLINE).await;
+    assert_eq!(backend.accepted(), 1);
+}
+
+#[tokio::test]
+async fn no_client_certificate_or_a_foreign_ca_fails_the_handshake() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let foreign = CaManager::start(&Config::for_tests(), Arc::new(MemStore::new()))
+        .await
+        .expect("foreign CA");
+    let foreign_leaf = foreign
+        .leaf(&svc("web"))
+        .await
+        .expect("foreign leaf")
+        .rx
+        .borrow()
+        .certified_key
+        .clone();
+    let cases = [
+        ("no certificate", None),
+        ("a foreign CA", Some(foreign_leaf)),
+    ];
+    for (i, (what, cert)) in cases.into_iter().enumerate() {
+        let config = client_config(n.agent.ca.bundle(), cert);
+        // TLS 1.3 clients finish before the server judges their certificate:
+        // the refusal shows as an alert or a close on the first read.
+        match tls_connect(&n, "socat", config).await {
+            Err(_) => {}
+            Ok(mut tls) => {
+                let _ = tls.write_all(b"hello").await;
+                expect_closed(&mut tls, DEADLINE).await;
+            }
+        }
+        let m = n.metrics();
+        eventually(what, || {
+            m.handshake_failures(Side::Inbound) == i as u64 + 1
+                && m.closed(Side::Inbound, Outcome::HandshakeFailed) == i as u64 + 1
+        })
+        .await;
+    }
+    let m = n.metrics();
+    assert_eq!(backend.accepted(), 0);
+    assert_eq!(
+        m.allowed() + m.denied(),
+        0,
+        "no identity reached authorization"
+    );
+}
+
+#[tokio::test]
+async fn sni_must_name_a_local_service() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("web").await));
+    // `db` is a valid service of our trust domain but not on this node.
+    assert!(
+        tls_connect(&n, "db", config).await.is_err(),
+        "a handshake for a service this node does not run succeeded"
+    );
+    let m = n.metrics();
+    eventually("the refusal", || {
+        m.closed(Side::Inbound, Outcome::Unroutable) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn garbage_stalls_and_resets_are_survived() {
+    let limits = Limits {
+        handshake_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let n = node_with(agent().await, limits, None).await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+
+    // Garbage instead of a ClientHello.
+    let mut raw = TcpStream::connect(n.inbound).await.expect("connect");
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x16\x03\x01\xff\xff")
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    timeout(DEADLINE, raw.read_to_end(&mut sink))
+        .await
+        .expect("closed in time")
+        .ok();
+    // Silence after connecting, and half a record header.
+    let mut silent = TcpStream::connect(n.inbound).await.expect("connect");
+    let mut partial = TcpStream::connect(n.inbound).await.expect("connect");
+    partial.write_all(b"\x16\x03").await.expect("write");
+    expect_closed(&mut silent, DEADLINE).await;
+    expect_closed(&mut partial, DEADLINE).await;
+    // A reset in the middle of a handshake.
+    let reset = TcpStream::connect(n.inbound).await.expect("connect");
+    // SO_LINGER 0 makes the close a reset; blocking on drop is harmless here.
+    #[allow(deprecated)]
+    reset.set_linger(Some(Duration::ZERO)).expect("linger");
+    drop(reset);
+
+    let m = n.metrics();
+    eventually("four failed handshakes", || {
+        m.closed(Side::Inbound, Outcome::HandshakeFailed) == 4
+    })
+    .await;
+    // The listener still serves.
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("web").await));
+    let mut tls = tls_connect(&n, "socat", config).await.expect("handshake");
+    expect_echo(&mut tls, b"still serving").await;
+}
+
+#[tokio::test]
+async fn the_connection_limit_refuses_and_recovers() {
+    let limits = Limits {
+        max_connections: 1,
+        ..Limits::default()
+    };
+    let n = node_with(agent().await, limits, None).await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("web").await));
+
+    let mut first = tls_connect(&n, "socat", config.clone())
+        .await
+        .expect("first handshake");
+    expect_echo(&mut first, b"one").await;
+    match tls_connect(&n, "socat", config.clone()).await {
+        Err(_) => {}
+        Ok(mut second) => expect_closed(&mut second, DEADLINE).await,
+    }
+    let m = n.metrics();
+    eventually("the refusal", || {
+        m.closed(Side::Inbound, Outcome::LimitReached) == 1
+    })
+    .await;
+    expect_echo(&mut first, b"unaffected").await;
+    drop(first);
+    n.settle().await;
+    let mut third = tls_connect(&n, "socat", config).await.expect("third");
+    expect_echo(&mut third, b"slot came back").await;
+}
+
+#[tokio::test]
+async fn the_outbound_side_accepts_only_the_destinations_identity() {
+    let n = node().await;
+    // A server that presents api's (valid) leaf where socat was expected.
+    let impostor = n.leaf("api").await;
+    let server =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(FixedServerCert(impostor)));
+    let acceptor = TlsAcceptor::from(Arc::new(server));
+    let l = TcpListener::bind(any_port()).await.expect("bind");
+    let impostor_addr = l.local_addr().expect("addr");
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            if let Ok(mut tls) = acceptor.accept(s).await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = tls.write_all(b"impostor").await;
+            }
+        }
+    });
+    n.dir.set_endpoints(
+        &svc("socat"),
+        vec![Endpoint {
+            addr: impostor_addr,
+            datacenter: Datacenter::default(),
+        }],
+    );
+    let up = n.upstream("web", "socat").await;
+    let mut c = TcpStream::connect(up).await.expect("connect");
+    c.write_all(b"hi").await.expect("write");
+    expect_closed(&mut c, DEADLINE).await;
+    let m = n.metrics();
+    eventually("the dial failure", || {
+        m.closed(Side::Outbound, Outcome::DialFailed) == 1
+    })
+    .await;
+    assert!(m.handshake_failures(Side::Outbound) >= 1);
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        0,
+        "a byte reached the impostor"
+    );
+}
+
+#[tokio::test]
+async fn a_renewed_leaf_serves_new_handshakes_and_old_connections_stay() {
+    let agent = agent().await;
+    let first = mint(&agent.ca, "socat");
+    let (tx, rx) = watch::channel(first.clone());
+    let leaves: Arc<dyn LeafSource> = Arc::new(StaticLeaf::new(svc("socat"), rx));
+    let n = node_with(agent, Limits::default(), Some(leaves)).await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("web").await));
+
+    let mut old = tls_connect(&n, "socat", config.clone()).await.expect("old");
+    expect_echo(&mut old, b"old").await;
+    assert_eq!(served_cert(&old), first.cert[0].as_ref());
+
+    let second = mint(&n.agent.ca, "socat");
+    tx.send_replace(second.clone());
+    // A fresh client config: a resumed session would skip the certificate.
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("web").await));
+    let mut new = tls_connect(&n, "socat", config).await.expect("new");
+    expect_echo(&mut new, b"new").await;
+    assert_eq!(served_cert(&new), second.cert[0].as_ref());
+    expect_echo(&mut old, b"old still works").await;
+}
+
+#[tokio::test]
+async fn a_root_rotation_reaches_new_handshakes_and_old_connections_stay() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let old_root = n.agent.ca.state().active_root().id().to_owned();
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("web").await));
+    let mut old = tls_connect(&n, "socat", config).await.expect("old");
+    expect_echo(&mut old, b"old root").await;
+
+    let rotate = crate::ca::CaConfig::from_request(&serde_json::json!({
+        "Provider": "consul",
+        "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": 384},
+    }))
+    .expect("config");
+    n.agent.ca.set_config(rotate).await.expect("rotation");
+    assert_ne!(n.agent.ca.state().active_root().id(), old_root);
+    // A client whose leaf comes from the new root reaches a server whose leaf
+    // still comes from the old one: both roots are in the live bundle.
+    let api = n
+        .agent
+        .ca
+        .leaf(&svc("api"))
+        .await
+        .expect("leaf")
+        .rx
+        .borrow()
+        .clone();
+    assert_ne!(
+        api.cert.root_id, old_root,
+        "the new leaf is from the new root"
+    );
+    let config = client_config(n.agent.ca.bundle(), Some(api.certified_key.clone()));
+    let mut new = tls_connect(&n, "socat", config).await.expect("new");
+    expect_echo(&mut new, b"new root").await;
+    expect_echo(&mut old, b"old connection kept").await;
+}
+
+#[tokio::test]
+async fn resumed_sessions_are_verified_again_and_authorized() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("web").await));
+
+    let mut full = tls_connect(&n, "socat", config.clone())
+        .await
+        .expect("full");
+    // The round trip makes the client read the server's tickets.
+    expect_echo(&mut full, b"full").await;
+    assert_eq!(
+        full.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    let mut resumed = tls_connect(&n, "socat", config.clone())
+        .await
+        .expect("resumed");
+    expect_echo(&mut resumed, b"resumed").await;
+    assert_eq!(
+        resumed.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    n.intention("web", "socat", Action::Deny).await;
+    let mut denied = tls_connect(&n, "socat", config).await.expect("handshake");
+    let _ = denied.write_all(b"x").await;
+    expect_closed(&mut denied, DEADLINE).await;
+    assert_eq!(n.metrics().denied(), 1);
+}
+
+#[tokio::test]
+async fn the_transparent_listener_routes_by_cgroup_and_original_destination() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    // Addresses the application "dialed"; only map keys, never dialed.
+    let orig = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 8181);
+    n.dir.map_cgroup(42, &svc("web"));
+    n.dir.map_destination(orig, &svc("socat"));
+    let origin = Arc::new(MemOrigin::default());
+    let l = bind("transparent", any_port()).await.expect("bind");
+    let transparent = l.local_addr().expect("addr");
+    n.proxy.serve_transparent(l, origin.clone());
+
+    // What eBPF records at connect(): known before the proxy accepts.
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind(any_port()).expect("bind client");
+    let SocketAddr::V4(local) = socket.local_addr().expect("local") else {
+        panic!("IPv4 expected");
+    };
+    origin.insert(
+        local,
+        Redirect {
+            orig_dst: orig,
+            cgroup_id: 42,
+        },
+    );
+    let mut c = socket.connect(transparent).await.expect("connect");
+    expect_echo(&mut c, b"transparent").await;
+
+    // A connection eBPF did not record goes nowhere.
+    let mut stray = TcpStream::connect(transparent).await.expect("connect");
+    expect_closed(&mut stray, DEADLINE).await;
+    // Nor does one from a cgroup no service owns.
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind(any_port()).expect("bind client");
+    let SocketAddr::V4(local) = socket.local_addr().expect("local") else {
+        panic!("IPv4 expected");
+    };
+    origin.insert(
+        local,
+        Redirect {
+            orig_dst: orig,
+            cgroup_id: 7,
+        },
+    );
+    let mut unknown = socket.connect(transparent).await.expect("connect");
+    expect_closed(&mut unknown, DEADLINE).await;
+    let m = n.metrics();
+    eventually("two unroutable connections", || {
+        m.closed(Side::Outbound, Outcome::Unroutable) == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn upstream_listeners_follow_the_directory() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let up = n.upstream("web", "socat").await;
+    let mut live = TcpStream::connect(up).await.expect("connect");
+    expect_echo(&mut live, b"up").await;
+    assert_eq!(n.proxy.upstream_addrs().len(), 1);
+
+    n.dir.remove_upstream(up);
+    let proxy = n.proxy.clone();
+    eventually("the listener to close", move || {
+        proxy.upstream_addrs().is_empty()
+    })
+    .await;
+    let until = Instant::now() + DEADLINE;
+    while TcpStream::connect(up).await.is_ok() {
+        assert!(Instant::now() < until, "the removed listener still accepts");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Connections it accepted carry on.
+    expect_echo(&mut live, b"still up").await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_listening_and_forces_connections_after_the_deadline() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("web").await));
+    let mut live = tls_connect(&n, "socat", config).await.expect("handshake");
+    expect_echo(&mut live, b"working").await;
+
+    n.agent.shutdown.drain(Duration::from_millis(200)).await;
+    expect_closed(&mut live, DEADLINE).await;
+    assert!(
+        TcpStream::connect(n.inbound).await.is_err(),
+        "the inbound listener still accepts after shutdown"
+    );
+    let m = n.metrics();
+    eventually("the forced close", || {
+        m.closed(Side::Inbound, Outcome::Shutdown) == 1
+    })
+    .await;
+}
+
+// ───────────────────────────── helpers ─────────────────────────────
+
+#[derive(Debug)]
+struct FixedServerCert(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedServerCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+#[derive(Debug, Default)]
+struct MemOrigin(Mutex<HashMap<SocketAddrV4, Redirect>>);
+
+impl MemOrigin {
+    fn insert(&self, peer: SocketAddrV4, r: Redirect) {
+        self.0.lock().expect("lock").insert(peer, r);
+    }
+}
+
+impl OriginLookup for MemOrigin {
+    fn take_redirect(&self, peer: SocketAddrV4) -> Result<Option<Redirect>, redirect::Error> {
+        Ok(self.0.lock().expect("lock").remove(&peer))
+    }
+}
+
+/// A new leaf for `service` from `ca`, with a key of its own (what a renewal
+/// produces).
+fn mint(ca: &CaManager, service: &str) -> Arc<CertifiedKey> {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let id = SpiffeId::service(
+        ca.state().trust_domain.clone(),
+        Datacenter::default(),
+        svc(service),
+    );
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().expect("URI"))];
+    let csr = params.serialize_request(&key).expect("CSR");
+    let issued = ca.sign_csr(csr.der().as_ref()).expect("signed");
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing = rustls::crypto::ring::sign::any_ecdsa_type(&der).expect("signing key");
+    Arc::new(CertifiedKey::new(issued.chain.clone(), signing))
+}
+
+fn served_cert(tls: &TlsStream<TcpStream>) -> &[u8] {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("server certificate")
+        .as_ref()
+}
+
+mod openssl;

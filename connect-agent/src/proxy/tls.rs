@@ -1,0 +1,239 @@
+//! rustls configurations for the proxy, built once per local service and kept for
+//! as long as the service is: certificates and roots change underneath them
+//! without a rebuild.
+//!
+//! - Each configuration holds a [`LeafRx`] — a `watch` of the service's current
+//!   leaf — and hands rustls whatever it holds at handshake time, so a renewed leaf
+//!   is used by the next handshake while established connections keep theirs.
+//! - The verifiers (`ca::tls`) read the live trust bundle the same way, so a root
+//!   rotation reaches the next handshake.
+//! - TLS 1.3 only, ring's cipher suites.
+//! - Session resumption: servers issue stateless tickets (one ticket key shared by
+//!   every server configuration, rotated by rustls every 6 h); clients keep a
+//!   bounded ticket cache **per source service**, never shared between identities,
+//!   because a resumed session carries the client certificate of the session it
+//!   resumes. The inbound side re-verifies that certificate against the current
+//!   bundle when a session is resumed (see `inbound`).
+//!
+//! Not here: deciding which service a connection is for (`inbound`, `outbound`), or
+//! verifying chains (`ca::verify`).
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+};
+
+use rustls::{
+    ClientConfig, ServerConfig,
+    client::{ResolvesClientCert, Resumption},
+    crypto::CryptoProvider,
+    server::{ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::sync::watch;
+
+use super::BoxError;
+use crate::{
+    ca::{
+        CaManager, Leaf, TrustBundle,
+        tls::{SpiffeClientVerifier, SpiffeServerVerifier},
+    },
+    identity::ServiceName,
+};
+
+/// TLS 1.3 tickets a client keeps per source service (rustls' default cache size).
+/// With two tickets per full handshake this covers 128 destinations resuming.
+const CLIENT_SESSIONS_PER_SOURCE: usize = 256;
+
+/// A service's current leaf as a live value.
+#[derive(Debug, Clone)]
+pub enum LeafRx {
+    /// From the agent's CA: renewed in the background.
+    Ca(watch::Receiver<Arc<Leaf>>),
+    /// A ready key (the explicit proxy, fed from the agent's HTTP API).
+    Key(watch::Receiver<Arc<CertifiedKey>>),
+}
+
+impl LeafRx {
+    /// The leaf to present now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        match self {
+            LeafRx::Ca(rx) => rx.borrow().certified_key.clone(),
+            LeafRx::Key(rx) => rx.borrow().clone(),
+        }
+    }
+}
+
+/// Where the proxy gets the leaf of a service it speaks for.
+#[async_trait::async_trait]
+pub trait LeafSource: Send + Sync + fmt::Debug + 'static {
+    async fn leaf(&self, service: &ServiceName) -> Result<LeafRx, BoxError>;
+}
+
+#[async_trait::async_trait]
+impl LeafSource for CaManager {
+    async fn leaf(&self, service: &ServiceName) -> Result<LeafRx, BoxError> {
+        let watch = CaManager::leaf(self, service).await?;
+        Ok(LeafRx::Ca(watch.rx))
+    }
+}
+
+/// The leaf of the one service an explicit proxy speaks for.
+#[derive(Debug)]
+pub struct StaticLeaf {
+    service: ServiceName,
+    rx: watch::Receiver<Arc<CertifiedKey>>,
+}
+
+/// The explicit proxy was asked for the leaf of a service it does not represent.
+#[derive(Debug, thiserror::Error)]
+#[error("this proxy holds the leaf of {held} only, not of {asked}")]
+pub struct NotOurService {
+    pub held: ServiceName,
+    pub asked: ServiceName,
+}
+
+impl StaticLeaf {
+    pub fn new(service: ServiceName, rx: watch::Receiver<Arc<CertifiedKey>>) -> Self {
+        Self { service, rx }
+    }
+}
+
+#[async_trait::async_trait]
+impl LeafSource for StaticLeaf {
+    async fn leaf(&self, service: &ServiceName) -> Result<LeafRx, BoxError> {
+        if service.as_str().eq_ignore_ascii_case(self.service.as_str()) {
+            Ok(LeafRx::Key(self.rx.clone()))
+        } else {
+            Err(Box::new(NotOurService {
+                held: self.service.clone(),
+                asked: service.clone(),
+            }))
+        }
+    }
+}
+
+/// Presents a service's current leaf, as server or as client.
+#[derive(Debug)]
+struct LeafResolver(LeafRx);
+
+impl ResolvesServerCert for LeafResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current())
+    }
+}
+
+impl ResolvesClientCert for LeafResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The TLS configurations of every service the proxy speaks for, built on first
+/// use.
+pub(crate) struct TlsConfigs {
+    leaves: Arc<dyn LeafSource>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    provider: Arc<CryptoProvider>,
+    client_verifier: Arc<SpiffeClientVerifier>,
+    server_verifier: Arc<SpiffeServerVerifier>,
+    ticketer: Arc<dyn ProducesTickets>,
+    server: Mutex<HashMap<ServiceName, Arc<ServerConfig>>>,
+    client: Mutex<HashMap<ServiceName, Arc<ClientConfig>>>,
+}
+
+impl fmt::Debug for TlsConfigs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfigs")
+            .field("leaves", &self.leaves)
+            .field("server", &lock(&self.server).len())
+            .field("client", &lock(&self.client).len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfigs {
+    pub(crate) fn new(
+        leaves: Arc<dyn LeafSource>,
+        bundle: watch::Receiver<Arc<TrustBundle>>,
+    ) -> Result<Self, rustls::Error> {
+        Ok(Self {
+            client_verifier: SpiffeClientVerifier::new(bundle.clone()),
+            server_verifier: SpiffeServerVerifier::new(bundle.clone()),
+            leaves,
+            bundle,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            ticketer: rustls::crypto::ring::Ticketer::new()?,
+            server: Mutex::new(HashMap::new()),
+            client: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The trust bundle now.
+    pub(crate) fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.borrow().clone()
+    }
+
+    /// The server configuration presenting `service`'s leaf; fetches the leaf the
+    /// first time.
+    pub(crate) async fn server(
+        &self,
+        service: &ServiceName,
+    ) -> Result<Arc<ServerConfig>, BoxError> {
+        if let Some(c) = lock(&self.server).get(service) {
+            return Ok(c.clone());
+        }
+        let leaf = self.leaves.leaf(service).await?;
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(self.client_verifier.clone())
+            .with_cert_resolver(Arc::new(LeafResolver(leaf)));
+        config.ticketer = self.ticketer.clone();
+        // Tickets are stateless; no per-session server memory.
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        let config = Arc::new(config);
+        lock(&self.server).insert(service.clone(), config.clone());
+        Ok(config)
+    }
+
+    /// The client configuration presenting `service`'s leaf as client certificate;
+    /// fetches the leaf the first time.
+    pub(crate) async fn client(
+        &self,
+        service: &ServiceName,
+    ) -> Result<Arc<ClientConfig>, BoxError> {
+        if let Some(c) = lock(&self.client).get(service) {
+            return Ok(c.clone());
+        }
+        let leaf = self.leaves.leaf(service).await?;
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(self.server_verifier.clone())
+            .with_client_cert_resolver(Arc::new(LeafResolver(leaf)));
+        config.resumption = Resumption::in_memory_sessions(CLIENT_SESSIONS_PER_SOURCE);
+        let config = Arc::new(config);
+        lock(&self.client).insert(service.clone(), config.clone());
+        Ok(config)
+    }
+
+    /// Drops the configurations (and leaf watches) of services `keep` refuses.
+    pub(crate) fn retain(&self, keep: impl Fn(&ServiceName) -> bool) {
+        lock(&self.server).retain(|s, _| keep(s));
+        lock(&self.client).retain(|s, _| keep(s));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Single inserts and removes of ready values: a poisoned map is consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,367 @@
+//! The transparent path with the real agent binary, eBPF and unmodified clients:
+//! `web` is a python3 process in its service cgroup that dials socat's own address
+//! (no upstream ports, no configuration). The agent's catalog drives the eBPF maps,
+//! the transparent listener takes the connection, and the node proxies carry it
+//! over mTLS to socat, as intentions allow.
+//!
+//! Checked here: the echo works through the mesh and `getpeername()` shows the
+//! dialed address; the agent logs the original destination and both services; a
+//! deny intention refuses new connections and closes a live one within a second;
+//! deregistering socat stops redirection and protection within a second and
+//! registering it again restores them; a process outside the cgroup, and a
+//! destination outside the mesh, are left alone.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use connect_tests::{
+    agent::{AgentProcess, http},
+    lab::{CgroupProc, TestCgroup, assert_eventually, require_privileges},
+    mesh::{TempDir, cli, register, socat_echo},
+};
+use serde_json::json;
+
+/// A client that dials `127.0.0.1:<port>`, sends one line, and prints what came back
+/// and what `getpeername()` says. With a file argument it then stays connected,
+/// writes `echoed` to the file, and writes `eof <unix time>` when the connection
+/// ends (for the live-close check).
+const CLIENT: &str = r#"
+import socket, sys, time
+port = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", port), timeout=5)
+peer = s.getpeername()
+s.sendall(b"hello mesh\n")
+data = b""
+try:
+    while not data.endswith(b"\n"):
+        chunk = s.recv(100)
+        if not chunk:
+            break
+        data += chunk
+except (socket.timeout, ConnectionResetError):
+    pass
+print("peer=%s:%d" % peer)
+print("echo=%r" % data.decode(errors="replace"))
+sys.stdout.flush()
+if len(sys.argv) > 2:
+    with open(sys.argv[2], "w") as f:
+        f.write("echoed\n")
+    s.settimeout(20)
+    try:
+        while s.recv(100):
+            pass
+    except (socket.timeout, ConnectionResetError):
+        pass
+    with open(sys.argv[2], "a") as f:
+        f.write("eof %f\n" % time.time())
+"#;
+
+struct Node {
+    agent: AgentProcess,
+    cg: TestCgroup,
+    socat_port: u16,
+    _socat: connect_tests::mesh::Spawned,
+}
+
+impl Node {
+    fn start(name: &str) -> Result<Self> {
+        require_privileges()?;
+        let mut cg = TestCgroup::create(name)?;
+        cg.child("web")?;
+        let cgroup = cg.path.to_string_lossy().into_owned();
+        // Close records of allowed connections are debug events.
+        let agent = AgentProcess::start_dev_env(
+            name,
+            &["--cgroup", &cgroup],
+            &[("RUST_LOG", "info,connect_agent::proxy=debug")],
+        )?;
+        let (socat, socat_port) = socat_echo()?;
+        register(&agent, &json!({"Name": "web", "Port": 0, "cgroup": "web"}))?;
+        register_socat(&agent, socat_port)?;
+        Ok(Self {
+            agent,
+            cg,
+            socat_port,
+            _socat: socat,
+        })
+    }
+
+    fn web(&self) -> std::path::PathBuf {
+        self.cg.path.join("web")
+    }
+
+    /// Runs the client in `web`'s cgroup against `port`: (echo, peer).
+    fn dial_from_web(&self, port: u16) -> Result<(String, String)> {
+        client_output(CgroupProc::spawn(
+            &self.web(),
+            "python3",
+            &["-c", CLIENT, &port.to_string()],
+        )?)
+    }
+
+    fn redirected(&self) -> Result<u64> {
+        ebpf_counter(&self.agent, "redirected")
+    }
+}
+
+fn register_socat(agent: &AgentProcess, port: u16) -> Result<()> {
+    register(
+        agent,
+        &json!({"ID": "socat-1", "Name": "socat", "Port": port, "Connect": {"Proxy": {}}}),
+    )
+}
+
+fn client_output(p: CgroupProc) -> Result<(String, String)> {
+    let (code, out, err) = p.output(Duration::from_secs(20))?;
+    ensure!(code == 0, "client failed ({code}): {out}\n{err}");
+    let field = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(str::to_owned)
+            .with_context(|| format!("client printed no {k}: {out}\n{err}"))
+    };
+    Ok((field("echo=")?, field("peer=")?))
+}
+
+/// One of the eBPF counters from the agent's metrics.
+fn ebpf_counter(agent: &AgentProcess, event: &str) -> Result<u64> {
+    let (status, text) = http(
+        agent.http_addr,
+        "GET",
+        "/v1/agent/metrics?format=prometheus",
+        None,
+    )?;
+    ensure!(status == 200, "metrics: {status} {text}");
+    let prefix = format!("connect_ebpf_events_total{{event=\"{event}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .with_context(|| format!("no {prefix:?} in metrics:\n{text}"))?
+        .trim()
+        .parse()
+        .context("counter value")
+}
+
+const ECHO: &str = "'hello mesh\\n'";
+
+#[test]
+fn web_reaches_socat_through_the_mesh_until_denied() -> Result<()> {
+    let node = Node::start("transp-echo")?;
+    let before = node.redirected()?;
+    let (echo, peer) = node
+        .dial_from_web(node.socat_port)
+        .with_context(|| node.agent.log())?;
+    ensure!(
+        echo == ECHO,
+        "echo through the mesh: {echo}\n{}",
+        node.agent.log()
+    );
+    ensure!(
+        peer == format!("127.0.0.1:{}", node.socat_port),
+        "getpeername() shows the dialed address, got {peer}"
+    );
+    ensure!(
+        node.redirected()? > before,
+        "the connection went through eBPF"
+    );
+    // The agent knows where the connection was going and who made it.
+    let log = node.agent.log();
+    let orig = format!("orig_dst=127.0.0.1:{}", node.socat_port);
+    ensure!(
+        log.lines().any(|l| l.contains("connection closed")
+            && l.contains(&orig)
+            && l.contains("src=web")
+            && l.contains("dst=socat")),
+        "no close record with {orig}, src=web, dst=socat:\n{log}"
+    );
+
+    // Deny: a new connection gets no echo.
+    let out = cli(
+        &node.agent,
+        &["intention", "create", "-deny", "web", "socat"],
+    )?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains("Created: web => socat (deny)"),
+        "{out:?}"
+    );
+    let (echo, _) = node.dial_from_web(node.socat_port)?;
+    ensure!(echo == "''", "denied, yet the echo came back: {echo}");
+    let out = cli(&node.agent, &["intention", "delete", "web", "socat"])?;
+    ensure!(out.status.success(), "{out:?}");
+    let (echo, _) = node.dial_from_web(node.socat_port)?;
+    ensure!(echo == ECHO, "allowed again: {echo}");
+    Ok(())
+}
+
+#[test]
+fn a_live_connection_is_closed_within_a_second_of_a_deny() -> Result<()> {
+    let node = Node::start("transp-live")?;
+    let dir = TempDir::new("transp-live")?;
+    let marker = dir.0.join("client.state");
+    let client = CgroupProc::spawn(
+        &node.web(),
+        "python3",
+        &[
+            "-c",
+            CLIENT,
+            &node.socat_port.to_string(),
+            &marker.to_string_lossy(),
+        ],
+    )?;
+    assert_eventually(Duration::from_secs(10), "the client echoed", || {
+        read(&marker).contains("echoed")
+    })
+    .with_context(|| node.agent.log())?;
+    let denied_at = now();
+    let out = cli(
+        &node.agent,
+        &["intention", "create", "-deny", "web", "socat"],
+    )?;
+    ensure!(out.status.success(), "{out:?}");
+    assert_eventually(Duration::from_secs(5), "the live connection ended", || {
+        read(&marker).contains("eof")
+    })
+    .with_context(|| node.agent.log())?;
+    let eof: f64 = read(&marker)
+        .lines()
+        .find_map(|l| l.strip_prefix("eof "))
+        .context("eof line")?
+        .trim()
+        .parse()?;
+    let took = eof - denied_at;
+    println!(
+        "live connection closed {:.0} ms after the deny",
+        took * 1000.0
+    );
+    ensure!(
+        took < 1.0,
+        "closed {took:.3} s after the deny (must be within 1 s)"
+    );
+    client.output(Duration::from_secs(5))?;
+    Ok(())
+}
+
+#[test]
+fn registration_changes_redirection_and_protection_within_a_second() -> Result<()> {
+    let node = Node::start("transp-reg")?;
+    let cli_ok = |args: &[&str]| -> Result<()> {
+        let out = cli(&node.agent, args)?;
+        ensure!(out.status.success(), "{args:?}: {out:?}");
+        Ok(())
+    };
+    // With a deny in place, an echo proves the connection was *not* redirected.
+    cli_ok(&["intention", "create", "-deny", "web", "socat"])?;
+    ensure!(node.dial_from_web(node.socat_port)?.0 == "''", "denied");
+    ensure!(protected_ports()?.contains(&node.socat_port));
+
+    let (status, text) = http(
+        node.agent.http_addr,
+        "PUT",
+        "/v1/agent/service/deregister/socat-1",
+        None,
+    )?;
+    ensure!(status == 200, "deregister: {status} {text}");
+    let t = Instant::now();
+    assert_eventually(Duration::from_secs(1), "port unprotected", || {
+        protected_ports().is_ok_and(|p| !p.contains(&node.socat_port))
+    })?;
+    let (echo, _) = node.dial_from_web(node.socat_port)?;
+    ensure!(
+        echo == ECHO,
+        "after deregistering, socat is reached directly: {echo}"
+    );
+    println!("deregistration took effect in {:?}", t.elapsed());
+
+    register_socat(&node.agent, node.socat_port)?;
+    assert_eventually(Duration::from_secs(1), "port protected again", || {
+        protected_ports().is_ok_and(|p| p.contains(&node.socat_port))
+    })?;
+    ensure!(
+        node.dial_from_web(node.socat_port)?.0 == "''",
+        "registered again: redirected and denied"
+    );
+    Ok(())
+}
+
+#[test]
+fn outsiders_and_destinations_outside_the_mesh_are_left_alone() -> Result<()> {
+    let node = Node::start("transp-out")?;
+    let (_other, other_port) = socat_echo()?;
+    let out = cli(&node.agent, &["intention", "create", "-deny", "*", "*"])?;
+    ensure!(out.status.success(), "{out:?}");
+    let before = node.redirected()?;
+
+    // In the cgroup, to a port no service has: direct, so it echoes despite `* => *`.
+    let (echo, peer) = node.dial_from_web(other_port)?;
+    ensure!(echo == ECHO, "not a mesh destination: {echo}");
+    ensure!(peer == format!("127.0.0.1:{other_port}"));
+    // Outside the cgroup, to socat itself: direct too.
+    let p = Command::new("python3")
+        .args(["-c", CLIENT, &node.socat_port.to_string()])
+        .output()?;
+    let out = String::from_utf8_lossy(&p.stdout);
+    ensure!(
+        out.contains(&format!("echo={ECHO}")),
+        "a process outside the cgroup is not redirected: {out}"
+    );
+    ensure!(
+        node.redirected()? == before,
+        "nothing was redirected for these connections"
+    );
+    Ok(())
+}
+
+/// The ports in every `PROTECTED_PORTS` map on the machine (each test's agent
+/// has its own; ports are unique per test, so membership is what counts).
+fn protected_ports() -> Result<Vec<u16>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "name", "PROTECTED_PORTS"])
+        .output()
+        .context("bpftool is needed (Debian package bpftool)")?;
+    if !out.status.success() {
+        bail!("bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut ports = Vec::new();
+    let mut entries = Vec::new();
+    collect_entries(&v, &mut entries);
+    for e in entries {
+        // Raw keys: bytes as hex strings; the port is host order (little endian).
+        if let Some(bytes) = e["key"].as_array() {
+            let b: Vec<u8> = bytes
+                .iter()
+                .filter_map(|x| x.as_str())
+                .filter_map(|x| u8::from_str_radix(x.trim_start_matches("0x"), 16).ok())
+                .collect();
+            if b.len() >= 2 {
+                ports.push(u16::from_le_bytes([b[0], b[1]]));
+            }
+        } else if let Some(p) = e["formatted"]["key"]["port"].as_u64() {
+            ports.push(u16::try_from(p)?);
+        }
+    }
+    Ok(ports)
+}
+
+/// bpftool prints one array per map when several match the name.
+fn collect_entries(v: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
+    match v {
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_entries(x, out)),
+        serde_json::Value::Object(o) if o.contains_key("key") => out.push(v.clone()),
+        serde_json::Value::Object(o) => o.values().for_each(|x| collect_entries(x, out)),
+        _ => {}
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
