@@ -101,10 +101,10 @@ impl DirIndex {
                 if svc.port != 0 {
                     // The inbound side reaches a local service on loopback: its port
                     // is protected from everyone off the node, loopback is not.
-                    ix.local.entry(key(&svc.service)).or_insert(LocalService {
-                        name: svc.service.clone(),
-                        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), svc.port),
-                    });
+                    ix.local.entry(key(&svc.service)).or_insert(LocalService::single(
+                        svc.service.clone(),
+                        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), svc.port),
+                    ));
                     ix.local_ports.insert(svc.port, svc.service.clone());
                     ix.desired.protected_ports.insert(svc.port);
                 }
@@ -315,7 +315,7 @@ mod tests {
 
         let local = dir.local_service(&svc("socat")).expect("local, any case");
         assert_eq!(local.name.as_str(), "Socat");
-        assert_eq!(local.addr, "127.0.0.1:8181".parse().expect("addr"));
+        assert_eq!(local.addrs, ["127.0.0.1:8181".parse().expect("addr")]);
         let eps = dir.endpoints(&svc("SOCAT"));
         assert_eq!(eps.len(), 1);
         assert_eq!(eps[0].addr, "198.18.0.2:20000".parse().expect("addr"));
