@@ -19,7 +19,9 @@
 //! This module owns the wire handling ([`bind`], [`serve`]: bounded UDP and TCP
 //! loops, size limits, truncation), the zone's names and forwarding. It does not own
 //! the data: [`DnsCatalog`] is the narrow view of the catalog it reads (the catalog
-//! implements it), and virtual IPs come from [`crate::vip::Allocator`].
+//! implements it: `catalog::dns::CatalogDns`), and virtual IPs come from
+//! [`crate::vip::Allocator`]. The agent binds the sockets at startup (a port
+//! conflict fails it) and serves until its shutdown (`app::run`).
 //!
 //! # Applications in a lab namespace
 //!
@@ -71,6 +73,13 @@ pub trait DnsCatalog: Send + Sync + 'static {
     /// spelling, healthy or not; `None` if there is none. Virtual IPs are allocated
     /// under the returned name, so every spelling of a query maps to one address.
     fn service(&self, name: &ServiceName) -> Option<ServiceName>;
+
+    /// The service called `name` (ignoring case) that has a virtual IP, in the
+    /// catalog's spelling: a mesh destination, not e.g. a sidecar proxy's own
+    /// registration. By default every service.
+    fn virtual_service(&self, name: &ServiceName) -> Option<ServiceName> {
+        self.service(name)
+    }
 
     /// The healthy instances of `service` (as returned by [`DnsCatalog::service`]):
     /// their address and port and the node they run on.

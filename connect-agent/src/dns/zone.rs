@@ -242,7 +242,7 @@ impl Zone {
                 self.endpoints(qname, qtype, endpoints, response);
             }
             Lookup::Virtual(name) => {
-                let Some(service) = self.catalog.service(&name) else {
+                let Some(service) = self.catalog.virtual_service(&name) else {
                     return self.no_such_name(response);
                 };
                 let allocated =
