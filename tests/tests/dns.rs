@@ -19,6 +19,7 @@ use connect_agent::{
     store::{Store, memory::MemStore},
     vip,
 };
+use connect_tests::dig::Dig;
 use tokio::{sync::oneshot, task::JoinHandle};
 
 /// One in-process DNS server, stopped (and awaited) on drop of its handle.
@@ -108,104 +109,16 @@ fn catalog() -> FakeCatalog {
     c
 }
 
-/// What `dig` printed, parsed.
-#[derive(Debug)]
-struct Dig {
-    status: String,
-    flags: BTreeSet<String>,
-    /// (name, type, data) of the answer section, sorted.
-    answers: Vec<(String, String, String)>,
-    authority: Vec<(String, String, String)>,
-    additional: Vec<(String, String, String)>,
-    /// The TTL of each answer.
-    ttls: Vec<u32>,
-}
-
-impl Dig {
-    fn data(&self, rtype: &str) -> Vec<String> {
-        self.answers
-            .iter()
-            .filter(|(_, t, _)| t == rtype)
-            .map(|(_, _, d)| d.clone())
-            .collect()
-    }
-}
-
 /// Runs `dig` against `server` (port given, or 53 from resolv.conf when `None`),
-/// `prefix` before it (e.g. `ip netns exec NAME`), and parses its output.
+/// `prefix` before it (e.g. `ip netns exec NAME`), off the async runtime so
+/// in-process servers keep answering, and parses its output.
 async fn dig_with(prefix: &[&str], server: Option<SocketAddr>, args: &[&str]) -> Result<Dig> {
-    let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
-    argv.push("dig".into());
-    if let Some(server) = server {
-        argv.push(format!("@{}", server.ip()));
-        argv.push("-p".into());
-        argv.push(server.port().to_string());
-    }
-    // Bounded: two seconds, one try; no .digrc.
-    argv.extend(["+time=2", "+tries=1", "-r"].map(String::from));
-    argv.extend(args.iter().map(|s| s.to_string()));
-    let shown = argv.join(" ");
-    let out = tokio::task::spawn_blocking(move || Command::new(&argv[0]).args(&argv[1..]).output())
-        .await?
-        .with_context(|| format!("running `{shown}` (is dnsutils installed?)"))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "`{shown}` failed:\n{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_dig(&text).with_context(|| format!("parsing the output of `{shown}`:\n{text}"))
+    let argv = connect_tests::dig::argv(prefix, server, args);
+    tokio::task::spawn_blocking(move || connect_tests::dig::run(&argv)).await?
 }
 
 async fn dig(server: SocketAddr, args: &[&str]) -> Result<Dig> {
     dig_with(&[], Some(server), args).await
-}
-
-fn parse_dig(text: &str) -> Result<Dig> {
-    let status = text
-        .lines()
-        .find_map(|l| l.split("status: ").nth(1))
-        .and_then(|rest| rest.split(',').next())
-        .context("no status line")?
-        .to_owned();
-    let flags = text
-        .lines()
-        .find_map(|l| l.strip_prefix(";; flags: "))
-        .and_then(|rest| rest.split(';').next())
-        .context("no flags line")?
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
-    let section = |title: &str| -> (Vec<(String, String, String)>, Vec<u32>) {
-        let mut records = Vec::new();
-        let mut ttls = Vec::new();
-        let mut lines = text
-            .lines()
-            .skip_while(|l| !l.starts_with(&format!(";; {title} SECTION:")));
-        lines.next();
-        for line in lines.take_while(|l| !l.trim().is_empty()) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() >= 5 {
-                ttls.push(fields[1].parse().unwrap_or(u32::MAX));
-                records.push((
-                    fields[0].to_owned(),
-                    fields[3].to_owned(),
-                    fields[4..].join(" "),
-                ));
-            }
-        }
-        records.sort();
-        (records, ttls)
-    };
-    let (answers, ttls) = section("ANSWER");
-    Ok(Dig {
-        status,
-        flags,
-        answers,
-        authority: section("AUTHORITY").0,
-        additional: section("ADDITIONAL").0,
-        ttls,
-    })
 }
 
 /// The same question over UDP and over TCP; both answers must be the same.
