@@ -1,6 +1,6 @@
 //! A real `connect-agent` process for tests: started on free loopback ports and a
-//! temporary data directory, waited for until its API answers, and killed by PID in
-//! `Drop` even when the test fails.
+//! temporary data directory, waited for until its API answers, and stopped by PID
+//! in `Drop` (SIGTERM, then SIGKILL) even when the test fails.
 
 use std::{
     io::{Read, Write},
@@ -213,9 +213,29 @@ impl AgentProcess {
     }
 }
 
+/// How long a dropped agent may take to stop on SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
 impl Drop for AgentProcess {
+    /// Stops the agent by its PID: SIGTERM first, so that it detaches eBPF and
+    /// removes its `--dev` directory, SIGKILL if it is still there after
+    /// [`STOP_GRACE`].
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let graceful = i32::try_from(child.id()).is_ok_and(|pid| {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                )
+                .is_ok()
+            });
+            let deadline = Instant::now() + STOP_GRACE;
+            while graceful && Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
