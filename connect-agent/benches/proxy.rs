@@ -58,10 +58,7 @@ struct Fixed {
 
 impl Directory for Fixed {
     fn local_service(&self, name: &ServiceName) -> Option<LocalService> {
-        (name.as_str() == "socat").then(|| LocalService {
-            name: name.clone(),
-            addr: self.backend,
-        })
+        (name.as_str() == "socat").then(|| LocalService::single(name.clone(), self.backend))
     }
     fn endpoints(&self, name: &ServiceName) -> Vec<Endpoint> {
         if name.as_str() == "socat" {

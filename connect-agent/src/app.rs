@@ -1,8 +1,13 @@
 //! Builds the running agent from one [`Config`] and runs it until a stop signal.
 //!
 //! Order matters and is chosen so that failures are loud and early: check eBPF
-//! prerequisites, open the store, bind every listener (a port conflict fails here),
-//! attach eBPF last, then serve. On stop: stop accepting, drain, detach.
+//! prerequisites, open the store, bind every listener (HTTP, HTTPS, DNS UDP and
+//! TCP, proxy: a port conflict fails here), attach eBPF last, then serve and say
+//! "agent ready". On stop: stop accepting, drain, detach.
+//!
+//! The catalog drives everything that routes: the virtual IP allocator gives each
+//! mesh service an address, the directory index (catalog + VIPs) feeds the proxy
+//! and the eBPF maps, and DNS answers from the catalog and the VIP table.
 
 use std::sync::Arc;
 
@@ -10,12 +15,13 @@ use crate::{
     acl::{self, Acl, AclConfig},
     api, ca, catalog,
     config::{Config, HttpsCert, StoreUrl},
-    datadir,
+    datadir, dns,
     intentions::{self, Intentions},
     proxy,
     redirect::{self, RedirectConfig, Redirector},
     shutdown::{DRAIN_DEADLINE, Shutdown, Signal, Signals},
     store::{self, Store},
+    vip,
 };
 
 /// Everything the API handlers and proxies share.
@@ -31,6 +37,8 @@ pub struct Agent {
     pub acl: Arc<Acl>,
     /// Services and nodes, served from memory.
     pub catalog: Arc<catalog::Catalog>,
+    /// Virtual IPs of services (allocated through the store, read from memory).
+    pub vips: Arc<vip::Allocator>,
     /// Present when the agent runs with `--cgroup`.
     pub redirect: Option<Arc<Redirector>>,
     /// The mTLS proxy's counters (for `/v1/agent/metrics`).
@@ -61,6 +69,10 @@ pub enum Error {
     Catalog(#[from] catalog::Error),
     #[error(transparent)]
     Proxy(#[from] proxy::Error),
+    #[error(transparent)]
+    Dns(#[from] dns::Error),
+    #[error("cannot load virtual IPs: {0}")]
+    Vip(#[from] vip::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the HTTP API failed: {0}")]
@@ -95,6 +107,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Some(h) => Some(api::bind(h.addr).await?),
         None => None,
     };
+    let dns_listeners = dns::bind(config.dns_addr).await?;
     // Before eBPF attaches: a redirected connection must find its listener.
     let proxy_listeners = proxy::node::Listeners::bind(&config).await?;
 
@@ -135,9 +148,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
         _ => None,
     };
-    // The catalog drives both the proxy's routing and the eBPF maps.
-    let directory =
-        catalog::directory::CatalogDirectory::start(&agent.catalog, agent.config.cgroup.clone());
+    // The catalog drives the virtual IPs, the proxy's routing, the eBPF maps and DNS.
+    let _vip_allocation = catalog::virtual_ips::start(&agent.catalog, agent.vips.clone());
+    let directory = catalog::directory::CatalogDirectory::start(
+        &agent.catalog,
+        agent.config.cgroup.clone(),
+        Some(&agent.vips),
+    );
     let _redirect_sync = agent
         .redirect
         .clone()
@@ -147,6 +164,21 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .clone()
         .map(catalog::directory::sweep_redirect);
     let _proxy = proxy::node::start(&agent, directory, proxy_listeners)?;
+    let dns_addr = dns_listeners.local_addr();
+    let stop = shutdown.stop.clone();
+    shutdown.tasks.spawn(dns::serve(
+        dns_listeners,
+        Arc::new(catalog::dns::CatalogDns::new(agent.catalog.clone())),
+        agent.vips.clone(),
+        dns::Settings::from_config(&agent.config),
+        async move { stop.cancelled().await },
+    ));
+    tracing::info!(
+        http = %agent.config.http_addr,
+        dns = %dns_addr,
+        inbound = %agent.config.inbound_addr,
+        "agent ready"
+    );
 
     loop {
         match signals.next().await {
@@ -206,6 +238,7 @@ pub async fn build(
     // No matching intention: ACLs off or default allow ⇒ allow (reference §3);
     // `Config` derives `default_allow` from the ACL settings.
     let intentions = Intentions::start(store.clone(), config.default_allow).await?;
+    let vips = vip::Allocator::start(store.clone()).await?;
     Ok(Arc::new(Agent {
         config,
         store,
@@ -213,6 +246,7 @@ pub async fn build(
         intentions,
         acl,
         catalog,
+        vips,
         redirect,
         proxy_metrics: Arc::new(proxy::Metrics::new()),
         shutdown,

@@ -20,8 +20,10 @@
 
 pub mod definition;
 pub mod directory;
+pub mod dns;
 pub mod model;
 pub mod snapshot;
+pub mod virtual_ips;
 
 use std::{
     collections::{BTreeMap, HashSet},

@@ -15,6 +15,7 @@ pub mod services;
 
 use std::{ffi::OsString, process::ExitCode};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::AgentArgs;
@@ -43,6 +44,13 @@ pub enum Command {
     Ca(ca::CaCommand),
     /// Ask the running agent to re-read its config directory (like SIGHUP).
     Reload(http::HttpArgs),
+    /// Make a lab network namespace's applications resolve through its agent.
+    ///
+    /// Checks that the node's agent answers DNS on port 53 in the namespace (run it
+    /// with `--dns-addr 127.0.0.1:53`: the system resolver only uses port 53), then
+    /// writes /etc/netns/NAME/resolv.conf, which `ip netns exec NAME ...` mounts as
+    /// /etc/resolv.conf for the processes it starts.
+    DnsSetup(crate::dns::setup::SetupArgs),
     /// Manage intentions: which services may connect to which.
     Intention(intention::IntentionArgs),
     /// Manage ACL tokens and policies.
@@ -105,6 +113,7 @@ pub async fn run(command: Command) -> ExitCode {
     let result = match command {
         Command::Ca(cmd) => ca::run(cmd).await,
         Command::Reload(args) => reload(&args).await,
+        Command::DnsSetup(args) => dns_setup(&args),
         Command::Intention(args) => intention::run(args).await,
         Command::Acl(args) => acl::run(args).await,
         Command::Doctor(args) => return doctor::run(args).await,
@@ -124,6 +133,20 @@ async fn reload(args: &http::HttpArgs) -> anyhow::Result<ExitCode> {
     let client = http::Client::new(args)?;
     client.put_empty("/v1/agent/reload").await?;
     println!("Configuration reload triggered");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dns_setup(args: &crate::dns::setup::SetupArgs) -> anyhow::Result<ExitCode> {
+    let path = crate::dns::setup::run(args)
+        .map_err(anyhow::Error::new)
+        .with_context(|| format!("dns-setup for network namespace {}", args.netns))?;
+    println!(
+        "Wrote {}: processes started with `ip netns exec {} ...` resolve through {}:{}",
+        path.display(),
+        args.netns,
+        args.nameserver,
+        crate::dns::setup::RESOLVER_PORT
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -47,6 +47,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_DNS_ADDR)]
     pub dns_addr: SocketAddr,
 
+    /// Where DNS queries outside `consul.` go (IP or IP:PORT, port 53 by default).
+    /// Without it they are refused.
+    #[arg(long, value_name = "ADDR", value_parser = crate::dns::parse_recursor)]
+    pub dns_recursor: Option<SocketAddr>,
+
     /// The transparent outbound listener that eBPF sends redirected connections to.
     #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_OUTBOUND_ADDR)]
     pub outbound_addr: SocketAddr,
@@ -114,6 +119,7 @@ pub struct Config {
     pub dev: bool,
     pub http_addr: SocketAddr,
     pub dns_addr: SocketAddr,
+    pub dns_recursor: Option<SocketAddr>,
     pub outbound_addr: std::net::SocketAddrV4,
     pub inbound_addr: SocketAddr,
     pub advertise_addr: IpAddr,
@@ -168,6 +174,8 @@ pub enum Error {
     Store(String),
     #[error("--outbound-addr {0} must be an IPv4 address: eBPF redirects IPv4 connections")]
     OutboundNotV4(SocketAddr),
+    #[error("--dns-recursor {0} is the agent's own DNS address: queries would loop")]
+    DnsRecursorLoop(SocketAddr),
     #[error("--node-name {0:?} is invalid: {1}")]
     NodeName(String, &'static str),
     #[error("--{0} needs --https-addr: it configures the HTTPS API")]
@@ -184,6 +192,9 @@ impl AgentArgs {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => return Err(Error::OutboundNotV4(self.outbound_addr)),
         };
+        if self.dns_recursor == Some(self.dns_addr) {
+            return Err(Error::DnsRecursorLoop(self.dns_addr));
+        }
         let store = parse_store(&self.store)?;
         let node_name = match self.node_name {
             Some(n) => n,
@@ -237,6 +248,7 @@ impl AgentArgs {
             dev: self.dev,
             http_addr: self.http_addr,
             dns_addr: self.dns_addr,
+            dns_recursor: self.dns_recursor,
             outbound_addr,
             inbound_addr,
             advertise_addr: self.advertise_addr,
@@ -263,6 +275,7 @@ impl Config {
             dev: true,
             http_addr: any(0),
             dns_addr: any(0),
+            dns_recursor: None,
             outbound_addr: std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
             inbound_addr: any(0),
             advertise_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -391,6 +404,36 @@ mod tests {
         assert!(matches!(
             config(&["--http-addr", "198.18.0.1:8500"]),
             Err(Error::HttpNotLoopback(_))
+        ));
+    }
+
+    #[test]
+    fn a_dns_recursor_may_not_be_the_agent_itself() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let parse = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("connect-agent").chain(args.iter().copied()))
+                .expect("flags parse")
+                .agent
+                .into_config()
+        };
+        let config = parse(&["--dns-recursor", "127.0.0.1"]).expect("valid");
+        assert_eq!(
+            config.dns_recursor,
+            Some("127.0.0.1:53".parse().expect("addr"))
+        );
+        assert!(matches!(
+            parse(&[
+                "--dns-addr",
+                "127.0.0.1:5300",
+                "--dns-recursor",
+                "127.0.0.1:5300"
+            ]),
+            Err(Error::DnsRecursorLoop(_))
         ));
     }
 

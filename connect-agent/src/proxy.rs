@@ -29,6 +29,7 @@
 //! [`directory`] (directories that need no catalog), [`node`] (the in-agent
 //! wiring).
 
+pub mod balance;
 pub mod conns;
 pub mod directory;
 mod inbound;
@@ -54,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 #[cfg(any(test, feature = "testing"))]
 pub use self::directory::MemDirectory;
-use self::{conns::Registry, metrics::LimitLog, tls::TlsConfigs};
+use self::{balance::Balancer, conns::Registry, metrics::LimitLog, tls::TlsConfigs};
 pub use self::{
     directory::EmptyDirectory,
     metrics::{Metrics, Outcome, Side},
@@ -75,8 +76,21 @@ use crate::{
 pub struct LocalService {
     /// The name as registered (SNI arrives lower-cased; this is the canonical case).
     pub name: ServiceName,
-    /// Its plaintext listener; `127.0.0.1:<port>` for services of the agent.
-    pub addr: SocketAddr,
+    /// The plaintext listeners of its instances on this node (`127.0.0.1:<port>`
+    /// for services of the agent), in registration order. Inbound connections are
+    /// spread over them round robin; one that refuses is skipped for a while.
+    /// Never empty.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl LocalService {
+    /// A service with one instance listening at `addr`.
+    pub fn single(name: ServiceName, addr: SocketAddr) -> Self {
+        Self {
+            name,
+            addrs: vec![addr],
+        }
+    }
 }
 
 /// Where one healthy instance of a service is reached through the mesh: the
@@ -281,6 +295,10 @@ struct Shared {
     limits: Limits,
     shutdown: Shutdown,
     limit_log: LimitLog,
+    /// Spreads outbound dials over a destination's endpoints.
+    outbound_lb: Balancer,
+    /// Spreads inbound connections over a local service's instances.
+    inbound_lb: Balancer,
     upstreams: Mutex<HashMap<SocketAddr, RunningUpstream>>,
     /// Serializes [`Proxy::sync_upstreams`]: two concurrent runs would both bind a
     /// wanted listener (port 0 binds twice) and leak one.
@@ -311,6 +329,8 @@ impl Proxy {
             limits: parts.limits,
             shutdown: parts.shutdown,
             limit_log: LimitLog::default(),
+            outbound_lb: Balancer::new(balance::FAILURE_HOLD),
+            inbound_lb: Balancer::new(balance::FAILURE_HOLD),
             upstreams: Mutex::new(HashMap::new()),
             upstreams_sync: tokio::sync::Mutex::new(()),
         });
@@ -534,17 +554,23 @@ enum ConnError {
         #[source]
         source: BoxError,
     },
-    #[error("cannot connect to local service {service} at {addr}: {source}")]
+    #[error(
+        "cannot connect to local service {service}: {attempts} instance(s) tried, the last at {addr}: {source}"
+    )]
     LocalConnect {
         service: ServiceName,
         addr: SocketAddr,
+        attempts: usize,
         #[source]
         source: std::io::Error,
     },
-    #[error("local service {service} at {addr} did not accept within {after:?}")]
+    #[error(
+        "local service {service}: {attempts} instance(s) tried, the last at {addr} did not accept within {after:?}"
+    )]
     LocalConnectTimeout {
         service: ServiceName,
         addr: SocketAddr,
+        attempts: usize,
         after: Duration,
     },
     #[error("the transparent listener accepted an IPv6 peer {peer}; eBPF redirects IPv4 only")]
@@ -563,7 +589,7 @@ enum ConnError {
     UnknownDestination { orig_dst: SocketAddrV4 },
     #[error("no healthy instance of {service}")]
     NoEndpoints { service: ServiceName },
-    #[error("cannot reach {service}: {attempts} instance(s) tried, the last at {addr}: {source}")]
+    #[error("cannot reach {service}: {attempts} endpoint(s) tried, the last at {addr}: {source}")]
     Dial {
         service: ServiceName,
         addr: SocketAddr,

@@ -471,6 +471,22 @@ impl Redirector {
             .collect()
     }
 
+    /// How many entries the maps hold as of the last [`Redirector::sync`]:
+    /// (instance destinations, virtual IPs, protected ports).
+    pub fn applied_counts(&self) -> (usize, usize, usize) {
+        let applied = lock(&self.applied);
+        let vips = applied
+            .destinations
+            .iter()
+            .filter(|(_, k)| *k == DestinationKind::VirtualIp)
+            .count();
+        (
+            applied.destinations.len() - vips,
+            vips,
+            applied.protected_ports.len(),
+        )
+    }
+
     /// The loaded object, for callers that need a program or map this type does not wrap.
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf

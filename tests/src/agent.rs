@@ -1,6 +1,6 @@
 //! A real `connect-agent` process for tests: started on free loopback ports and a
-//! temporary data directory, waited for until its API answers, and killed by PID in
-//! `Drop` even when the test fails.
+//! temporary data directory, waited for until its API answers, and stopped by PID
+//! in `Drop` (SIGTERM, then SIGKILL) even when the test fails.
 
 use std::{
     io::{Read, Write},
@@ -46,6 +46,8 @@ pub fn free_port() -> Result<u16> {
 pub struct AgentProcess {
     child: Option<Child>,
     pub http_addr: SocketAddr,
+    /// Where the agent serves DNS (UDP and TCP).
+    pub dns_addr: SocketAddr,
     pub data_dir: PathBuf,
     /// Where the agent's stderr goes, for failure messages.
     pub log_path: PathBuf,
@@ -60,8 +62,25 @@ impl AgentProcess {
 
     /// [`AgentProcess::start_dev`] with environment variables (e.g. `RUST_LOG`).
     pub fn start_dev_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_dev_dns(name, None, extra, env)
+    }
+
+    /// [`AgentProcess::start_dev_env`] with DNS on `dns_addr` (e.g. port 53 on a
+    /// loopback address of the test's own) instead of a free port.
+    pub fn start_dev_dns(
+        name: &str,
+        dns_addr: Option<SocketAddr>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dir = private_dir(name)?;
-        let mut p = Self::start_in_env(&dir, &["--dev"], extra, env)?;
+        let mut p = match Self::start_in_opts(&dir, &["--dev"], extra, env, dns_addr) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         p.owns_data_dir = true;
         Ok(p)
     }
@@ -79,8 +98,21 @@ impl AgentProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::start_in_opts(dir, base, extra, env, None)
+    }
+
+    fn start_in_opts(
+        dir: &Path,
+        base: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+        dns_addr: Option<SocketAddr>,
+    ) -> Result<Self> {
         let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let dns_addr = format!("127.0.0.1:{}", free_port()?);
+        let dns_addr = match dns_addr {
+            Some(a) => a,
+            None => format!("127.0.0.1:{}", free_port()?).parse()?,
+        };
         let outbound = format!("127.0.0.1:{}", free_port()?);
         let inbound = format!("127.0.0.1:{}", free_port()?);
         let log_path = dir.join("agent.log");
@@ -98,7 +130,7 @@ impl AgentProcess {
             .args(["--http-addr", &http_addr.to_string()])
             .args([
                 "--dns-addr",
-                &dns_addr,
+                &dns_addr.to_string(),
                 "--outbound-addr",
                 &outbound,
                 "--inbound-addr",
@@ -113,6 +145,7 @@ impl AgentProcess {
         let mut p = Self {
             child: Some(child),
             http_addr,
+            dns_addr,
             data_dir: dir.to_owned(),
             log_path,
             owns_data_dir: false,
@@ -180,9 +213,29 @@ impl AgentProcess {
     }
 }
 
+/// How long a dropped agent may take to stop on SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
 impl Drop for AgentProcess {
+    /// Stops the agent by its PID: SIGTERM first, so that it detaches eBPF and
+    /// removes its `--dev` directory, SIGKILL if it is still there after
+    /// [`STOP_GRACE`].
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let graceful = i32::try_from(child.id()).is_ok_and(|pid| {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                )
+                .is_ok()
+            });
+            let deadline = Instant::now() + STOP_GRACE;
+            while graceful && Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

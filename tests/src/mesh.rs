@@ -61,6 +61,11 @@ impl Spawned {
         String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner())).into()
     }
 
+    /// The child's process id, while it has not been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Writes to the child's stdin.
     pub fn write_stdin(&mut self, data: &[u8]) -> Result<()> {
         let stdin = self

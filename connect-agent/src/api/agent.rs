@@ -33,7 +33,21 @@ pub fn routes() -> Router<ApiState> {
 pub type MetricsFn = fn(&Agent, &mut String);
 
 /// Every metrics source. Add a line here to export more.
-pub const METRICS: &[MetricsFn] = &[catalog_metrics, proxy_metrics, redirect_metrics];
+pub const METRICS: &[MetricsFn] = &[
+    catalog_metrics,
+    vip_metrics,
+    proxy_metrics,
+    redirect_metrics,
+];
+
+fn vip_metrics(agent: &Agent, out: &mut String) {
+    gauge(
+        out,
+        "connect_virtual_ips",
+        "Services with a virtual IP (all agents sharing the store).",
+        agent.vips.snapshot().len(),
+    );
+}
 
 fn proxy_metrics(agent: &Agent, out: &mut String) {
     agent.proxy_metrics.render_prometheus(out);
@@ -53,6 +67,18 @@ fn redirect_metrics(agent: &Agent, out: &mut String) {
     for (event, value) in redirect.counters() {
         let _ = writeln!(out, "{name}{{event=\"{event}\"}} {value}");
     }
+    let (instances, vips, ports) = redirect.applied_counts();
+    let name = "connect_ebpf_mesh_destinations";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Mesh destinations in the eBPF map, by kind.\n# TYPE {name} gauge\n{name}{{kind=\"instance\"}} {instances}\n{name}{{kind=\"virtual_ip\"}} {vips}"
+    );
+    gauge(
+        out,
+        "connect_ebpf_protected_ports",
+        "Plaintext service ports protected by the eBPF ingress program.",
+        ports,
+    );
 }
 
 fn catalog_metrics(agent: &Agent, out: &mut String) {

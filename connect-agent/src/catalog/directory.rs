@@ -11,6 +11,14 @@
 //! Cgroup ids are the inodes of the service cgroups under `--cgroup`; a service may
 //! be registered before its cgroup exists, so unresolved cgroups are retried on a
 //! short tick until they appear.
+//!
+//! Virtual IPs ([`crate::vip`]) come from the allocator's table, which the index
+//! follows too: a service in the catalog whose VIP is in the table is a mesh
+//! destination on every port of that address (`destination_of(vip:any)`), and the
+//! eBPF maps get `(vip:0, VirtualIp)` for it. The port the application dialed on a
+//! VIP does not pick anything: the inbound side connects to the service's
+//! registered port(s), as with Consul's transparent proxy, where applications dial
+//! the service's port on its virtual IP.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -28,6 +36,7 @@ use crate::{
     identity::{Datacenter, ServiceName},
     proxy::{Directory, Endpoint, LocalService, Upstream},
     redirect::{self, Desired, DestinationKind},
+    vip::{self, VipTable},
 };
 
 /// How often cgroups named by services but not yet present are looked up again.
@@ -53,6 +62,8 @@ pub struct DirIndex {
     by_addr: HashMap<SocketAddrV4, ServiceName>,
     /// Local plaintext ports → service, for loopback destinations.
     local_ports: HashMap<u16, ServiceName>,
+    /// Virtual IPs of the services in this view → service.
+    by_vip: HashMap<Ipv4Addr, ServiceName>,
     upstreams: Vec<Upstream>,
     /// What the eBPF maps should hold.
     desired: Desired,
@@ -66,8 +77,8 @@ fn key(name: &ServiceName) -> String {
 
 impl DirIndex {
     /// Builds the index of one view. `cgroup_root` is `--cgroup` (no cgroup ids
-    /// without it).
-    pub fn build(snap: &CatalogSnapshot, cgroup_root: Option<&Path>) -> Self {
+    /// without it); `vips` the virtual IPs allocated so far.
+    pub fn build(snap: &CatalogSnapshot, cgroup_root: Option<&Path>, vips: &VipTable) -> Self {
         let mut ix = DirIndex::default();
         let mut seen = BTreeSet::new();
         for inst in snap.all() {
@@ -93,6 +104,14 @@ impl DirIndex {
                     })
                     .collect();
                 ix.endpoints.insert(key(name), eps);
+                if let Some(ip) = vips.vip_of(name)
+                    && vip::is_virtual(ip)
+                {
+                    ix.by_vip.insert(ip, name.clone());
+                    ix.desired
+                        .destinations
+                        .insert((SocketAddrV4::new(ip, 0), DestinationKind::VirtualIp));
+                }
             }
         }
         for inst in snap.local() {
@@ -101,10 +120,18 @@ impl DirIndex {
                 if svc.port != 0 {
                     // The inbound side reaches a local service on loopback: its port
                     // is protected from everyone off the node, loopback is not.
-                    ix.local.entry(key(&svc.service)).or_insert(LocalService {
-                        name: svc.service.clone(),
-                        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), svc.port),
-                    });
+                    // Instances of one service share the name; each adds a port.
+                    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), svc.port);
+                    let local = ix
+                        .local
+                        .entry(key(&svc.service))
+                        .or_insert_with(|| LocalService {
+                            name: svc.service.clone(),
+                            addrs: Vec::new(),
+                        });
+                    if !local.addrs.contains(&addr) {
+                        local.addrs.push(addr);
+                    }
                     ix.local_ports.insert(svc.port, svc.service.clone());
                     ix.desired.protected_ports.insert(svc.port);
                 }
@@ -150,10 +177,25 @@ fn datacenter(i: &Instance) -> Datacenter {
 }
 
 impl CatalogDirectory {
-    /// Follows `catalog`; `cgroup_root` is the agent's `--cgroup`.
-    pub fn start(catalog: &Arc<Catalog>, cgroup_root: Option<PathBuf>) -> Arc<Self> {
+    /// Follows `catalog` and, when given, the virtual IP table of `vips`;
+    /// `cgroup_root` is the agent's `--cgroup`.
+    pub fn start(
+        catalog: &Arc<Catalog>,
+        cgroup_root: Option<PathBuf>,
+        vips: Option<&vip::Allocator>,
+    ) -> Arc<Self> {
         let mut views = catalog.subscribe();
-        let first = DirIndex::build(&views.borrow_and_update(), cgroup_root.as_deref());
+        let mut vip_changes = vips.map(vip::Allocator::subscribe);
+        let table = |rx: &mut Option<watch::Receiver<Arc<VipTable>>>| {
+            rx.as_mut()
+                .map(|rx| rx.borrow_and_update().clone())
+                .unwrap_or_default()
+        };
+        let first = DirIndex::build(
+            &views.borrow_and_update(),
+            cgroup_root.as_deref(),
+            &table(&mut vip_changes),
+        );
         let index = Arc::new(RwLock::new(Arc::new(first)));
         let (changes, _) = watch::channel(0u64);
         let follower = {
@@ -165,6 +207,10 @@ impl CatalogDirectory {
                 loop {
                     tokio::select! {
                         r = views.changed() => if r.is_err() { return },
+                        r = vip_changed(&mut vip_changes) => if r.is_err() {
+                            // The allocator is gone: keep the last table, stop watching.
+                            vip_changes = None;
+                        },
                         _ = tick.tick() => {
                             let unresolved = read(&index).unresolved_cgroups;
                             if !unresolved {
@@ -173,7 +219,8 @@ impl CatalogDirectory {
                         }
                     }
                     let snap = views.borrow_and_update().clone();
-                    let next = DirIndex::build(&snap, cgroup_root.as_deref());
+                    let vips = table(&mut vip_changes);
+                    let next = DirIndex::build(&snap, cgroup_root.as_deref(), &vips);
                     let old = std::mem::replace(
                         &mut *index.write().unwrap_or_else(|p| p.into_inner()),
                         Arc::new(next),
@@ -194,6 +241,16 @@ impl CatalogDirectory {
     /// The current index (cheap: an `Arc` clone under a read lock).
     pub fn index(&self) -> Arc<DirIndex> {
         read(&self.index)
+    }
+}
+
+/// Resolves when the VIP table changed; never without a table to follow.
+async fn vip_changed(
+    rx: &mut Option<watch::Receiver<Arc<VipTable>>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -218,6 +275,10 @@ impl Directory for CatalogDirectory {
     fn destination_of(&self, orig_dst: SocketAddrV4) -> Option<ServiceName> {
         let ix = self.index();
         if let Some(n) = ix.by_addr.get(&orig_dst) {
+            return Some(n.clone());
+        }
+        // A virtual IP names its service on every port.
+        if let Some(n) = ix.by_vip.get(orig_dst.ip()) {
             return Some(n.clone());
         }
         // eBPF redirects loopback connections to protected ports: a local service.
@@ -320,7 +381,7 @@ mod tests {
     async fn answers_follow_registrations_case_insensitively() {
         let (catalog, cgroups) = catalog().await;
         std::fs::create_dir(cgroups.path().join("web")).expect("mkdir");
-        let dir = CatalogDirectory::start(&catalog, Some(cgroups.path().to_owned()));
+        let dir = CatalogDirectory::start(&catalog, Some(cgroups.path().to_owned()), None);
         let mut changes = dir.changes();
         assert!(dir.local_service(&svc("socat")).is_none());
 
@@ -346,7 +407,7 @@ mod tests {
 
         let local = dir.local_service(&svc("socat")).expect("local, any case");
         assert_eq!(local.name.as_str(), "Socat");
-        assert_eq!(local.addr, "127.0.0.1:8181".parse().expect("addr"));
+        assert_eq!(local.addrs, ["127.0.0.1:8181".parse().expect("addr")]);
         let eps = dir.endpoints(&svc("SOCAT"));
         assert_eq!(eps.len(), 1);
         assert_eq!(eps[0].addr, "198.18.0.2:20000".parse().expect("addr"));
@@ -396,7 +457,7 @@ mod tests {
     #[tokio::test]
     async fn a_cgroup_made_after_registration_is_picked_up() {
         let (catalog, cgroups) = catalog().await;
-        let dir = CatalogDirectory::start(&catalog, Some(cgroups.path().to_owned()));
+        let dir = CatalogDirectory::start(&catalog, Some(cgroups.path().to_owned()), None);
         catalog
             .register(&serde_json::json!({"Name": "web", "Port": 8080, "cgroup": "late"}))
             .await
@@ -412,6 +473,75 @@ mod tests {
         })
         .await
         .expect("the late cgroup is resolved on the retry tick");
+    }
+
+    #[tokio::test]
+    async fn virtual_ips_are_destinations_on_every_port_and_local_instances_add_up() {
+        let (catalog, _cgroups) = catalog().await;
+        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::memory::MemStore::new());
+        let vips = vip::Allocator::start(store).await.expect("vips");
+        let dir = CatalogDirectory::start(&catalog, None, Some(&vips));
+        let mut changes = dir.changes();
+        for body in [
+            serde_json::json!({"ID": "echo-1", "Name": "echo", "Port": 7001}),
+            serde_json::json!({"ID": "echo-2", "Name": "echo", "Port": 7002}),
+        ] {
+            catalog.register(&body).await.expect("register");
+        }
+        // Allocated after registration (as the agent's follower does): the index
+        // follows the table as well as the catalog.
+        let ip = vips.get_or_allocate(&svc("echo")).await.expect("vip");
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while dir.destination_of(SocketAddrV4::new(ip, 1)).is_none() {
+                changes.changed().await.expect("open");
+            }
+        })
+        .await
+        .expect("the VIP reaches the directory");
+        for port in [0, 80, 7001, 65535] {
+            assert_eq!(
+                dir.destination_of(SocketAddrV4::new(ip, port)),
+                Some(svc("echo")),
+                "{ip}:{port}"
+            );
+        }
+        let other = Ipv4Addr::from_bits(ip.to_bits() ^ 1);
+        assert_eq!(dir.destination_of(SocketAddrV4::new(other, 7001)), None);
+        let ix = dir.index();
+        assert!(
+            ix.desired()
+                .destinations
+                .contains(&(SocketAddrV4::new(ip, 0), DestinationKind::VirtualIp))
+        );
+        let local = dir.local_service(&svc("echo")).expect("local");
+        assert_eq!(
+            local.addrs,
+            [
+                "127.0.0.1:7001".parse::<SocketAddr>().expect("addr"),
+                "127.0.0.1:7002".parse().expect("addr")
+            ]
+        );
+        assert_eq!(dir.endpoints(&svc("echo")).len(), 2, "one per instance");
+
+        // A service that left the catalog keeps its address in the table but is
+        // no longer a destination.
+        catalog.deregister("echo-1").await.expect("deregister");
+        catalog.deregister("echo-2").await.expect("deregister");
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while dir.destination_of(SocketAddrV4::new(ip, 1)).is_some() {
+                changes.changed().await.expect("open");
+            }
+        })
+        .await
+        .expect("deregistration removes the VIP destination");
+        assert!(
+            !dir.index()
+                .desired()
+                .destinations
+                .iter()
+                .any(|(_, k)| *k == DestinationKind::VirtualIp)
+        );
+        assert_eq!(vips.vip_of(&svc("echo")), Some(ip));
     }
 
     fn dir_id(catalog: &Catalog, name: &str) -> String {

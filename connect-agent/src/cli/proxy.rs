@@ -559,10 +559,9 @@ struct FlagDirectory {
 impl FlagDirectory {
     fn new(plan: &Plan) -> Self {
         Self {
-            local: plan.listen.map(|(_, addr)| LocalService {
-                name: plan.service.clone(),
-                addr,
-            }),
+            local: plan
+                .listen
+                .map(|(_, addr)| LocalService::single(plan.service.clone(), addr)),
             upstreams: plan
                 .upstreams
                 .iter()

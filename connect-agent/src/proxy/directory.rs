@@ -107,9 +107,15 @@ mod mem {
 
         /// Makes `name` a local service listening in plaintext on `addr`.
         pub fn set_local(&self, name: &ServiceName, addr: SocketAddr) {
+            self.set_local_instances(name, vec![addr]);
+        }
+
+        /// Makes `name` a local service with one instance listening on each of
+        /// `addrs` (which must not be empty).
+        pub fn set_local_instances(&self, name: &ServiceName, addrs: Vec<SocketAddr>) {
             let svc = LocalService {
                 name: name.clone(),
-                addr,
+                addrs,
             };
             self.update(|s| {
                 s.local.insert(key(name), svc);

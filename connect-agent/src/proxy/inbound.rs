@@ -4,8 +4,9 @@
 //! destination service from the SNI `<service>.svc.<trust-domain>`, refuse names
 //! that are not local services, finish the handshake with that service's leaf and a
 //! required, verified client certificate, read the client's SPIFFE ID, register the
-//! connection, authorize it, and only with a [`Permit`] connect to the service's
-//! plaintext port and splice. A denied connection is closed without reading a byte
+//! connection, authorize it, and only with a [`Permit`] connect to the plaintext
+//! port of one of the service's local instances (round robin, skipping one that
+//! just refused) and splice. A denied connection is closed without reading a byte
 //! of application data.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -31,6 +32,9 @@ use crate::{
     ca::{PeerRole, TrustBundle, verify::leaf_identity, verify_chain},
     identity::{ServiceName, SpiffeId, TrustDomain},
 };
+
+/// Distinct instances of a local service tried per connection.
+pub const MAX_LOCAL_ATTEMPTS: usize = 3;
 
 /// How long a denied connection's close_notify may take to go out.
 const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -164,7 +168,7 @@ async fn setup(
         });
     };
     tracing::debug!(src = %client, dst = %local.name, reason = %verdict.reason, "connection allowed");
-    let backend = connect_local(&permit, local.addr, shared.limits.local_connect_timeout).await?;
+    let backend = connect_local(shared, &permit, &local.addrs).await?;
     Ok(Setup {
         tls,
         backend,
@@ -191,28 +195,56 @@ fn peer_identity(conn: &ServerConnection, bundle: &TrustBundle) -> Result<Spiffe
     id.map_err(|source| ConnError::PeerIdentity { source })
 }
 
-/// Opens the local service's plaintext port. Takes a [`Permit`]: only authorized
+/// Opens a plaintext port of the local service. Takes a [`Permit`]: only authorized
 /// connections get here.
+///
+/// The service's instances are taken round robin, recently failed ones last
+/// ([`super::balance`]); one that refuses or does not accept in time is skipped and
+/// the next tried, up to [`MAX_LOCAL_ATTEMPTS`] distinct ones. Nothing has been
+/// read from the peer yet, so a retry loses nothing.
 async fn connect_local(
+    shared: &Shared,
     permit: &Permit,
-    addr: SocketAddr,
-    after: Duration,
+    addrs: &[SocketAddr],
 ) -> Result<TcpStream, ConnError> {
-    let service = permit.destination().clone();
-    let tcp = timeout(after, TcpStream::connect(addr))
-        .await
-        .map_err(|_| ConnError::LocalConnectTimeout {
-            service: service.clone(),
-            addr,
-            after,
-        })?
-        .map_err(|source| ConnError::LocalConnect {
-            service,
-            addr,
-            source,
-        })?;
-    let _ = tcp.set_nodelay(true);
-    Ok(tcp)
+    let service = permit.destination();
+    let after = shared.limits.local_connect_timeout;
+    let plan = shared
+        .inbound_lb
+        .plan(&service.as_str().to_ascii_lowercase(), addrs);
+    let mut attempts = 0;
+    let mut last = None;
+    for addr in plan.into_iter().take(MAX_LOCAL_ATTEMPTS) {
+        attempts += 1;
+        let error = match timeout(after, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                shared.inbound_lb.succeeded(addr);
+                let _ = tcp.set_nodelay(true);
+                if attempts > 1 {
+                    tracing::debug!(backend = %addr, attempts, "connected to the local service after retrying");
+                }
+                return Ok(tcp);
+            }
+            Ok(Err(source)) => ConnError::LocalConnect {
+                service: service.clone(),
+                addr,
+                attempts,
+                source,
+            },
+            Err(_) => ConnError::LocalConnectTimeout {
+                service: service.clone(),
+                addr,
+                attempts,
+                after,
+            },
+        };
+        shared.inbound_lb.failed(addr);
+        tracing::debug!(backend = %addr, error = %error, "local service instance unreachable");
+        last = Some(error);
+    }
+    Err(last.unwrap_or_else(|| ConnError::NotLocal {
+        service: service.clone(),
+    }))
 }
 
 /// The destination service an SNI names: `<service>.svc.<trust-domain>`, any case.

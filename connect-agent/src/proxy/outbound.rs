@@ -4,10 +4,11 @@
 //! source service from the dialing process's cgroup, the destination from the
 //! address it dialed), upstream listeners (fixed source and destination), and the
 //! explicit proxy's upstream listeners (the same code in another process) — and one
-//! way out: pick healthy instances of the destination in random order, dial their
-//! node's inbound port with TLS 1.3, the source service's leaf and SNI
-//! `<destination>.svc.<trust-domain>`, accept the server only if its certificate
-//! carries the destination's SPIFFE ID (`ca::tls::SpiffeServerVerifier`), then
+//! way out: take the destination's endpoints round robin (recently failed ones
+//! last, see [`super::balance`]), dial the node's inbound port with TLS 1.3, the
+//! source service's leaf and SNI `<destination>.svc.<trust-domain>`, accept the
+//! server only if its certificate carries the destination's SPIFFE ID
+//! (`ca::tls::SpiffeServerVerifier`), retry the next endpoint if that fails, then
 //! splice.
 //!
 //! Authorization is the destination's job; the connection is still registered
@@ -19,7 +20,6 @@ use std::{
     time::Duration,
 };
 
-use rand::seq::SliceRandom;
 use tokio::{
     net::{TcpListener, TcpStream},
     time::timeout,
@@ -34,8 +34,8 @@ use super::{
 };
 use crate::{ca::tls::server_name_for, identity::ServiceName, redirect::Redirect};
 
-/// Instances tried per connection before giving up: enough to step over a node
-/// that just went away, few enough that a dead destination fails fast.
+/// Distinct endpoints tried per connection before giving up: enough to step over
+/// a node that just went away, few enough that a dead destination fails fast.
 pub const MAX_DIAL_ATTEMPTS: usize = 3;
 
 /// Waits between lookups of a redirect record. `sock_ops` files the record when
@@ -210,20 +210,23 @@ async fn take_redirect(
     Err(ConnError::NoOrigin { peer })
 }
 
-/// Dials healthy instances of `dst` as `src` until one answers with `dst`'s
-/// identity.
+/// Dials the endpoints of `dst` as `src` until one answers with `dst`'s identity.
+///
+/// Endpoints are taken round robin, those that failed lately last
+/// ([`super::balance`]); a failed attempt (TCP connect or TLS handshake, so before
+/// a byte of the application's reaches the destination) is retried on the next
+/// endpoint, up to [`MAX_DIAL_ATTEMPTS`] distinct ones.
 async fn dial(
     shared: &Shared,
     src: &ServiceName,
     dst: &ServiceName,
 ) -> Result<TlsStream<TcpStream>, ConnError> {
-    let mut endpoints = shared.directory.endpoints(dst);
+    let endpoints = shared.directory.endpoints(dst);
     if endpoints.is_empty() {
         return Err(ConnError::NoEndpoints {
             service: dst.clone(),
         });
     }
-    endpoints.shuffle(&mut rand::thread_rng());
     let config = shared
         .tls
         .client(src)
@@ -238,11 +241,22 @@ async fn dial(
         service: dst.clone(),
         trust_domain: bundle.trust_domain().to_string(),
     })?;
-    let attempts = endpoints.len().min(MAX_DIAL_ATTEMPTS);
+    let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
+    let plan = shared
+        .outbound_lb
+        .plan(&dst.as_str().to_ascii_lowercase(), &addrs);
+    let mut attempts = 0;
     let mut last = None;
-    for endpoint in endpoints.into_iter().take(attempts) {
-        match attempt(&connector, name.clone(), endpoint.addr, shared).await {
-            Ok(tls) => return Ok(tls),
+    for addr in plan.into_iter().take(MAX_DIAL_ATTEMPTS) {
+        attempts += 1;
+        match attempt(&connector, name.clone(), addr, shared).await {
+            Ok(tls) => {
+                shared.outbound_lb.succeeded(addr);
+                if attempts > 1 {
+                    tracing::debug!(endpoint = %addr, attempts, "connected after retrying");
+                }
+                return Ok(tls);
+            }
             Err(e) => {
                 if matches!(
                     e,
@@ -250,8 +264,14 @@ async fn dial(
                 ) {
                     shared.metrics.count_handshake_failure(Side::Outbound);
                 }
-                tracing::debug!(endpoint = %endpoint.addr, dc = %endpoint.datacenter, error = %e, "dial attempt failed");
-                last = Some((endpoint.addr, e));
+                shared.outbound_lb.failed(addr);
+                let dc = endpoints
+                    .iter()
+                    .find(|ep| ep.addr == addr)
+                    .map(|ep| ep.datacenter.to_string())
+                    .unwrap_or_default();
+                tracing::debug!(endpoint = %addr, %dc, error = %e, "dial attempt failed");
+                last = Some((addr, e));
             }
         }
     }
@@ -262,7 +282,7 @@ async fn dial(
             attempts,
             source,
         }),
-        // `attempts` is at least one: `endpoints` was checked non-empty above.
+        // The plan holds every endpoint, and there is at least one.
         None => Err(ConnError::NoEndpoints {
             service: dst.clone(),
         }),

@@ -65,10 +65,18 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 struct Backend {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Backend {
     fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener (the service went away): connecting is refused.
+    async fn stop(self) -> usize {
+        self.task.abort();
+        let _ = self.task.await;
         self.accepted.load(Ordering::SeqCst)
     }
 }
@@ -105,13 +113,17 @@ where
     let addr = l.local_addr().expect("backend addr");
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(serve(s));
         }
     });
-    Backend { addr, accepted }
+    Backend {
+        addr,
+        accepted,
+        task,
+    }
 }
 
 // ───────────────────────────── nodes ─────────────────────────────
@@ -884,3 +896,119 @@ fn served_cert(tls: &TlsStream<TcpStream>) -> &[u8] {
 }
 
 mod openssl;
+
+// ───────────────────────────── balancing ─────────────────────────────
+
+fn endpoint(addr: SocketAddr) -> Endpoint {
+    Endpoint {
+        addr,
+        datacenter: Datacenter::default(),
+    }
+}
+
+/// One echo through `up`, on a new connection.
+async fn echo_once(up: SocketAddr, msg: &[u8]) {
+    let mut c = TcpStream::connect(up).await.expect("connect upstream");
+    expect_echo(&mut c, msg).await;
+}
+
+#[tokio::test]
+async fn new_connections_go_round_robin_over_the_endpoints() {
+    let agent = agent().await;
+    let n1 = node_with(agent.clone(), Limits::default(), None).await;
+    let n2 = node_with(agent, Limits::default(), None).await;
+    let (b1, b2) = (echo_backend().await, echo_backend().await);
+    n1.dir.set_local(&svc("socat"), b1.addr);
+    n2.dir.set_local(&svc("socat"), b2.addr);
+    n1.dir.set_endpoints(
+        &svc("socat"),
+        vec![endpoint(n1.inbound), endpoint(n2.inbound)],
+    );
+    let up = n1.upstream("web", "socat").await;
+    for i in 0..6 {
+        echo_once(up, format!("hello {i}").as_bytes()).await;
+    }
+    assert_eq!(
+        (b1.accepted(), b2.accepted()),
+        (3, 3),
+        "strict alternation over two endpoints"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_dial_is_retried_on_the_next_endpoint_and_then_skipped() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.dir.set_local(&svc("socat"), backend.addr);
+    // Refuses: a port nothing listens on any more.
+    let closed = {
+        let l = std::net::TcpListener::bind(any_port()).expect("bind");
+        l.local_addr().expect("addr")
+    };
+    // Accepts TCP, then hangs up before the TLS handshake completes.
+    let dropper = backend_with_drop().await;
+    n.dir.set_endpoints(
+        &svc("socat"),
+        vec![
+            endpoint(closed),
+            endpoint(dropper.addr),
+            endpoint(n.inbound),
+        ],
+    );
+    let up = n.upstream("web", "socat").await;
+    for i in 0..6 {
+        echo_once(up, format!("try {i}").as_bytes()).await;
+    }
+    assert_eq!(backend.accepted(), 6, "every connection got through");
+    assert_eq!(
+        dropper.accepted(),
+        1,
+        "after failing once, the broken endpoint is held back"
+    );
+    let m = n.metrics();
+    assert_eq!(m.closed(Side::Outbound, Outcome::DialFailed), 0);
+    assert!(m.handshake_failures(Side::Outbound) >= 1);
+
+    // Every endpoint dead: the connection fails after the bounded attempts.
+    n.dir.set_endpoints(&svc("socat"), vec![endpoint(closed)]);
+    let mut c = TcpStream::connect(up).await.expect("connect upstream");
+    c.write_all(b"x").await.expect("write");
+    expect_closed(&mut c, DEADLINE).await;
+    eventually("the dial failure", || {
+        m.closed(Side::Outbound, Outcome::DialFailed) == 1
+    })
+    .await;
+}
+
+/// A listener that accepts and closes at once, counting connections.
+async fn backend_with_drop() -> Backend {
+    backend(|s| async move { drop(s) }).await
+}
+
+#[tokio::test]
+async fn inbound_spreads_over_local_instances_and_steps_over_a_dead_one() {
+    let n = node().await;
+    let (b1, b2) = (echo_backend().await, echo_backend().await);
+    n.dir
+        .set_local_instances(&svc("socat"), vec![b1.addr, b2.addr]);
+    n.dir
+        .set_endpoints(&svc("socat"), vec![endpoint(n.inbound)]);
+    let up = n.upstream("web", "socat").await;
+    for i in 0..4 {
+        echo_once(up, format!("spread {i}").as_bytes()).await;
+    }
+    assert_eq!((b1.accepted(), b2.accepted()), (2, 2));
+
+    let gone = b2.stop().await;
+    assert_eq!(gone, 2);
+    for i in 0..5 {
+        echo_once(up, format!("survive {i}").as_bytes()).await;
+    }
+    assert_eq!(
+        b1.accepted(),
+        7,
+        "every new connection reached the live one"
+    );
+    let m = n.metrics();
+    assert_eq!(m.closed(Side::Inbound, Outcome::LocalUnreachable), 0);
+}
