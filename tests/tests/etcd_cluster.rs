@@ -1,12 +1,14 @@
 //! Two real agents on one three-member etcd cluster: every component works on the
 //! etcd store, not only the store itself. One CA for both (the second agent loads
 //! the one the first created); a service registered on one agent and an intention
-//! created through it reach the other within 2 s; with every etcd member killed the
-//! other agent keeps answering authorize and serving its leaf from memory, writes
+//! created through it reach the other within 2 s; both give a service one virtual
+//! IP; with every etcd member killed the other agent keeps answering authorize,
+//! serving its leaf and resolving names from memory, writes
 //! fail in bounded time, and once etcd is back writes work and changes flow between
 //! the agents again (the store reconnects its requests and its watches).
 //!
-//! Needs Debian's `etcd-server` (the `etcd` binary on PATH) and the agent binary
+//! Needs Debian's `etcd-server` (the `etcd` binary on PATH), `dig` (dnsutils) and
+//! the agent binary
 //! (`cargo build -p connect-agent --bin connect-agent`); fails saying so otherwise.
 
 use std::{
@@ -17,6 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use connect_tests::{
     agent::{AgentProcess, http},
+    dig,
     etcd::EtcdCluster,
 };
 use serde_json::{Value, json};
@@ -127,6 +130,16 @@ fn authorized(agent: &AgentProcess, td: &str, source: &str, target: &str) -> Res
         .with_context(|| format!("authorize answered {answer}"))
 }
 
+/// The virtual IP `agent`'s DNS server answers for `<service>.virtual.consul`.
+fn vip_of(agent: &AgentProcess, service: &str) -> Result<String> {
+    let name = format!("{service}.virtual.consul");
+    let answer = dig::run(&dig::argv(&[], Some(agent.dns_addr), &[&name, "A"]))?;
+    ensure!(answer.status == "NOERROR", "{name}: {answer:?}");
+    let [ip] = <[String; 1]>::try_from(answer.data("A"))
+        .map_err(|v| anyhow::anyhow!("{name}: one A record expected, got {v:?}"))?;
+    Ok(ip)
+}
+
 fn deny(source: &str, destination: &str) -> Value {
     json!({"SourceName": source, "DestinationName": destination, "Action": "deny"})
 }
@@ -214,6 +227,11 @@ async fn two_agents_share_one_etcd_cluster_and_ride_out_its_outage() -> Result<(
     let entries = ok(&b, "GET", "/v1/catalog/connect/web", None)?;
     assert_eq!(entries[0]["ServiceID"], "web-1-sidecar-proxy", "{entries}");
 
+    // ── Virtual IPs: allocated once in etcd, the same on both agents. ──
+    let vip = vip_of(&b, "web")?;
+    assert_eq!(vip_of(&a, "web")?, vip, "one virtual IP per service");
+    println!("both agents resolve web.virtual.consul to {vip}");
+
     // ── Intentions: created through A, enforced by B. ──
     assert!(authorized(&b, &td, "web", "db")?, "default allow");
     ok(
@@ -250,6 +268,7 @@ async fn two_agents_share_one_etcd_cluster_and_ride_out_its_outage() -> Result<(
             lists_connect(&b, "web", "node-a")?,
             "B's catalog from memory"
         );
+        assert_eq!(vip_of(&b, "web")?, vip, "B resolves from memory");
         std::thread::sleep(Duration::from_millis(300));
     }
     // Writes fail, in bounded time, on both agents.
