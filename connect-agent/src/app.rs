@@ -83,8 +83,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("the etcd store is not available in this build yet")]
-    EtcdUnsupported,
+    #[error(transparent)]
+    Etcd(#[from] store::etcd::Error),
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -293,6 +293,14 @@ pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
                 dev_dir,
             })
         }
-        StoreUrl::Etcd { .. } => Err(Error::EtcdUnsupported),
+        StoreUrl::Etcd { endpoints } => {
+            let store =
+                store::etcd::EtcdStore::connect(endpoints, store::etcd::EtcdOptions::default())
+                    .await?;
+            Ok(OpenedStore {
+                store: Arc::new(store),
+                dev_dir: None,
+            })
+        }
     }
 }

@@ -13,6 +13,9 @@
 //! meaning. Reads for request paths are served from the owners' in-memory caches
 //! (`cache`), which follow the store through [`Store::watch`].
 
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;
+pub mod etcd;
 pub mod memory;
 pub mod redb;
 

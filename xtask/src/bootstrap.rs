@@ -1,6 +1,7 @@
 //! Installs what building and testing need, idempotently and quickly when done.
 //!
-//! - Debian packages the tests use (only those missing; `apt-get update` once).
+//! - Debian packages the build and the tests use (only those missing; `apt-get update`
+//!   once), among them `protobuf-compiler`: etcd-client's build script runs `protoc`.
 //! - `rust-src` on the nightly toolchain (for `-Z build-std=core`).
 //! - bpf-linker, built against the LLVM shared library inside the nightly toolchain
 //!   (no LLVM development package matches the nightly's LLVM on Debian bookworm, and
@@ -27,6 +28,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("etcd-server", "etcd"),
     ("etcd-client", "etcdctl"),
+    // The agent's build: etcd-client's build script compiles etcd's protos with protoc.
+    ("protobuf-compiler", "protoc"),
     ("dnsutils", "dig"),
     ("iperf3", "iperf3"),
     ("stunnel4", "stunnel4"),
@@ -50,6 +53,23 @@ pub fn run(with_apt: bool) -> Result<Toolchain> {
     rust_src()?;
     let bpf_linker_bin = bpf_linker()?;
     Ok(Toolchain { bpf_linker_bin })
+}
+
+/// Fails with the package to install when `protoc`, which building the agent needs, is
+/// missing: for the commands that build without installing Debian packages.
+pub fn require_protoc() -> Result<()> {
+    // prost-build honours PROTOC, so a protoc elsewhere is fine too.
+    if std::env::var_os("PROTOC").is_some() || on_path("protoc") {
+        return Ok(());
+    }
+    bail!(
+        "building connect-agent needs `protoc` (etcd-client's build script runs it): install Debian's protobuf-compiler (`sudo apt-get install protobuf-compiler`) or run `sudo cargo xtask bootstrap`"
+    )
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 fn apt_packages() -> Result<()> {

@@ -80,6 +80,7 @@ fn main() {
 
 fn build() -> Result<()> {
     let tc = bootstrap::run(false)?;
+    bootstrap::require_protoc()?;
     ebpf::build(&tc)?;
     util::cargo(&[
         "build",

@@ -44,7 +44,12 @@ pub fn run(args: TestArgs) -> Result<()> {
     let started = Instant::now();
     let mut steps: Vec<Step> = Vec::new();
 
-    let tc = match timed("bootstrap", &mut steps, || bootstrap::run(!args.unit_only)) {
+    let tc = match timed("bootstrap", &mut steps, || {
+        let tc = bootstrap::run(!args.unit_only)?;
+        // Without the apt step nothing installed protoc; say so before cargo fails.
+        bootstrap::require_protoc()?;
+        Ok(tc)
+    }) {
         Some(tc) => tc,
         None => return finish(&steps, started),
     };
