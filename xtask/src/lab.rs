@@ -421,6 +421,9 @@ fn up_inner(n: u8, st: &mut LabState) -> Result<()> {
             "new".to_owned(),
             "--initial-cluster-token".to_owned(),
             format!("connect-lab-{name}"),
+            // A member that was cut off rejoins without forcing a new election
+            // (etcd 3.5's default; 3.4 needs the flag).
+            "--pre-vote".to_owned(),
         ];
         spawn_recorded(st, &node.name, Role::Etcd, argv.to_vec(), "etcd.log")?;
     }
