@@ -221,6 +221,7 @@ fn up_inner(n: u8, agent: &Path, st: &mut LabState) -> Result<()> {
             ns.command(agent).args([
                 "--store",
                 &store,
+                "--server",
                 "--data-dir",
                 &data.to_string_lossy(),
                 "--node-name",
