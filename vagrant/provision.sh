@@ -36,7 +36,7 @@ Description=Connect service mesh agent
 After=network-online.target etcd.service
 
 [Service]
-ExecStart=/usr/local/bin/connect-agent --cgroup $CG2/app --config-dir /etc/connect.d --data-dir /var/lib/connect --store $CONNECT_STORE --node-name $NODE_NAME --advertise-addr $NODE_IP
+ExecStart=/usr/local/bin/connect-agent --cgroup $CG2/app --config-dir /etc/connect.d --data-dir /var/lib/connect --store $CONNECT_STORE --server --node-name $NODE_NAME --advertise-addr $NODE_IP
 ExecReload=/bin/kill -HUP \$MAINPID
 Restart=on-failure
 

@@ -294,9 +294,14 @@ pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
             })
         }
         StoreUrl::Etcd { endpoints } => {
-            let store =
-                store::etcd::EtcdStore::connect(endpoints, store::etcd::EtcdOptions::default())
-                    .await?;
+            let opts = store::etcd::EtcdOptions {
+                user: config
+                    .etcd_user
+                    .as_ref()
+                    .map(|u| (u.name.clone(), u.password.0.clone())),
+                ..store::etcd::EtcdOptions::default()
+            };
+            let store = store::etcd::EtcdStore::connect(endpoints, opts).await?;
             Ok(OpenedStore {
                 store: Arc::new(store),
                 dev_dir: None,

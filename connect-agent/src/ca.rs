@@ -30,6 +30,7 @@ pub mod leaf;
 pub mod manager;
 pub mod pki;
 pub mod provider;
+pub mod remote;
 pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -41,7 +42,7 @@ mod tests;
 
 pub use config::CaConfig;
 pub use leaf::{CsrRefusal, IssuedCert, Leaf};
-pub use manager::{CaManager, LeafWatch};
+pub use manager::{CaManager, CaRole, LeafWatch};
 pub use provider::{BuiltinProvider, CaProvider, Signer};
 pub use state::{CaState, Root};
 pub use verify::{PeerRole, TrustBundle, VerifyError, verify_chain};
@@ -95,6 +96,28 @@ pub enum Error {
     /// Other writers kept changing the CA configuration while this one retried.
     #[error("the CA configuration changed concurrently {attempts} times; try again")]
     Contended { attempts: u32 },
+    /// This agent is a client agent: it never holds the CA's keys (our caller
+    /// asked a client for what only a server does).
+    #[error(
+        "this is a client agent, which never holds the CA key: {op} on a server agent (--server)"
+    )]
+    NotServer { op: &'static str },
+    /// A server agent refused to sign this client's CSR (the request's fault).
+    #[error("the server agent {server} refused to sign (HTTP {status}): {message}")]
+    SignRefused {
+        server: String,
+        status: u16,
+        message: String,
+    },
+    /// No server agent could be reached to sign a CSR.
+    #[error("no server agent could sign the leaf (check --server-addr): {tried}")]
+    NoServer { tried: String },
+    /// A client agent started before any server agent created the CA.
+    #[error("no CA in the store after {waited:?}: start a server agent (--server) first")]
+    NoCa { waited: std::time::Duration },
+    /// A CSR names another service than the one the request is for.
+    #[error("the CSR is for service {csr:?}, not {requested:?}")]
+    CsrServiceMismatch { csr: String, requested: String },
     /// The agent holds as many leaves as it may; none is idle enough to drop.
     #[error("this agent already holds {max} leaf certificates in use; refusing another")]
     TooManyLeaves { max: usize },

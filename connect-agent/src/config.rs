@@ -108,6 +108,46 @@ pub struct AgentArgs {
     /// Require and verify a client certificate on every HTTPS API connection.
     #[arg(long)]
     pub verify_incoming: bool,
+
+    /// Run as a server agent: read the CA's private key, create the CA on first
+    /// start, sign leaves (also for client agents). With the embedded store an
+    /// agent is always its own server; with etcd, agents without it are clients.
+    #[arg(long)]
+    pub server: bool,
+
+    /// A server agent's API (`host:port`, `http://host:port` or
+    /// `https://host:port`) that signs this client agent's leaves; repeat or
+    /// separate with commas for several, tried in order.
+    #[arg(long, value_name = "ADDR", value_delimiter = ',')]
+    pub server_addr: Vec<String>,
+
+    /// File holding the ACL token (secret ID) this agent presents to server agents
+    /// when it asks for a leaf; it needs `node:write` on this node. Mode 600.
+    #[arg(long, value_name = "FILE")]
+    pub agent_token_file: Option<PathBuf>,
+
+    /// File holding `user:password` for etcd's authentication (one line, mode
+    /// 600). Server agents use a user of the `connect-server` role, client agents
+    /// one of `connect-client`. Never pass credentials on the command line.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_user_file: Option<PathBuf>,
+}
+
+/// A secret read from a file: shown as `<redacted>` in logs and debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// etcd credentials from `--etcd-user-file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdUser {
+    pub name: String,
+    pub password: Secret,
 }
 
 /// Validated configuration of a running agent.
@@ -134,6 +174,14 @@ pub struct Config {
     pub acl_default_policy: DefaultPolicy,
     /// The HTTPS API, when configured.
     pub https: Option<HttpsConfig>,
+    /// Whether this agent holds the CA's keys (always with the embedded store).
+    pub server: bool,
+    /// Server agents' APIs that sign this (client) agent's leaves.
+    pub server_addrs: Vec<String>,
+    /// The ACL token presented to server agents (`--agent-token-file`).
+    pub agent_token: Option<Secret>,
+    /// etcd credentials (`--etcd-user-file`).
+    pub etcd_user: Option<EtcdUser>,
 }
 
 /// The HTTPS API's listener and certificates.
@@ -180,6 +228,45 @@ pub enum Error {
     NodeName(String, &'static str),
     #[error("--{0} needs --https-addr: it configures the HTTPS API")]
     NeedsHttps(&'static str),
+    #[error(
+        "a client agent (--store etcd://... without --server) needs --{0}: its leaves are signed by a server agent"
+    )]
+    ClientNeeds(&'static str),
+    #[error(
+        "a client agent never holds the CA key, so it cannot issue its own HTTPS API certificate: give --cert-file and --key-file, or run it with --server"
+    )]
+    ClientHttpsCert,
+    #[error("--etcd-user-file needs --store etcd://...")]
+    EtcdUserWithoutEtcd,
+    #[error("--{flag} {path}: {reason}")]
+    SecretFile {
+        flag: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// Reads a one-line secret from `path`, refusing a file group or others may read.
+fn read_secret_file(flag: &'static str, path: &std::path::Path) -> Result<String, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |reason: String| Error::SecretFile {
+        flag,
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(fail(format!(
+            "mode {mode:o} lets group or others read it; chmod 600 it"
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let line = text.trim();
+    if line.is_empty() {
+        return Err(fail("it is empty".to_owned()));
+    }
+    Ok(line.to_owned())
 }
 
 impl AgentArgs {
@@ -196,6 +283,40 @@ impl AgentArgs {
             return Err(Error::DnsRecursorLoop(self.dns_addr));
         }
         let store = parse_store(&self.store)?;
+        // With the embedded store the agent is the only one: its own server.
+        let server = self.server || store == StoreUrl::Embedded;
+        let agent_token = self
+            .agent_token_file
+            .as_deref()
+            .map(|p| read_secret_file("agent-token-file", p).map(Secret))
+            .transpose()?;
+        let etcd_user = match (&self.etcd_user_file, &store) {
+            (None, _) => None,
+            (Some(_), StoreUrl::Embedded) => return Err(Error::EtcdUserWithoutEtcd),
+            (Some(path), StoreUrl::Etcd { .. }) => {
+                let line = read_secret_file("etcd-user-file", path)?;
+                let (name, password) = line.split_once(':').ok_or_else(|| Error::SecretFile {
+                    flag: "etcd-user-file",
+                    path: path.clone(),
+                    reason: "expected one line `user:password`".to_owned(),
+                })?;
+                Some(EtcdUser {
+                    name: name.to_owned(),
+                    password: Secret(password.to_owned()),
+                })
+            }
+        };
+        if !server {
+            if self.server_addr.is_empty() {
+                return Err(Error::ClientNeeds("server-addr"));
+            }
+            if agent_token.is_none() {
+                return Err(Error::ClientNeeds("agent-token-file"));
+            }
+            if self.https_addr.is_some() && self.cert_file.is_none() {
+                return Err(Error::ClientHttpsCert);
+            }
+        }
         let node_name = match self.node_name {
             Some(n) => n,
             None => nix::unistd::gethostname()
@@ -259,6 +380,10 @@ impl AgentArgs {
             acl_enabled,
             acl_default_policy,
             https,
+            server,
+            server_addrs: self.server_addr,
+            agent_token,
+            etcd_user,
         })
     }
 }
@@ -286,6 +411,10 @@ impl Config {
             acl_enabled: false,
             acl_default_policy: DefaultPolicy::Deny,
             https: None,
+            server: true,
+            server_addrs: Vec::new(),
+            agent_token: None,
+            etcd_user: None,
         }
     }
 }

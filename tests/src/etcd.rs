@@ -201,6 +201,84 @@ impl EtcdCluster {
             .context("connect an etcd client")
     }
 
+    /// Runs `etcdctl` (v3 API) against every member, as `user` (`name:password`)
+    /// or without credentials; fails with etcdctl's output unless it succeeds.
+    pub fn etcdctl(&self, user: Option<&str>, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.etcdctl_output(user, args)?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// [`EtcdCluster::etcdctl`] that returns the output whatever the exit status.
+    pub fn etcdctl_output(
+        &self,
+        user: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoints().join(","))
+            .args(["--dial-timeout", "3s", "--command-timeout", "5s"]);
+        if let Some(user) = user {
+            cmd.arg("--user").arg(user);
+        }
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("run etcdctl (Debian's etcd-client package)")
+    }
+
+    /// Turns on etcd's authentication with the roles the README describes for
+    /// Connect under `root` (e.g. `/connect/`): `connect-server` may read and write
+    /// everything under it; `connect-client` everything but `<root>secrets/` (not
+    /// even readable: the CA's private keys) and, read-only, `<root>ca/` (the
+    /// public CA records) and `<root>acl/` (tokens and policies). Creates the
+    /// `root` user and one user per `(name, password, role)`. These are exactly the
+    /// README's etcdctl steps.
+    pub fn enable_connect_auth(
+        &self,
+        root: &str,
+        root_password: &str,
+        users: &[(&str, &str, &str)],
+    ) -> anyhow::Result<()> {
+        for args in connect_auth_steps(root) {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.etcdctl(None, &args)?;
+        }
+        self.etcdctl(
+            None,
+            &[
+                "user",
+                "add",
+                &format!("root:{root_password}"),
+                "--interactive=false",
+            ],
+        )?;
+        self.etcdctl(None, &["user", "grant-role", "root", "root"])?;
+        for (name, password, role) in users {
+            self.etcdctl(
+                None,
+                &[
+                    "user",
+                    "add",
+                    &format!("{name}:{password}"),
+                    "--interactive=false",
+                ],
+            )?;
+            self.etcdctl(None, &["user", "grant-role", name, role])?;
+        }
+        self.etcdctl(None, &["auth", "enable"])?;
+        Ok(())
+    }
+
     /// The cluster's current revision.
     pub async fn revision(&self) -> anyhow::Result<i64> {
         let resp = self
@@ -322,6 +400,79 @@ impl Drop for EtcdCluster {
             }
         }
     }
+}
+
+/// The etcdctl arguments that create the roles `connect-server` and
+/// `connect-client` for keys under `root` (which ends in `/`). etcd permissions only
+/// grant, so the client role is a list of ranges around the guarded prefixes.
+pub fn connect_auth_steps(root: &str) -> Vec<Vec<String>> {
+    // The first key after every key that starts with `p/`: `p0`.
+    let end = |prefix: &str| format!("{}0", prefix.trim_end_matches('/'));
+    let acl = format!("{root}acl/");
+    let ca = format!("{root}ca/");
+    let secrets = format!("{root}secrets/");
+    let v = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    vec![
+        v(&["role", "add", "root"]),
+        v(&["role", "add", "connect-server"]),
+        v(&[
+            "role",
+            "grant-permission",
+            "connect-server",
+            "readwrite",
+            "--prefix",
+            root,
+        ]),
+        v(&["role", "add", "connect-client"]),
+        v(&[
+            "role",
+            "grant-permission",
+            "connect-client",
+            "readwrite",
+            root,
+            &acl,
+        ]),
+        v(&[
+            "role",
+            "grant-permission",
+            "connect-client",
+            "read",
+            "--prefix",
+            &acl,
+        ]),
+        v(&[
+            "role",
+            "grant-permission",
+            "connect-client",
+            "readwrite",
+            &end(&acl),
+            &ca,
+        ]),
+        v(&[
+            "role",
+            "grant-permission",
+            "connect-client",
+            "read",
+            "--prefix",
+            &ca,
+        ]),
+        v(&[
+            "role",
+            "grant-permission",
+            "connect-client",
+            "readwrite",
+            &end(&ca),
+            &secrets,
+        ]),
+        v(&[
+            "role",
+            "grant-permission",
+            "connect-client",
+            "readwrite",
+            &end(&secrets),
+            &end(root),
+        ]),
+    ]
 }
 
 /// A free TCP port on 127.0.0.1 where nothing listens (for "etcd is down" tests).

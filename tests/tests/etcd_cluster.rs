@@ -55,7 +55,8 @@ fn private_tempdir() -> Result<tempfile::TempDir> {
 fn start_agent(dir: &tempfile::TempDir, store: &str, node: &str) -> Result<AgentProcess> {
     AgentProcess::start_in(
         dir.path(),
-        &["--store", store],
+        // Both are server agents (no etcd auth here): either may create the CA.
+        &["--store", store, "--server"],
         &["--acl-default-policy", "allow", "--node-name", node],
     )
     .with_context(|| format!("starting agent {node}"))

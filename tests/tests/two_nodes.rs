@@ -156,6 +156,7 @@ impl Node {
             &config.to_string_lossy(),
             "--store",
             &format!("etcd://{A_IP}:{ETCD_CLIENT}"),
+            "--server",
             "--acl-default-policy",
             "allow",
             "--node-name",

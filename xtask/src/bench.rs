@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: Connect against a direct connection and a stunnel mTLS pair,
+//! `cargo xtask bench`: Connect (transparent and upstream paths) against a direct
+//! connection and a stunnel mTLS pair,
 //! on two network-namespace nodes joined by a veth, one setup after another in one run.
 //!
 //! For each setup: throughput (iperf3, one stream, 10 s), request/response latency of
@@ -70,6 +71,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("cargo xtask bench needs root (network namespaces): run it with sudo");
     }
     crate::bootstrap::run(true)?;
+    crate::build()?;
     let me = std::env::current_exe().context("locating the xtask binary")?;
 
     let client = Netns::create("cbench-client")?;
@@ -94,6 +96,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "-w",
             "net.ipv4.tcp_tw_reuse=1",
             "net.ipv4.ip_local_port_range=1024 65000",
+            // ... but never the ports Connect's agents listen on: a connection in
+            // TIME_WAIT on one of them would keep the agent from binding it.
+            "net.ipv4.ip_local_reserved_ports=2379,2380,8500,8600,15001,19191,19192,20000",
         ]))?;
     }
 
@@ -137,6 +142,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
         cgroup: None,
     };
     results.push(measure(&me, &client, &direct, &args)?);
+
+    // (b) and (c): Connect, one agent per node sharing state through etcd.
+    let connect = ConnectPair::start(&client, &server)?;
+    let transparent = Target {
+        name: "connect transparent".into(),
+        echo: format!("{SERVER_IP}:{ECHO_PORT}"),
+        iperf: (SERVER_IP.into(), IPERF_PORT),
+        proxies: connect.pids(),
+        cgroup: Some(connect.app_cgroup.clone()),
+    };
+    results.push(measure(&me, &client, &transparent, &args)?);
+    let explicit = Target {
+        name: "connect upstream".into(),
+        echo: format!("127.0.0.1:{UPSTREAM_ECHO}"),
+        iperf: ("127.0.0.1".into(), UPSTREAM_IPERF),
+        proxies: connect.pids(),
+        cgroup: None,
+    };
+    results.push(measure(&me, &client, &explicit, &args)?);
+    drop(connect);
 
     // (e) stunnel mutual TLS 1.3, the reference peer.
     let work = util::workspace_root().join("target/bench/stunnel");
@@ -297,6 +322,180 @@ fn print_table(results: &[Figures]) {
             }
         }
     }
+}
+
+const ETCD_PORT: u16 = 2379;
+const ETCD_PEER_PORT: u16 = 2380;
+const UPSTREAM_ECHO: u16 = 19191;
+const UPSTREAM_IPERF: u16 = 19192;
+
+/// Connect on both nodes: an etcd member and an agent on the server node (the echo
+/// and iperf3 servers registered as services), an agent on the client node with
+/// `--cgroup` (the client's service cgroup, for the transparent path) and upstream
+/// listeners for the explicit path. Release binary from `cargo xtask build`.
+struct ConnectPair {
+    client_agent: Proc,
+    server_agent: Proc,
+    _etcd: Proc,
+    app_cgroup: PathBuf,
+    cgroup_root: PathBuf,
+    work: PathBuf,
+}
+
+impl ConnectPair {
+    fn start(client: &Netns, server: &Netns) -> Result<Self> {
+        let bin = util::workspace_root().join("target/release/connect-agent");
+        if !bin.is_file() {
+            bail!(
+                "{} is missing: run `cargo xtask build` first",
+                bin.display()
+            );
+        }
+        let work = util::workspace_root().join("target/bench/connect");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let etcd = Proc::spawn(
+            "etcd",
+            server
+                .command("etcd")
+                .args(["--name", "cbench", "--data-dir"])
+                .arg(work.join("etcd"))
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://{SERVER_IP}:{ETCD_PORT}"),
+                    "--advertise-client-urls",
+                    &format!("http://{SERVER_IP}:{ETCD_PORT}"),
+                    "--listen-peer-urls",
+                    &format!("http://{SERVER_IP}:{ETCD_PEER_PORT}"),
+                    "--initial-advertise-peer-urls",
+                    &format!("http://{SERVER_IP}:{ETCD_PEER_PORT}"),
+                    "--initial-cluster",
+                    &format!("cbench=http://{SERVER_IP}:{ETCD_PEER_PORT}"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+        netns::wait_port(
+            server,
+            &format!("{SERVER_IP}:{ETCD_PORT}"),
+            Duration::from_secs(20),
+        )?;
+
+        let cgroup_root = cgroup2_mount()?.join("connect-bench");
+        let app_cgroup = cgroup_root.join("client");
+        std::fs::create_dir_all(&app_cgroup)
+            .with_context(|| format!("creating {}", app_cgroup.display()))?;
+
+        let agent = |ns: &Netns, name: &str, ip: &str, services: &str, cgroup: Option<&Path>| {
+            let dir = work.join(name);
+            let config = dir.join("config");
+            std::fs::create_dir_all(&config)?;
+            std::fs::write(config.join("services.json"), services)?;
+            let mut cmd = ns.command(&bin);
+            cmd.arg("--data-dir")
+                .arg(dir.join("data"))
+                .arg("--config-dir")
+                .arg(&config)
+                .args([
+                    "--store",
+                    &format!("etcd://{SERVER_IP}:{ETCD_PORT}"),
+                    "--acl-default-policy",
+                    "allow",
+                    "--node-name",
+                    name,
+                    "--advertise-addr",
+                    ip,
+                    "--inbound-addr",
+                    &format!("{ip}:20000"),
+                ]);
+            if let Some(cg) = cgroup {
+                cmd.arg("--cgroup").arg(cg);
+            }
+            cmd.stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("agent.log"))?);
+            let p = Proc::spawn(&format!("agent {name}"), &mut cmd)?;
+            netns::wait_port(ns, &format!("{ip}:20000"), Duration::from_secs(30))?;
+            Ok::<_, anyhow::Error>(p)
+        };
+        let server_agent = agent(
+            server,
+            "server",
+            SERVER_IP,
+            &format!(
+                r#"{{"services": [{{"name": "echo", "port": {ECHO_PORT}}}, {{"name": "iperf", "port": {IPERF_PORT}}}]}}"#
+            ),
+            None,
+        )?;
+        let client_agent = agent(
+            client,
+            "client",
+            CLIENT_IP,
+            &format!(
+                r#"{{"service": {{"name": "bench-client", "port": 0, "cgroup": "client",
+                    "connect": {{"proxy": {{"config": {{"upstreams": [
+                        {{"destination_name": "echo", "local_bind_port": {UPSTREAM_ECHO}}},
+                        {{"destination_name": "iperf", "local_bind_port": {UPSTREAM_IPERF}}}]}}}}}}}}}}"#
+            ),
+            Some(&cgroup_root),
+        )?;
+        // The client node learns the server's services through etcd and opens the
+        // upstream listeners; the transparent path needs the eBPF maps filled too,
+        // which the same catalog change drives.
+        netns::wait_port(
+            client,
+            &format!("127.0.0.1:{UPSTREAM_IPERF}"),
+            Duration::from_secs(30),
+        )?;
+        netns::wait_port(
+            client,
+            &format!("127.0.0.1:{UPSTREAM_ECHO}"),
+            Duration::from_secs(30),
+        )?;
+        Ok(Self {
+            client_agent,
+            server_agent,
+            _etcd: etcd,
+            app_cgroup,
+            cgroup_root,
+            work,
+        })
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        vec![self.client_agent.pid(), self.server_agent.pid()]
+    }
+}
+
+impl Drop for ConnectPair {
+    fn drop(&mut self) {
+        // SIGTERM so the client agent detaches its programs; Proc's drop kills what
+        // is left.
+        for p in [self.client_agent.pid(), self.server_agent.pid()] {
+            let _ = Command::new("kill")
+                .args(["-TERM", &p.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let _ = std::fs::remove_dir(&self.app_cgroup);
+        let _ = std::fs::remove_dir(&self.cgroup_root);
+        let _ = std::fs::remove_dir_all(self.work.join("etcd"));
+    }
+}
+
+/// The cgroup2 mount point, from /proc/mounts.
+fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .context("no cgroup2 mount in /proc/mounts: Connect needs cgroup v2")
 }
 
 /// A stunnel4 pair doing mutual TLS 1.3 with ECDSA P-256 certificates from one CA, the

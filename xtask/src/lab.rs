@@ -446,6 +446,9 @@ fn up_inner(n: u8, st: &mut LabState) -> Result<()> {
             st.agent_bin.to_string_lossy().into_owned(),
             "--store".to_owned(),
             store.clone(),
+            // Every lab node is a server agent: it holds the CA and signs leaves
+            // (client agents need etcd users and ACL tokens; see the README).
+            "--server".to_owned(),
             "--data-dir".to_owned(),
             node.dir.join("agent").to_string_lossy().into_owned(),
             "--config-dir".to_owned(),

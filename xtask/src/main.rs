@@ -82,7 +82,7 @@ fn main() {
     }
 }
 
-fn build() -> Result<()> {
+pub(crate) fn build() -> Result<()> {
     let tc = bootstrap::run(false)?;
     bootstrap::require_protoc()?;
     ebpf::build(&tc)?;

@@ -1,6 +1,8 @@
 //! HTTP routes of the `ca` area (reference §2.1, §2.2, §2.4, §2.5):
 //! `GET /v1/agent/connect/ca/roots`, `GET /v1/agent/connect/ca/leaf/:service`,
-//! `GET /v1/connect/ca/roots`, `GET|PUT /v1/connect/ca/configuration`.
+//! `GET /v1/connect/ca/roots`, `GET|PUT /v1/connect/ca/configuration`, and
+//! `POST /v1/connect/ca/sign` (server agents sign client agents' CSRs; see
+//! [`crate::ca::remote`]).
 //!
 //! Everything is read from the CA manager's in-memory snapshot and leaf cache;
 //! blocking reads wake on the manager's change watches. The JSON types here are
@@ -9,14 +11,16 @@
 //! ACLs (reference §3): roots need nothing; a leaf needs `service:write` on its
 //! service, so nobody can obtain another service's identity; reading the CA
 //! configuration needs `operator:read` (the CA key is never shown), changing it
-//! `operator:write`.
+//! `operator:write`. Signing for a client agent needs a real token (not the
+//! anonymous one, and ACLs on) with `node:write` on the requesting node, and the
+//! service must be registered on that node in the catalog.
 
 use axum::{
     Router,
     extract::{Path, RawQuery, State},
     http::{HeaderValue, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -28,9 +32,17 @@ use super::{
     block_on, cache_header, index_headers,
 };
 use crate::{
-    ca::{self, CaState, Leaf},
+    acl::Identity,
+    ca::{
+        self, CaState, Leaf,
+        remote::{SIGN_PATH, SignRequest, SignResponse},
+    },
     identity::ServiceName,
 };
+
+/// How long the signing endpoint waits for its catalog view to show a service the
+/// requesting node registered moments ago (through the shared store).
+const CATALOG_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub fn routes() -> Router<ApiState> {
     Router::new()
@@ -41,6 +53,7 @@ pub fn routes() -> Router<ApiState> {
             "/v1/connect/ca/configuration",
             get(get_configuration).put(put_configuration),
         )
+        .route(SIGN_PATH, post(sign))
 }
 
 /// `IndexedCARoots`.
@@ -108,9 +121,16 @@ impl From<ca::Error> for Error {
     fn from(e: ca::Error) -> Self {
         match e {
             ca::Error::Store(s) => Error::Store(s),
-            ca::Error::StateNotSettable | ca::Error::CsrRefused { .. } => {
-                Error::BadRequest(e.to_string())
-            }
+            ca::Error::StateNotSettable
+            | ca::Error::CsrRefused { .. }
+            | ca::Error::CsrServiceMismatch { .. }
+            | ca::Error::NotServer { .. } => Error::BadRequest(e.to_string()),
+            // A server refused this client's request: pass its answer on.
+            ca::Error::SignRefused { status, .. } => match status {
+                401 | 403 => Error::Forbidden(e.to_string()),
+                404 => Error::NotFound(e.to_string()),
+                _ => Error::BadRequest(e.to_string()),
+            },
             ca::Error::Contended { .. } => Error::Conflict(e.to_string()),
             // Consul answers validation failures of the CA configuration with 500
             // and the message (reference §2.5); everything else is ours anyway.
@@ -238,6 +258,80 @@ async fn agent_leaf(
     let mut headers = index_headers(index);
     cache_header(&mut headers, watch.cache_hit);
     Ok((headers, axum::Json(leaf_json(&leaf))).into_response())
+}
+
+/// `POST /v1/connect/ca/sign`: a server agent signs a client agent's CSR for a
+/// service registered on the client's node.
+async fn sign(
+    State(agent): State<ApiState>,
+    authz: Authz,
+    Json(body): Json<SignRequest>,
+) -> Result<Response, Error> {
+    if !agent.ca.is_server() {
+        return Err(Error::BadRequest(
+            "this is a client agent, which never holds the CA key: send the CSR to a server agent"
+                .to_owned(),
+        ));
+    }
+    match authz.identity() {
+        Identity::Token(_) => {}
+        Identity::Unknown => return Err(Error::AclNotFound),
+        Identity::Anonymous(_) => {
+            return Err(Error::Forbidden(
+                "signing needs the client agent's ACL token (X-Consul-Token) with node:write on its node"
+                    .to_owned(),
+            ));
+        }
+        Identity::Disabled => {
+            return Err(Error::Forbidden(
+                "signing for client agents needs ACLs enabled: without them no request can be authenticated"
+                    .to_owned(),
+            ));
+        }
+    }
+    authz.require(Right::NodeWrite(&body.node))?;
+    let service: ServiceName = body
+        .service
+        .parse()
+        .map_err(|e: crate::identity::Error| Error::BadRequest(e.to_string()))?;
+    if !registered_on(&agent, &body.node, &service).await {
+        tracing::info!(node = %body.node, %service, "refused to sign: service not registered on the node");
+        return Err(Error::Forbidden(format!(
+            "service {:?} is not registered on node {:?}: a client agent gets leaves only for its own services",
+            service.to_string(),
+            body.node
+        )));
+    }
+    let issued = agent.ca.sign_csr_for(body.csr.as_bytes(), &service)?;
+    tracing::info!(node = %body.node, %service, serial = %issued.serial_hex(), "signed a leaf for a client agent");
+    Ok(axum::Json(SignResponse {
+        serial_number: issued.serial_hex(),
+        cert_pem: issued.cert_pem.clone(),
+        service: issued.service.to_string(),
+        service_uri: issued.spiffe_id.to_string(),
+        root_id: issued.root_id.clone(),
+    })
+    .into_response())
+}
+
+/// Whether the catalog lists `service` on `node`, waiting (bounded) for this
+/// agent's view to catch up with a registration made through another agent.
+async fn registered_on(agent: &ApiState, node: &str, service: &ServiceName) -> bool {
+    let mut rx = agent.catalog.subscribe();
+    let deadline = tokio::time::Instant::now() + CATALOG_CATCH_UP;
+    loop {
+        let found = rx
+            .borrow_and_update()
+            .all()
+            .any(|i| i.node.node == node && i.service.service == *service);
+        if found {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return false,
+        }
+    }
 }
 
 async fn get_configuration(

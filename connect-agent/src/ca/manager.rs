@@ -27,6 +27,7 @@ use super::{
     leaf::{self, IssuedCert, Leaf, LeafRequestKind},
     pki,
     provider::{BACKDATE, BuiltinProvider, CaProvider, LeafRequest, RootRequest},
+    remote::RemoteSigner,
     state::{self, CaState, Root},
     verify::TrustBundle,
 };
@@ -55,6 +56,19 @@ pub const CROSS_SIGN_LEAF_TTLS: u32 = 3;
 const SET_CONFIG_ATTEMPTS: u32 = 5;
 /// Longest wait between retries of a failing renewal or store watch.
 const MAX_BACKOFF: Duration = Duration::from_secs(5 * 60);
+/// How long a client agent waits at startup for a server agent to create the CA.
+pub const CLIENT_WAIT_FOR_CA: Duration = Duration::from_secs(30);
+
+/// Whether this agent may hold the CA's keys.
+#[derive(Debug, Clone)]
+pub enum CaRole {
+    /// Reads the roots' keys from the store (`secrets/`), creates the CA on first
+    /// start, signs leaves itself and for client agents, rotates and prunes roots.
+    Server,
+    /// Never reads a key: reads the public CA records (the trust bundle) and has
+    /// its leaves signed by a server agent ([`RemoteSigner`]).
+    Client(RemoteSigner),
+}
 
 /// The leaf of one service as a live value: the receiver always holds the current
 /// leaf, and `changed()` fires on each renewal.
@@ -76,6 +90,7 @@ struct Inner {
     store: Arc<dyn Store>,
     provider: Arc<dyn CaProvider>,
     datacenter: Datacenter,
+    role: CaRole,
     state: watch::Sender<Arc<CaState>>,
     bundle: watch::Sender<Arc<TrustBundle>>,
     /// Moves whenever the snapshot does (roots or configuration may have changed).
@@ -103,18 +118,46 @@ impl Drop for CaManager {
 impl CaManager {
     /// Starts the built-in CA for `config`'s datacenter on `store`: loads it, or
     /// creates it on first start (race-safe across agents sharing the store).
+    /// A client agent (`config.server` false) waits for a server to create it.
     pub async fn start(config: &Config, store: Arc<dyn Store>) -> Result<Arc<Self>, Error> {
-        Self::start_with(Arc::new(BuiltinProvider), config.datacenter.clone(), store).await
+        let role = if config.server {
+            CaRole::Server
+        } else {
+            CaRole::Client(RemoteSigner::new(
+                &config.server_addrs,
+                config.node_name.clone(),
+                config.agent_token.as_ref().map(|t| t.0.clone()),
+            ))
+        };
+        Self::start_with_role(
+            Arc::new(BuiltinProvider),
+            config.datacenter.clone(),
+            store,
+            role,
+        )
+        .await
     }
 
-    /// [`CaManager::start`] with a chosen provider.
+    /// [`CaManager::start`] of a server agent with a chosen provider.
     pub async fn start_with(
         provider: Arc<dyn CaProvider>,
         datacenter: Datacenter,
         store: Arc<dyn Store>,
     ) -> Result<Arc<Self>, Error> {
-        let state = match load(&*store, &*provider).await? {
+        Self::start_with_role(provider, datacenter, store, CaRole::Server).await
+    }
+
+    /// [`CaManager::start`] with a chosen provider and role.
+    pub async fn start_with_role(
+        provider: Arc<dyn CaProvider>,
+        datacenter: Datacenter,
+        store: Arc<dyn Store>,
+        role: CaRole,
+    ) -> Result<Arc<Self>, Error> {
+        let server = matches!(role, CaRole::Server);
+        let state = match load(&*store, &*provider, server).await? {
             Some(s) => s,
+            None if !server => wait_for_ca(&*store, &*provider).await?,
             None => {
                 let cluster_id = uuid::Uuid::new_v4();
                 let config = CaConfig::default();
@@ -138,7 +181,7 @@ impl CaManager {
                 }
                 // Committed, or another agent won the race: either way read back
                 // what the store now holds.
-                load(&*store, &*provider)
+                load(&*store, &*provider, true)
                     .await?
                     .ok_or_else(|| Error::CorruptRecord {
                         key: state::CLUSTER_KEY.to_owned(),
@@ -150,6 +193,7 @@ impl CaManager {
             trust_domain = %state.trust_domain,
             active_root = %state.active_root().id(),
             roots = state.roots.len(),
+            server,
             "CA loaded"
         );
         let store_index = state.store_index;
@@ -161,6 +205,7 @@ impl CaManager {
             store,
             provider,
             datacenter,
+            role,
             state: state_tx,
             bundle,
             changes,
@@ -215,18 +260,38 @@ impl CaManager {
     /// expired or was signed by a root that is no longer active), then kept and
     /// renewed in the background while anyone uses it.
     pub async fn leaf(&self, service: &ServiceName) -> Result<LeafWatch, Error> {
-        self.inner.leaf(service)
+        self.inner.leaf(service).await
+    }
+
+    /// Whether this agent holds the CA's keys (a server agent).
+    pub fn is_server(&self) -> bool {
+        matches!(self.inner.role, CaRole::Server)
     }
 
     /// Issues a one-off leaf for `service` with a new agent-generated key, without
-    /// caching or renewing it (the holder renews by calling again).
+    /// caching or renewing it (the holder renews by calling again). Server agents
+    /// only.
     pub fn issue_leaf(&self, service: &ServiceName) -> Result<Arc<Leaf>, Error> {
-        self.inner.issue(service)
+        self.inner.issue_local(service)
     }
 
     /// Signs an externally supplied CSR (PEM `CERTIFICATE REQUEST` or DER). Only
     /// the key and the SPIFFE ID are taken from it; see [`leaf::screen_csr`].
     pub fn sign_csr(&self, csr: &[u8]) -> Result<IssuedCert, Error> {
+        self.sign_csr_checked(csr, None)
+    }
+
+    /// [`CaManager::sign_csr`] that also requires the CSR's SPIFFE ID to name
+    /// `service` (a server signing for a client agent checked `service`).
+    pub fn sign_csr_for(&self, csr: &[u8], service: &ServiceName) -> Result<IssuedCert, Error> {
+        self.sign_csr_checked(csr, Some(service))
+    }
+
+    fn sign_csr_checked(
+        &self,
+        csr: &[u8],
+        service: Option<&ServiceName>,
+    ) -> Result<IssuedCert, Error> {
         let der = match std::str::from_utf8(csr) {
             Ok(text) if text.contains("-----BEGIN") => {
                 let block = pem::parse(text).map_err(|e| Error::Pem {
@@ -240,6 +305,14 @@ impl CaManager {
         let state = self.state();
         let screened = leaf::screen_csr(&der, &state.trust_domain, &self.inner.datacenter)
             .map_err(|refusal| Error::CsrRefused { refusal })?;
+        if let Some(service) = service
+            && screened.id.service != *service
+        {
+            return Err(Error::CsrServiceMismatch {
+                csr: screened.id.service.to_string(),
+                requested: service.to_string(),
+            });
+        }
         self.inner.sign(
             &state,
             &screened.id,
@@ -252,8 +325,13 @@ impl CaManager {
     /// root, cross-signed by the current one; the old root stays in the bundle until
     /// the leaves it signed have expired, and new leaves come from the new root.
     pub async fn set_config(&self, next: CaConfig) -> Result<(), Error> {
+        if !self.is_server() {
+            return Err(Error::NotServer {
+                op: "change the CA configuration",
+            });
+        }
         for _ in 0..SET_CONFIG_ATTEMPTS {
-            let current = load(&*self.inner.store, &*self.inner.provider)
+            let current = load(&*self.inner.store, &*self.inner.provider, true)
                 .await?
                 .ok_or_else(|| Error::CorruptRecord {
                     key: state::CLUSTER_KEY.to_owned(),
@@ -294,6 +372,9 @@ impl CaManager {
         let not_after = (now + cross_ttl).min(old.not_after);
         let cross = current
             .signer()
+            .ok_or(Error::NotServer {
+                op: "cross-sign a new root",
+            })?
             .cross_sign(&new_root.cert_der, now - BACKDATE, not_after)?;
         tracing::info!(
             old_root = %old.id(),
@@ -310,10 +391,36 @@ impl CaManager {
     }
 }
 
-/// Reads the CA from the store, or `None` before first start.
-async fn load(store: &dyn Store, provider: &dyn CaProvider) -> Result<Option<CaState>, Error> {
+/// Reads the CA from the store, or `None` before first start; with the roots'
+/// keys only on a `server`.
+async fn load(
+    store: &dyn Store,
+    provider: &dyn CaProvider,
+    server: bool,
+) -> Result<Option<CaState>, Error> {
     let listing = store.list(state::PREFIX).await?;
-    CaState::load(&listing, provider)
+    let keys = match server {
+        true => Some(store.list(state::KEYS_PREFIX).await?),
+        false => None,
+    };
+    CaState::load(&listing, keys.as_ref(), provider)
+}
+
+/// A client agent's start: waits (bounded) for a server agent to create the CA.
+async fn wait_for_ca(store: &dyn Store, provider: &dyn CaProvider) -> Result<CaState, Error> {
+    let started = Instant::now();
+    tracing::info!("no CA in the store yet: waiting for a server agent to create it");
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(state) = load(store, provider, false).await? {
+            return Ok(state);
+        }
+        if started.elapsed() >= CLIENT_WAIT_FOR_CA {
+            return Err(Error::NoCa {
+                waited: started.elapsed(),
+            });
+        }
+    }
 }
 
 fn same_public_key(a: &[u8], b: &[u8]) -> bool {
@@ -334,7 +441,11 @@ impl Inner {
     async fn reload(&self) -> Result<Index, Error> {
         let listing = self.store.list(state::PREFIX).await?;
         let index = listing.index;
-        let Some(next) = CaState::load(&listing, &*self.provider)? else {
+        let keys = match self.role {
+            CaRole::Server => Some(self.store.list(state::KEYS_PREFIX).await?),
+            CaRole::Client(_) => None,
+        };
+        let Some(next) = CaState::load(&listing, keys.as_ref(), &*self.provider)? else {
             return Err(Error::CorruptRecord {
                 key: state::CLUSTER_KEY.to_owned(),
                 reason: "it disappeared from the store".to_owned(),
@@ -364,6 +475,10 @@ impl Inner {
     }
 
     async fn prune(&self, now: OffsetDateTime) -> Result<usize, Error> {
+        if !matches!(self.role, CaRole::Server) {
+            // Pruning deletes keys: the servers' job.
+            return Ok(0);
+        }
         let current = self.current();
         let keep_for = current.config.leaf_cert_ttl * PRUNE_AFTER_LEAF_TTLS;
         let dead: Vec<&Root> = current
@@ -415,7 +530,10 @@ impl Inner {
         let serial = pki::random_serial();
         let not_before = now - BACKDATE;
         let not_after = not_before + state.config.leaf_cert_ttl;
-        let der = state.signer().sign_leaf(&LeafRequest {
+        let signer = state
+            .signer()
+            .ok_or(Error::NotServer { op: "sign a leaf" })?;
+        let der = signer.sign_leaf(&LeafRequest {
             id,
             spki_der,
             serial: &serial,
@@ -453,15 +571,29 @@ impl Inner {
         Ok(issued)
     }
 
-    /// A new leaf with a fresh agent-generated P-256 key.
-    fn issue(&self, service: &ServiceName) -> Result<Arc<Leaf>, Error> {
+    /// A new leaf with a fresh agent-generated P-256 key: signed here on a server
+    /// agent, by a server agent on a client agent (the key never leaves this one).
+    async fn issue(&self, service: &ServiceName) -> Result<Arc<Leaf>, Error> {
+        let CaRole::Client(remote) = &self.role else {
+            return self.issue_local(service);
+        };
         let state = self.current();
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
-            Error::Crypto {
-                op: "generate a leaf key",
-                source,
-            }
-        })?;
+        let key = new_leaf_key()?;
+        let id = SpiffeId::service(
+            state.trust_domain.clone(),
+            self.datacenter.clone(),
+            service.clone(),
+        );
+        let mut cert = remote.sign(&state, &id, &key).await?;
+        cert.index = self.next_leaf_index();
+        tracing::debug!(service = %id.service, serial = %cert.serial_hex(), "leaf signed by a server agent");
+        Ok(Arc::new(Leaf::new(cert, key.serialize_der())?))
+    }
+
+    /// [`Inner::issue`] with this agent's own signer (server agents).
+    fn issue_local(&self, service: &ServiceName) -> Result<Arc<Leaf>, Error> {
+        let state = self.current();
+        let key = new_leaf_key()?;
         let id = SpiffeId::service(
             state.trust_domain.clone(),
             self.datacenter.clone(),
@@ -487,7 +619,7 @@ impl Inner {
         leaf.cert.valid_before > now && leaf.cert.root_id == state.active_root().id()
     }
 
-    fn leaf(self: &Arc<Self>, service: &ServiceName) -> Result<LeafWatch, Error> {
+    async fn leaf(self: &Arc<Self>, service: &ServiceName) -> Result<LeafWatch, Error> {
         let now = OffsetDateTime::now_utc();
         let state = self.current();
         // Fast path: a cached, still valid leaf.
@@ -508,7 +640,7 @@ impl Inner {
             }
             // Expired or signed by a root that is no longer active: replace it now
             // rather than hand it out (Consul re-validates on non-blocking reads).
-            let fresh = self.issue(service)?;
+            let fresh = self.issue(service).await?;
             let index = fresh.cert.index;
             tx.send_replace(fresh);
             self.leaf_changes.send_replace(index);
@@ -518,7 +650,7 @@ impl Inner {
             });
         }
 
-        let fresh = self.issue(service)?;
+        let fresh = self.issue(service).await?;
         let index = fresh.cert.index;
         let mut leaves = self.lock_leaves();
         if let Some(e) = leaves.get_mut(service) {
@@ -565,6 +697,14 @@ impl Inner {
         }
         idle
     }
+}
+
+/// A fresh P-256 key for a leaf.
+fn new_leaf_key() -> Result<KeyPair, Error> {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| Error::Crypto {
+        op: "generate a leaf key",
+        source,
+    })
 }
 
 /// Makes room for one leaf: drops the least recently used one that nobody watches.
@@ -650,7 +790,7 @@ async fn renew(inner: Arc<Inner>, service: ServiceName, tx: watch::Sender<Arc<Le
         if wake == Wake::RootChanged && inner.current().active_root().id() == current.cert.root_id {
             continue;
         }
-        match inner.issue(&service) {
+        match inner.issue(&service).await {
             Ok(fresh) => {
                 failures = 0;
                 let index = fresh.cert.index;

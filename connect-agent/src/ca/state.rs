@@ -2,8 +2,12 @@
 //! snapshot ([`CaState`]) built from them.
 //!
 //! Keys: `ca/cluster` (cluster id, trust domain), `ca/config` (the configuration
-//! document), `ca/roots/<hex id>` (one record per root, public), `ca/keys/<hex id>`
-//! (that root's private key, PKCS#8 PEM). Every write is a guarded transaction
+//! document), `ca/roots/<hex id>` (one record per root, public), and
+//! `secrets/ca/keys/<hex id>` (that root's private key, PKCS#8 PEM). The keys live
+//! outside `ca/` on purpose: on etcd, [`SECRETS_PREFIX`] is the one range that the
+//! `connect-client` role cannot read, so client agents list and watch `ca/` (the
+//! trust bundle) without touching a key. Stores written before this layout kept the
+//! keys under `ca/keys/`; [`CaState::load`] still finds them there. Every write is a guarded transaction
 //! built here: first start with `Compare::Absent` (several agents may start at once
 //! on one etcd), rotation and pruning with `Compare::ModIndex`. This module does not
 //! watch the store or issue leaves; the manager does.
@@ -37,7 +41,12 @@ pub const CLUSTER_KEY: &str = "ca/cluster";
 /// The configuration document.
 pub const CONFIG_KEY: &str = "ca/config";
 const ROOTS_PREFIX: &str = "ca/roots/";
-const KEYS_PREFIX: &str = "ca/keys/";
+/// Everything only server agents may read (on etcd: guarded by etcd roles).
+pub const SECRETS_PREFIX: &str = "secrets/";
+/// The roots' private keys.
+pub const KEYS_PREFIX: &str = "secrets/ca/keys/";
+/// Where keys were kept before [`KEYS_PREFIX`] (read only, for older stores).
+const LEGACY_KEYS_PREFIX: &str = "ca/keys/";
 /// Consul's `Name` of every built-in root.
 pub const ROOT_NAME: &str = "Consul CA Root Cert";
 
@@ -49,6 +58,11 @@ pub fn root_key(id: &str) -> String {
 /// The store key of a root's private key.
 pub fn private_key_key(id: &str) -> String {
     format!("{KEYS_PREFIX}{}", pki::fingerprint_key(id))
+}
+
+/// Where a root's private key was stored before [`KEYS_PREFIX`].
+pub fn legacy_private_key_key(id: &str) -> String {
+    format!("{LEGACY_KEYS_PREFIX}{}", pki::fingerprint_key(id))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -155,7 +169,8 @@ pub struct CaState {
     pub store_index: Index,
     pub bundle: Arc<TrustBundle>,
     active: usize,
-    signer: Arc<dyn Signer>,
+    /// The active root's signer: only on agents that may read the keys (servers).
+    signer: Option<Arc<dyn Signer>>,
 }
 
 impl std::fmt::Debug for CaState {
@@ -175,8 +190,10 @@ impl CaState {
         &self.roots[self.active]
     }
 
-    pub fn signer(&self) -> &Arc<dyn Signer> {
-        &self.signer
+    /// The active root's signer, or `None` on a client agent (which never reads
+    /// the CA's keys and sends CSRs to a server agent instead).
+    pub fn signer(&self) -> Option<&Arc<dyn Signer>> {
+        self.signer.as_ref()
     }
 
     /// The cross-signed certificates to send after a leaf of the active root: those
@@ -190,8 +207,14 @@ impl CaState {
             .collect()
     }
 
-    /// Reads the snapshot from a listing of [`PREFIX`]. `None` before first start.
-    pub fn load(listing: &Listing, provider: &dyn CaProvider) -> Result<Option<Self>, Error> {
+    /// Reads the snapshot from a listing of [`PREFIX`] and, on a server agent, a
+    /// listing of [`KEYS_PREFIX`] (without it the snapshot has no signer). `None`
+    /// before first start.
+    pub fn load(
+        listing: &Listing,
+        keys: Option<&Listing>,
+        provider: &dyn CaProvider,
+    ) -> Result<Option<Self>, Error> {
         let find = |key: &str| listing.items.iter().find(|kv| kv.key == key);
         let Some(cluster_kv) = find(CLUSTER_KEY) else {
             return Ok(None);
@@ -220,12 +243,25 @@ impl CaState {
             ));
         };
         let active = *active;
-        let key_key = private_key_key(roots[active].id());
-        let key_kv = find(&key_key).ok_or_else(|| corrupt(&key_key, "it is missing"))?;
-        let key_pem = super::config::SecretPem(
-            String::from_utf8(key_kv.value.clone()).map_err(|_| corrupt(&key_key, "not UTF-8"))?,
-        );
-        let signer = provider.signer(&roots[active].cert_der, &key_pem)?;
+        let signer = match keys {
+            None => None,
+            Some(keys) => {
+                let id = roots[active].id();
+                let key_key = private_key_key(id);
+                let legacy = legacy_private_key_key(id);
+                let key_kv = keys
+                    .items
+                    .iter()
+                    .find(|kv| kv.key == key_key)
+                    .or_else(|| find(&legacy))
+                    .ok_or_else(|| corrupt(&key_key, "it is missing"))?;
+                let key_pem = super::config::SecretPem(
+                    String::from_utf8(key_kv.value.clone())
+                        .map_err(|_| corrupt(&key_kv.key, "not UTF-8"))?,
+                );
+                Some(provider.signer(&roots[active].cert_der, &key_pem)?)
+            }
+        };
         let roots_index = roots.iter().map(|r| r.modify_index).max().unwrap_or(0);
         let bundle = TrustBundle::new(
             cluster.trust_domain.clone(),
@@ -323,7 +359,8 @@ pub fn prune_txn(current: &CaState, dead: &[&Root]) -> Result<Txn, Error> {
         txn = txn
             .when(Compare::ModIndex(root_key(r.id()), r.modify_index))
             .delete(root_key(r.id()))
-            .delete(private_key_key(r.id()));
+            .delete(private_key_key(r.id()))
+            .delete(legacy_private_key_key(r.id()));
     }
     Ok(txn)
 }

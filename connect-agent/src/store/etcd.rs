@@ -33,7 +33,13 @@
 //! those keys cut out. One difference remains, documented on [`translate`]: a key
 //! deleted and put again in one transaction keeps its create index here.
 //!
-//! Not here: TLS and authentication to etcd (plaintext gRPC only), leases, and the
+//! Authentication: with [`EtcdOptions::user`] the client logs in as that etcd user;
+//! what it may read and write is the user's roles' business (server agents:
+//! `connect-server`, everything under the root; client agents: `connect-client`,
+//! nothing under `<root>secrets/` and read-only `ca/` and `acl/`; see the README).
+//! A permission error is not transient: it fails the request at once.
+//!
+//! Not here: TLS to etcd (plaintext gRPC only), leases, and the
 //! caches that consumers build from watches (`cache`).
 
 use std::{
@@ -105,6 +111,9 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// Bound of one TCP connect to a member.
     pub connect_timeout: Duration,
+    /// etcd user and password when etcd's authentication is on. The client logs
+    /// in at connect time and again whenever etcd says the token went stale.
+    pub user: Option<(String, String)>,
 }
 
 impl Default for EtcdOptions {
@@ -114,6 +123,7 @@ impl Default for EtcdOptions {
             startup_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            user: None,
         }
     }
 }
@@ -137,6 +147,16 @@ pub enum Error {
     #[error("etcd endpoint list {endpoints:?} is invalid: {source}")]
     Endpoints {
         endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// etcd refused to log this user in (wrong user or password, or auth is off).
+    #[error(
+        "etcd at {endpoints} refused the login of user {user:?} (check --etcd-user-file): {source}"
+    )]
+    Auth {
+        endpoints: String,
+        user: String,
         #[source]
         source: etcd_client::Error,
     },
@@ -191,7 +211,7 @@ impl Error {
         match self {
             Error::Unreachable { .. } | Error::Timeout { .. } | Error::ListRace { .. } => true,
             Error::Request { source, .. } => is_transient(source),
-            Error::Endpoints { .. } | Error::Root { .. } => false,
+            Error::Endpoints { .. } | Error::Root { .. } | Error::Auth { .. } => false,
         }
     }
 }
@@ -291,20 +311,57 @@ impl EtcdStore {
     pub async fn connect(endpoints: &[String], opts: EtcdOptions) -> Result<Self, Error> {
         validate_root(&opts.root)?;
         let joined = endpoints.join(",");
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new()
             .with_connect_timeout(opts.connect_timeout)
             .with_keep_alive(KEEPALIVE.0, KEEPALIVE.1)
             // A member cut off from the leader answers with an error instead of
             // serving stale reads or holding a watch that will never see a write.
             .with_require_leader(true);
-        // Connections are made lazily, on the first request: this fails only on
-        // malformed endpoints.
-        let client = Client::connect(endpoints, Some(connect))
-            .await
-            .map_err(|source| Error::Endpoints {
-                endpoints: joined.clone(),
-                source,
-            })?;
+        if let Some((user, password)) = &opts.user {
+            connect = connect
+                .with_user(user.clone(), password.clone())
+                // Tokens expire (etcd's simple tokens after 5 idle minutes): log
+                // in again when etcd says so.
+                .with_auto_token_refresh(true);
+        }
+        let started = Instant::now();
+        let deadline = started + opts.startup_timeout;
+        let mut backoff = Backoff::new(REQUEST_BACKOFF);
+        // Without credentials connections are made lazily, on the first request,
+        // and this fails only on malformed endpoints; with them, the client logs in
+        // here, which needs etcd to answer.
+        let client = loop {
+            match Client::connect(endpoints, Some(connect.clone())).await {
+                Ok(c) => break c,
+                Err(source) if opts.user.is_some() && is_transient(&source) => {
+                    let delay = backoff.next_delay();
+                    if Instant::now() + delay >= deadline {
+                        return Err(Error::Unreachable {
+                            endpoints: joined,
+                            waited: started.elapsed(),
+                            source: Box::new(Error::Request {
+                                op: "log in",
+                                source,
+                            }),
+                        });
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                Err(source) if opts.user.is_some() => {
+                    return Err(Error::Auth {
+                        endpoints: joined,
+                        user: opts.user.map(|u| u.0).unwrap_or_default(),
+                        source,
+                    });
+                }
+                Err(source) => {
+                    return Err(Error::Endpoints {
+                        endpoints: joined,
+                        source,
+                    });
+                }
+            }
+        };
         let store = Self {
             client,
             root: opts.root,
@@ -314,9 +371,6 @@ impl EtcdStore {
             reach: Arc::new(Reachability::new()),
             stop: CancellationToken::new(),
         };
-        let started = Instant::now();
-        let deadline = started + opts.startup_timeout;
-        let mut backoff = Backoff::new(REQUEST_BACKOFF);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = store.probe(remaining.min(opts.request_timeout)).await;

@@ -1,0 +1,278 @@
+//! Leaves of client agents, signed by a server agent.
+//!
+//! A client agent (`--store etcd://…` without `--server`) cannot read the CA's
+//! private keys: its etcd role has no access to `secrets/` (see
+//! [`super::state::SECRETS_PREFIX`]). For each local service it generates the key
+//! itself, sends a CSR to a server agent's `POST /v1/connect/ca/sign`
+//! ([`SIGN_PATH`]) and keeps the key; only the certificate travels back. The server
+//! signs only if the requesting node's token holds `node:write` on that node and
+//! the service is registered on that node in the catalog (`api::ca`).
+//!
+//! Authentication: an ACL token (`--agent-token-file`), sent as `X-Consul-Token`.
+//! The alternative, mTLS with a certificate naming the node, needs a node
+//! certificate first, which a client can only get from the very CA it is trying to
+//! reach (a bootstrap secret again, plus a second identity kind and its own
+//! rotation). The token is what a Consul client agent already holds (its agent
+//! token, `node "<name>" { policy = "write" }`), it is revocable in the ACL system
+//! that every agent shares, and `node:write` is exactly the right that says "may
+//! act for this node". With an `https://` server address the token travels inside
+//! TLS verified against the CA's own roots (the trust bundle every agent reads),
+//! so it is not exposed on the wire; plain `http://` is for loopback and tests.
+//!
+//! Servers come from `--server-addr` (tried in order; a transport failure or a 5xx
+//! moves on to the next, a 4xx is the answer). Discovery from the catalog is not
+//! implemented.
+
+use std::{fmt, time::Duration};
+
+use rcgen::{CertificateParams, KeyPair, PublicKeyData};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use serde::{Deserialize, Serialize};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use super::{
+    Error,
+    leaf::IssuedCert,
+    pki,
+    state::{CaState, cert_facts},
+    verify::{PeerRole, verify_chain},
+};
+use crate::identity::SpiffeId;
+
+/// The signing endpoint of server agents.
+pub const SIGN_PATH: &str = "/v1/connect/ca/sign";
+/// Bound of one signing request to one server.
+pub const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Body of `POST /v1/connect/ca/sign`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct SignRequest {
+    /// The requesting node; the token must hold `node:write` on it.
+    pub node: String,
+    /// The service the leaf is for; it must be registered on `node`.
+    pub service: String,
+    /// PEM `CERTIFICATE REQUEST` with the service's SPIFFE ID as its URI SAN.
+    #[serde(rename = "CSR")]
+    pub csr: String,
+}
+
+/// Answer of `POST /v1/connect/ca/sign`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct SignResponse {
+    pub serial_number: String,
+    /// The leaf, then any intermediates (cross-signed roots), PEM.
+    #[serde(rename = "CertPEM")]
+    pub cert_pem: String,
+    pub service: String,
+    #[serde(rename = "ServiceURI")]
+    pub service_uri: String,
+    /// The root that signed it.
+    #[serde(rename = "RootID")]
+    pub root_id: String,
+}
+
+/// Where a client agent sends its CSRs, and as whom.
+#[derive(Clone)]
+pub struct RemoteSigner {
+    /// Base URLs (`http://host:port` or `https://host:port`).
+    servers: Vec<String>,
+    node: String,
+    token: Option<String>,
+}
+
+impl fmt::Debug for RemoteSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteSigner")
+            .field("servers", &self.servers)
+            .field("node", &self.node)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl RemoteSigner {
+    /// `servers` as given to `--server-addr` (`host:port` means `http://host:port`).
+    pub fn new(servers: &[String], node: String, token: Option<String>) -> Self {
+        let servers = servers
+            .iter()
+            .map(|s| {
+                let s = s.trim_end_matches('/');
+                if s.starts_with("http://") || s.starts_with("https://") {
+                    s.to_owned()
+                } else {
+                    format!("http://{s}")
+                }
+            })
+            .collect();
+        Self {
+            servers,
+            node,
+            token,
+        }
+    }
+
+    /// Has a server sign a leaf for `id` over `key`'s public key. The answer is
+    /// checked before it is used: it must carry exactly our key and ID and chain to
+    /// the trust bundle of `state`.
+    pub async fn sign(
+        &self,
+        state: &CaState,
+        id: &SpiffeId,
+        key: &KeyPair,
+    ) -> Result<IssuedCert, Error> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().map_err(
+            |source| Error::Crypto {
+                op: "encode the SPIFFE ID of a CSR",
+                source,
+            },
+        )?)];
+        let csr = params
+            .serialize_request(key)
+            .map_err(|source| Error::Crypto {
+                op: "make a CSR",
+                source,
+            })?;
+        let csr_pem = csr.pem().map_err(|source| Error::Crypto {
+            op: "encode a CSR",
+            source,
+        })?;
+        let body = SignRequest {
+            node: self.node.clone(),
+            service: id.service.to_string(),
+            csr: csr_pem,
+        };
+        let mut failures = Vec::new();
+        for server in &self.servers {
+            match self.post(state, server, &body).await {
+                Ok(resp) => return self.accept(state, id, key, resp),
+                Err(Attempt::Refused { status, message }) => {
+                    return Err(Error::SignRefused {
+                        server: server.clone(),
+                        status,
+                        message,
+                    });
+                }
+                Err(Attempt::Failed(reason)) => {
+                    tracing::warn!(%server, %reason, "server agent could not sign, trying the next");
+                    failures.push(format!("{server}: {reason}"));
+                }
+            }
+        }
+        Err(Error::NoServer {
+            tried: failures.join("; "),
+        })
+    }
+
+    async fn post(
+        &self,
+        state: &CaState,
+        server: &str,
+        body: &SignRequest,
+    ) -> Result<SignResponse, Attempt> {
+        let https = server.starts_with("https://");
+        let mut builder = reqwest::Client::builder()
+            .timeout(SIGN_TIMEOUT)
+            .connect_timeout(SIGN_TIMEOUT)
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .https_only(https);
+        if https {
+            // The server's HTTPS certificate is the built-in CA's: trust its roots.
+            for root in &state.roots {
+                let cert = reqwest::Certificate::from_der(&root.cert_der)
+                    .map_err(|e| Attempt::Failed(format!("cannot use a CA root: {e}")))?;
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| Attempt::Failed(format!("cannot build an HTTP client: {e}")))?;
+        let mut req = client.post(format!("{server}{SIGN_PATH}")).json(body);
+        if let Some(token) = &self.token {
+            req = req.header("X-Consul-Token", token);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Attempt::Failed(e.without_url().to_string()))?;
+        let status = resp.status();
+        if status.is_client_error() {
+            let message = resp.text().await.unwrap_or_default();
+            return Err(Attempt::Refused {
+                status: status.as_u16(),
+                message: message.chars().take(512).collect(),
+            });
+        }
+        if !status.is_success() {
+            let message = resp.text().await.unwrap_or_default();
+            return Err(Attempt::Failed(format!(
+                "HTTP {status}: {}",
+                message.chars().take(512).collect::<String>()
+            )));
+        }
+        resp.json::<SignResponse>()
+            .await
+            .map_err(|e| Attempt::Failed(format!("unreadable answer: {e}")))
+    }
+
+    /// Checks a server's answer and turns it into a leaf certificate of ours.
+    fn accept(
+        &self,
+        state: &CaState,
+        id: &SpiffeId,
+        key: &KeyPair,
+        resp: SignResponse,
+    ) -> Result<IssuedCert, Error> {
+        let bad = |reason: String| Error::BadCertificate {
+            what: "leaf signed by the server agent",
+            reason,
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            pki::certs_from_pem("signed leaf", &resp.cert_pem)?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| bad("the answer holds no certificate".to_owned()))?;
+        let (_, x509) = X509Certificate::from_der(leaf).map_err(|e| bad(e.to_string()))?;
+        if x509.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(bad("it is not for the key this agent sent".to_owned()));
+        }
+        let uri_matches = x509
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .is_some_and(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .any(|n| matches!(n, GeneralName::URI(u) if *u == id.to_string()))
+            });
+        if !uri_matches {
+            return Err(bad(format!("it does not name {id}")));
+        }
+        verify_chain(&chain, &state.bundle, UnixTime::now(), PeerRole::Client)
+            .map_err(|e| bad(format!("it does not chain to the trust bundle: {e}")))?;
+        let facts = cert_facts(leaf).map_err(bad)?;
+        Ok(IssuedCert {
+            service: id.service.clone(),
+            spiffe_id: id.clone(),
+            serial: x509.raw_serial().to_vec(),
+            cert_pem: resp.cert_pem,
+            chain,
+            valid_after: facts.not_before,
+            valid_before: facts.not_after,
+            root_id: resp.root_id,
+            index: 0,
+        })
+    }
+}
+
+/// One server's answer, as far as trying the next server is concerned.
+enum Attempt {
+    /// A 4xx: the request itself is refused; another server would say the same.
+    Refused { status: u16, message: String },
+    /// Unreachable, 5xx, or an unreadable answer: try the next server.
+    Failed(String),
+}

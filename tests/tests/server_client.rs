@@ -1,0 +1,451 @@
+//! A server agent and a client agent on one etcd cluster with etcd's authentication
+//! on (the README's roles, set up with etcdctl): the client's etcd user cannot read
+//! the CA's private keys (etcd answers "permission denied") but reads the public CA
+//! records; the client serves a leaf for a service registered on its node, signed by
+//! the server over a CSR and chaining to the shared root; a leaf for a service not
+//! registered on its node is refused with a 403 that says why; the server's signing
+//! endpoint refuses a CSR without a token, with a token for another node, and for a
+//! service registered on another node.
+//!
+//! Needs Debian's `etcd-server` and `etcd-client` (`etcd`, `etcdctl` on PATH),
+//! `openssl`, and the agent binary (`cargo build -p connect-agent --bin
+//! connect-agent`); fails saying so otherwise.
+
+use std::{
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use connect_tests::{
+    agent::{AgentProcess, http, http_with_token},
+    etcd::EtcdCluster,
+};
+use serde_json::{Value, json};
+
+const ROOT_PASSWORD: &str = "root-secret";
+const SERVER_USER: (&str, &str) = ("connect-server-1", "server-secret");
+const CLIENT_USER: (&str, &str) = ("connect-client-1", "client-secret");
+
+// ACLs with default policy deny: under `allow`, any token would hold node:write on
+// every node (rules only add to the default), and the node check would be void.
+
+/// A private directory (0700), removed when dropped.
+fn private_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("creating a temporary directory")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+        .context("chmod 700")?;
+    Ok(dir)
+}
+
+/// Writes `text` to `dir/name` with mode 600.
+fn secret_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    use std::io::Write;
+    let path = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{text}")?;
+    Ok(path)
+}
+
+fn json_call(
+    agent: &AgentProcess,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+) -> Result<(u16, String)> {
+    let body = body.map(Value::to_string);
+    http_with_token(agent.http_addr, method, path, body.as_deref(), token)
+        .with_context(|| format!("{method} {path} on {}", agent.http_addr))
+}
+
+fn ok(
+    agent: &AgentProcess,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+) -> Result<Value> {
+    let (status, text) = json_call(agent, method, path, body, token)?;
+    ensure!(
+        status == 200,
+        "{method} {path} answered {status}: {text}\nagent log:\n{}",
+        agent.log()
+    );
+    Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A PEM CSR for `uri` over a fresh P-256 key, made with openssl.
+fn csr(dir: &Path, name: &str, uri: &str) -> Result<String> {
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    run(Command::new("openssl")
+        .args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ])
+        .arg(&key))?;
+    run(Command::new("openssl")
+        .args(["req", "-new", "-subj", "/", "-key"])
+        .arg(&key)
+        .args(["-addext", &format!("subjectAltName=URI:{uri}"), "-out"])
+        .arg(&csr))?;
+    std::fs::read_to_string(&csr).context("reading the CSR")
+}
+
+#[test]
+fn client_agent_gets_leaves_from_the_server_and_never_the_ca_key() -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let cluster = runtime.block_on(EtcdCluster::start(1))?;
+    cluster.enable_connect_auth(
+        "/connect/",
+        ROOT_PASSWORD,
+        &[
+            (SERVER_USER.0, SERVER_USER.1, "connect-server"),
+            (CLIENT_USER.0, CLIENT_USER.1, "connect-client"),
+        ],
+    )?;
+    let store = format!("etcd://{}", cluster.endpoints().join(","));
+    let secrets = private_tempdir("connect-secrets-")?;
+    let server_user = secret_file(
+        secrets.path(),
+        "server-etcd",
+        &format!("{}:{}", SERVER_USER.0, SERVER_USER.1),
+    )?;
+    let client_user = secret_file(
+        secrets.path(),
+        "client-etcd",
+        &format!("{}:{}", CLIENT_USER.0, CLIENT_USER.1),
+    )?;
+    let client_etcd = format!("{}:{}", CLIENT_USER.0, CLIENT_USER.1);
+    let server_etcd = format!("{}:{}", SERVER_USER.0, SERVER_USER.1);
+
+    // Without credentials etcd now refuses everything.
+    let anon = cluster.etcdctl_output(None, &["get", "--prefix", "/connect/"])?;
+    ensure!(!anon.status.success(), "etcd answered without credentials");
+
+    let server_dir = private_tempdir("connect-server-")?;
+    let server = AgentProcess::start_in(
+        server_dir.path(),
+        &["--store", &store, "--server"],
+        &[
+            "--etcd-user-file",
+            &server_user.display().to_string(),
+            "--node-name",
+            "server",
+            "--acl-default-policy",
+            "deny",
+        ],
+    )
+    .context("starting the server agent")?;
+
+    // The management token, then a token for the client node: node:write on it.
+    let bootstrap = ok(&server, "PUT", "/v1/acl/bootstrap", None, None)?;
+    let root_token = bootstrap["SecretID"]
+        .as_str()
+        .context("no SecretID from the ACL bootstrap")?
+        .to_owned();
+    ok(
+        &server,
+        "PUT",
+        "/v1/acl/policy",
+        Some(&json!({"Name": "node-client", "Rules": "node \"client\" { policy = \"write\" }"})),
+        Some(&root_token),
+    )?;
+    let token = ok(
+        &server,
+        "PUT",
+        "/v1/acl/token",
+        Some(&json!({"Description": "client agent", "Policies": [{"Name": "node-client"}]})),
+        Some(&root_token),
+    )?;
+    let client_token = token["SecretID"]
+        .as_str()
+        .context("no SecretID for the client token")?
+        .to_owned();
+    let token_file = secret_file(secrets.path(), "client-token", &client_token)?;
+
+    let client_dir = private_tempdir("connect-client-")?;
+    let client = AgentProcess::start_in(
+        client_dir.path(),
+        &["--store", &store],
+        &[
+            "--etcd-user-file",
+            &client_user.display().to_string(),
+            "--server-addr",
+            &server.http_addr.to_string(),
+            "--agent-token-file",
+            &token_file.display().to_string(),
+            "--node-name",
+            "client",
+            "--acl-default-policy",
+            "deny",
+        ],
+    )
+    .context("starting the client agent")?;
+
+    // etcd itself guards the key: the client's user gets a permission error, the
+    // server's user sees the key, and the client's user reads the public records.
+    let denied = cluster.etcdctl_output(
+        Some(&client_etcd),
+        &["get", "--prefix", "/connect/secrets/"],
+    )?;
+    let denied_text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&denied.stdout),
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    ensure!(
+        !denied.status.success() && denied_text.contains("permission denied"),
+        "the client's etcd user read the CA key prefix: {denied_text}"
+    );
+    let keys = cluster.etcdctl(
+        Some(&server_etcd),
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/connect/secrets/ca/keys/",
+        ],
+    )?;
+    ensure!(
+        keys.lines()
+            .any(|l| l.starts_with("/connect/secrets/ca/keys/")),
+        "no CA key under /connect/secrets/ca/keys/: {keys}"
+    );
+    let roots_visible = cluster.etcdctl(
+        Some(&client_etcd),
+        &["get", "--prefix", "--keys-only", "/connect/ca/roots/"],
+    )?;
+    ensure!(
+        roots_visible.contains("/connect/ca/roots/"),
+        "the client cannot read the public roots: {roots_visible}"
+    );
+    // Nor may it write the public CA records (a root of its own would be trusted).
+    let forged = cluster.etcdctl_output(
+        Some(&client_etcd),
+        &["put", "/connect/ca/roots/forged", "{}"],
+    )?;
+    ensure!(
+        !forged.status.success(),
+        "the client's etcd user wrote under /connect/ca/"
+    );
+    // Nor ACL records (it could mint itself a token), while the catalog is its to write.
+    let forged = cluster.etcdctl_output(
+        Some(&client_etcd),
+        &["put", "/connect/acl/token/forged", "{}"],
+    )?;
+    ensure!(
+        !forged.status.success(),
+        "the client's etcd user wrote under /connect/acl/"
+    );
+    cluster.etcdctl(
+        Some(&client_etcd),
+        &["get", "--prefix", "--keys-only", "/connect/catalog/"],
+    )?;
+
+    // One trust domain and root for both agents.
+    let server_roots = ok(&server, "GET", "/v1/agent/connect/ca/roots", None, None)?;
+    let client_roots = ok(&client, "GET", "/v1/agent/connect/ca/roots", None, None)?;
+    ensure!(
+        server_roots["ActiveRootID"] == client_roots["ActiveRootID"]
+            && server_roots["TrustDomain"] == client_roots["TrustDomain"],
+        "the agents disagree on the CA: {server_roots} / {client_roots}"
+    );
+    let trust_domain = server_roots["TrustDomain"]
+        .as_str()
+        .context("no TrustDomain")?
+        .to_owned();
+    let root_pem = server_roots["Roots"][0]["RootCert"]
+        .as_str()
+        .context("no RootCert")?
+        .to_owned();
+
+    // A service on the client node gets its leaf, chaining to the shared root.
+    ok(
+        &client,
+        "PUT",
+        "/v1/agent/service/register",
+        Some(&json!({"Name": "web", "Port": 8080})),
+        Some(&root_token),
+    )?;
+    ok(
+        &server,
+        "PUT",
+        "/v1/agent/service/register",
+        Some(&json!({"Name": "db", "Port": 5432})),
+        Some(&root_token),
+    )?;
+    let leaf = ok(
+        &client,
+        "GET",
+        "/v1/agent/connect/ca/leaf/web",
+        None,
+        Some(&root_token),
+    )?;
+    ensure!(
+        leaf["ServiceURI"] == format!("spiffe://{trust_domain}/ns/default/dc/dc1/svc/web"),
+        "unexpected leaf: {leaf}"
+    );
+    let work = private_tempdir("connect-pki-")?;
+    let root_file = work.path().join("root.pem");
+    let leaf_file = work.path().join("leaf.pem");
+    std::fs::write(&root_file, &root_pem)?;
+    std::fs::write(&leaf_file, leaf["CertPEM"].as_str().context("no CertPEM")?)?;
+    let verified = run(Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&root_file)
+        .arg(&leaf_file))?;
+    ensure!(verified.contains(": OK"), "openssl verify: {verified}");
+    ensure!(
+        leaf["PrivateKeyPEM"]
+            .as_str()
+            .is_some_and(|k| k.contains("PRIVATE KEY")),
+        "the client holds no key for its leaf"
+    );
+    ensure!(
+        server.log().contains("signed a leaf for a client agent"),
+        "the server did not sign the client's leaf:\n{}",
+        server.log()
+    );
+    // Served from the client's cache the second time.
+    let again = ok(
+        &client,
+        "GET",
+        "/v1/agent/connect/ca/leaf/web",
+        None,
+        Some(&root_token),
+    )?;
+    ensure!(
+        again["SerialNumber"] == leaf["SerialNumber"],
+        "leaf not cached"
+    );
+
+    // A service not registered on the client node: refused, saying why.
+    let (status, text) = json_call(
+        &client,
+        "GET",
+        "/v1/agent/connect/ca/leaf/db",
+        None,
+        Some(&root_token),
+    )?;
+    ensure!(
+        status == 403 && text.contains("not registered on node \"client\""),
+        "leaf for db on the client: {status} {text}"
+    );
+    // The client cannot change the CA either.
+    let (status, text) = json_call(
+        &client,
+        "PUT",
+        "/v1/connect/ca/configuration",
+        Some(&json!({"Provider": "consul", "Config": {"LeafCertTTL": "48h"}})),
+        Some(&root_token),
+    )?;
+    ensure!(
+        status == 400 && text.contains("client agent"),
+        "CA configuration through the client: {status} {text}"
+    );
+
+    // The signing endpoint itself.
+    let web_uri = format!("spiffe://{trust_domain}/ns/default/dc/dc1/svc/web");
+    let db_uri = format!("spiffe://{trust_domain}/ns/default/dc/dc1/svc/db");
+    let web_csr = csr(work.path(), "web", &web_uri)?;
+    let db_csr = csr(work.path(), "db", &db_uri)?;
+    let sign = |body: Value, token: Option<&str>| -> Result<(u16, String)> {
+        http_with_token(
+            server.http_addr,
+            "POST",
+            "/v1/connect/ca/sign",
+            Some(&body.to_string()),
+            token,
+        )
+    };
+    let (status, text) = sign(
+        json!({"Node": "client", "Service": "web", "CSR": web_csr}),
+        None,
+    )?;
+    ensure!(
+        status == 403 && text.contains("ACL token"),
+        "unauthenticated CSR: {status} {text}"
+    );
+    let (status, text) = sign(
+        json!({"Node": "client", "Service": "web", "CSR": web_csr}),
+        Some("00000000-0000-0000-0000-000000000001"),
+    )?;
+    ensure!(status == 403, "unknown token: {status} {text}");
+    let (status, text) = sign(
+        json!({"Node": "server", "Service": "db", "CSR": db_csr}),
+        Some(&client_token),
+    )?;
+    ensure!(
+        status == 403 && text == "Permission denied",
+        "CSR as another node: {status} {text}"
+    );
+    let (status, text) = sign(
+        json!({"Node": "client", "Service": "db", "CSR": db_csr}),
+        Some(&client_token),
+    )?;
+    ensure!(
+        status == 403 && text.contains("not registered on node"),
+        "CSR for another node's service: {status} {text}"
+    );
+    // A CSR naming another service than the request: refused.
+    let (status, text) = sign(
+        json!({"Node": "client", "Service": "web", "CSR": db_csr}),
+        Some(&client_token),
+    )?;
+    ensure!(status == 400, "CSR for db sent as web: {status} {text}");
+    // And the legitimate request, directly.
+    let (status, text) = sign(
+        json!({"Node": "client", "Service": "web", "CSR": web_csr}),
+        Some(&client_token),
+    )?;
+    ensure!(status == 200, "the client's own CSR: {status} {text}");
+    let signed: Value = serde_json::from_str(&text)?;
+    ensure!(
+        signed["ServiceURI"] == web_uri.as_str(),
+        "signed for another ID: {signed}"
+    );
+
+    // Neither credential nor token reached a log.
+    for (who, log) in [("server", server.log()), ("client", client.log())] {
+        for secret in [SERVER_USER.1, CLIENT_USER.1, client_token.as_str()] {
+            if log.contains(secret) {
+                bail!("the {who} agent logged a secret");
+            }
+        }
+    }
+    let (status, _) = http(client.http_addr, "GET", "/v1/agent/connect/ca/roots", None)?;
+    ensure!(status == 200, "client stopped answering");
+    drop(client);
+    drop(server);
+    drop(cluster);
+    Ok(())
+}
