@@ -1,36 +1,60 @@
-//! `cargo xtask lab up|status|down`: a multi-node Connect lab on one machine.
+//! `cargo xtask lab up|status|down|stop|start|exec`: a multi-node Connect lab on one
+//! machine.
 //!
-//! Each node is a network namespace with its own address in 198.18.0.0/24, joined to
-//! the others by a bridge that lives in a namespace of its own (nothing touches the
-//! host's interfaces). Each node runs an etcd member and a Connect agent with the
-//! cluster's state in etcd, and its applications live in a cgroup of its own. Demo
-//! services: a socat echo server on the last node and a `web` client cgroup on the
-//! first. Everything `up` starts is recorded in target/lab/state.json so that `down`
-//! removes exactly that — processes by PID, namespaces and cgroups by name — even if
-//! `up` failed halfway.
+//! Each node is a network namespace (`<lab>-n1`, …) with its own address in
+//! 198.18.0.0/24, joined to the others by a bridge that lives in a namespace of its own
+//! (`<lab>-br`; nothing touches the host's interfaces). Each node runs an etcd member
+//! (the members form one cluster) and a Connect agent whose store is that cluster, and
+//! its applications live in a cgroup of its own (`<cgroup2>/connect-<lab>/n1`, …).
+//! Demo services: a socat echo server (`socat`) on the last node and a `web` client
+//! cgroup on the first, with an intention `web => socat` (allow).
+//!
+//! Everything `up` makes is recorded in `target/lab/<lab>/state.json` as it is made,
+//! so that `down` removes exactly that — processes by recorded PID (checked against
+//! their start time, so a reused PID is never signalled), namespaces, cgroups and the
+//! data directory — even after an `up` that failed halfway, and twice in a row.
+//!
+//! `--name` picks the lab (default `clab`), so a test can run a lab of its own next to
+//! a user's.
 
 use std::{
+    fs::OpenOptions,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::{
     netns::{self, Netns},
     util,
 };
 
-const BRIDGE_NS: &str = "clab-bridge";
-const BRIDGE: &str = "clabbr0";
 const SUBNET_PREFIX: &str = "198.18.0";
+const BRIDGE: &str = "br0";
 const ECHO_PORT: u16 = 8181;
+const ETCD_CLIENT: u16 = 2379;
+const ETCD_PEER: u16 = 2380;
+const INBOUND_PORT: u16 = 20000;
+const HTTP: &str = "127.0.0.1:8500";
+/// How long a process may take to serve after it was started.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a process may take to exit after SIGTERM before it gets SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub struct LabArgs {
+    /// The lab's name: prefix of its namespaces, part of its cgroup, its directory
+    /// under target/lab. Lowercase letters and digits, at most 12.
+    #[arg(long, global = true, default_value = "clab", value_parser = parse_name)]
+    name: String,
     #[command(subcommand)]
     command: LabCommand,
 }
@@ -41,329 +65,1251 @@ enum LabCommand {
     Up {
         #[arg(long, default_value_t = 3)]
         nodes: u8,
+        /// Use this connect-agent binary instead of building target/release/connect-agent.
+        #[arg(long, value_name = "PATH")]
+        agent_bin: Option<PathBuf>,
     },
-    /// Show nodes, services and intentions.
+    /// Show nodes (agent and etcd up or down), services, intentions.
     Status,
-    /// Stop everything `up` started and remove its namespaces and cgroups.
+    /// Stop everything `up` started and remove its namespaces, cgroups and data.
     Down,
+    /// Stop a node's agent and etcd member (SIGTERM by recorded PID); its data stays.
+    Stop {
+        /// The node (n1, n2, …).
+        node: String,
+    },
+    /// Start whatever of a node's processes is not running (etcd, agent, demo service)
+    /// on its existing data, and wait until it serves.
+    Start {
+        /// The node (n1, n2, …).
+        node: String,
+    },
+    /// Run a command inside a node's namespace (and a service's cgroup with
+    /// --service); the lab's connect-agent binary is first on PATH.
+    Exec {
+        /// The node (n1, n2, …).
+        node: String,
+        /// Run inside this service cgroup of the node (e.g. web), so the mesh applies.
+        #[arg(long)]
+        service: Option<String>,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
-/// What `up` made, so `down` can undo exactly that.
+fn parse_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 12
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("a lab name is 1-12 lowercase letters and digits, starting with a letter".into())
+    }
+}
+
+/// What `up` made, so that `down` can undo exactly that.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct LabState {
-    nodes: Vec<NodeState>,
+    name: String,
+    /// The lab's directory: this file, logs, etcd and agent data.
+    dir: PathBuf,
+    agent_bin: PathBuf,
+    /// `<cgroup2>/connect-<lab>`, the parent of every node's cgroup.
+    cgroup_root: Option<PathBuf>,
+    bridge_ns: Option<String>,
     namespaces: Vec<String>,
-    cgroups: Vec<PathBuf>,
-    pids: Vec<u32>,
+    nodes: Vec<NodeState>,
+    procs: Vec<ProcRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct NodeState {
     name: String,
+    /// Its network namespace.
     ns: String,
     ip: String,
+    /// The agent's --cgroup; services have cgroups below it.
     cgroup: PathBuf,
+    /// Its veth's end on the bridge (in the bridge namespace): `ip link set … down`
+    /// there cuts the node off.
+    bridge_port: String,
+    dir: PathBuf,
 }
 
-fn lab_dir() -> PathBuf {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Role {
+    Etcd,
+    Agent,
+    Socat,
+}
+
+/// A process the lab started: what it runs, so that `start` can run it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ProcRecord {
+    node: String,
+    role: Role,
+    pid: u32,
+    /// Start time in clock ticks after boot (/proc/PID/stat field 22): a PID is ours
+    /// only while this matches.
+    start_time: u64,
+    argv: Vec<String>,
+    log: PathBuf,
+}
+
+impl LabState {
+    fn node(&self, name: &str) -> Result<&NodeState> {
+        self.nodes.iter().find(|n| n.name == name).with_context(|| {
+            let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+            format!(
+                "no node {name} in lab {} (nodes: {})",
+                self.name,
+                names.join(" ")
+            )
+        })
+    }
+
+    fn proc(&self, node: &str, role: Role) -> Option<&ProcRecord> {
+        self.procs.iter().find(|p| p.node == node && p.role == role)
+    }
+}
+
+fn labs_dir() -> PathBuf {
     util::workspace_root().join("target/lab")
 }
 
-fn state_path() -> PathBuf {
-    lab_dir().join("state.json")
+fn lab_dir(name: &str) -> PathBuf {
+    labs_dir().join(name)
 }
 
-fn load_state() -> Result<LabState> {
-    match std::fs::read(state_path()) {
-        Ok(b) => serde_json::from_slice(&b).context("reading target/lab/state.json"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LabState::default()),
-        Err(e) => Err(e).context("reading target/lab/state.json"),
+fn state_path(name: &str) -> PathBuf {
+    lab_dir(name).join("state.json")
+}
+
+fn load_state(name: &str) -> Result<Option<LabState>> {
+    let path = state_path(name);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
 fn save_state(s: &LabState) -> Result<()> {
-    std::fs::create_dir_all(lab_dir())?;
-    std::fs::write(state_path(), serde_json::to_vec_pretty(s)?)
-        .context("writing target/lab/state.json")
+    std::fs::create_dir_all(&s.dir).with_context(|| format!("creating {}", s.dir.display()))?;
+    let path = state_path(&s.name);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(s)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn run(args: LabArgs) -> Result<()> {
     if !util::is_root() {
         bail!("cargo xtask lab needs root (namespaces, cgroups, eBPF): run it with sudo");
     }
+    let name = args.name;
     match args.command {
-        LabCommand::Up { nodes } => up(nodes),
-        LabCommand::Status => status(),
-        LabCommand::Down => down(),
+        LabCommand::Up { nodes, agent_bin } => up(&name, nodes, agent_bin),
+        LabCommand::Status => status(&name),
+        LabCommand::Down => down(&name),
+        LabCommand::Stop { node } => stop_node(&name, &node),
+        LabCommand::Start { node } => start_node(&name, &node),
+        LabCommand::Exec {
+            node,
+            service,
+            command,
+        } => exec(&name, &node, service.as_deref(), &command),
     }
 }
 
-fn up(n: u8) -> Result<()> {
+// ---------------------------------------------------------------------------- up
+
+fn up(name: &str, n: u8, agent_bin: Option<PathBuf>) -> Result<()> {
     if !(1..=20).contains(&n) {
         bail!("--nodes must be between 1 and 20");
     }
-    if !load_state()?.namespaces.is_empty() {
-        bail!("a lab is already up (target/lab/state.json): run `cargo xtask lab down` first");
+    if load_state(name)?.is_some() || !leftover_namespaces(name).is_empty() {
+        bail!(
+            "lab {name} is already up (or left over): run `cargo xtask lab{} down` first",
+            name_flag(name)
+        );
     }
-    let tc = crate::bootstrap::run(true)?;
-    crate::ebpf::build(&tc)?;
-    util::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "connect-agent",
-        "--bin",
-        "connect-agent",
-    ])?;
-    let agent = util::workspace_root().join("target/release/connect-agent");
+    for tool in ["ip", "nsenter", "setsid", "etcd", "socat"] {
+        ensure!(
+            on_path(tool),
+            "the lab needs `{tool}` on PATH: run `sudo cargo xtask bootstrap` (Debian packages iproute2, util-linux, etcd-server, socat)"
+        );
+    }
+    let agent = match agent_bin {
+        Some(p) => {
+            ensure!(p.is_file(), "--agent-bin {} is not a file", p.display());
+            std::fs::canonicalize(&p).with_context(|| format!("resolving {}", p.display()))?
+        }
+        None => {
+            let tc = crate::bootstrap::run(true)?;
+            crate::ebpf::build(&tc)?;
+            util::cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "connect-agent",
+                "--bin",
+                "connect-agent",
+            ])?;
+            util::workspace_root().join("target/release/connect-agent")
+        }
+    };
 
-    let mut st = LabState::default();
-    let result = up_inner(n, &agent, &mut st);
+    let dir = lab_dir(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut st = LabState {
+        name: name.to_owned(),
+        dir,
+        agent_bin: agent,
+        ..LabState::default()
+    };
+    save_state(&st)?;
+    let started = Instant::now();
+    let result = up_inner(n, &mut st);
     // Record whatever was made, even on failure, so `down` can clean it.
     save_state(&st)?;
     if let Err(e) = result {
-        eprintln!("xtask: lab up failed; run `cargo xtask lab down` to clean up");
+        eprintln!(
+            "xtask: lab up failed; `cargo xtask lab{} down` removes what it made",
+            name_flag(name)
+        );
         return Err(e);
     }
+    let first = &st.nodes[0];
+    let last = &st.nodes[st.nodes.len() - 1];
     println!(
-        "lab is up with {n} nodes; `cargo xtask lab status` shows it, `cargo xtask lab down` removes it"
+        "lab {name} is up: {n} nodes in {:.1} s\n\n\
+         cargo xtask lab{f} status                  nodes, services, intentions\n\
+         cargo xtask lab{f} exec {} --service web -- socat - tcp:{}:{ECHO_PORT}\n\
+         \x20                                          web on {} talks to socat on {} through both proxies\n\
+         cargo xtask lab{f} exec {} -- connect-agent intention list\n\
+         cargo xtask lab{f} down                    removes everything",
+        started.elapsed().as_secs_f64(),
+        first.name,
+        last.ip,
+        first.name,
+        last.name,
+        first.name,
+        f = name_flag(name),
     );
     Ok(())
 }
 
-fn up_inner(n: u8, agent: &Path, st: &mut LabState) -> Result<()> {
-    let cg_root = cgroup2_mount()?.join("connect-lab");
-    std::fs::create_dir_all(&cg_root).with_context(|| format!("creating {}", cg_root.display()))?;
-    st.cgroups.push(cg_root.clone());
+fn name_flag(name: &str) -> String {
+    if name == "clab" {
+        String::new()
+    } else {
+        format!(" --name {name}")
+    }
+}
 
-    let br = Netns::create(BRIDGE_NS)?.keep();
-    st.namespaces.push(br.name.clone());
+fn up_inner(n: u8, st: &mut LabState) -> Result<()> {
+    let name = st.name.clone();
+    let cg_root = cgroup2_mount()?.join(format!("connect-{name}"));
+    if !cg_root.exists() {
+        std::fs::create_dir(&cg_root)
+            .with_context(|| format!("creating cgroup {}", cg_root.display()))?;
+    }
+    st.cgroup_root = Some(cg_root.clone());
+    save_state(st)?;
+
+    let br_name = format!("{name}-br");
+    st.namespaces.push(br_name.clone());
+    st.bridge_ns = Some(br_name.clone());
+    save_state(st)?;
+    let br = Netns::create(&br_name)?.keep();
     br.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
     br.ip(&["link", "set", BRIDGE, "up"])?;
 
-    let nodes: Vec<NodeState> = (1..=n)
-        .map(|i| NodeState {
+    for i in 1..=n {
+        let node = NodeState {
             name: format!("n{i}"),
-            ns: format!("clab-n{i}"),
+            ns: format!("{name}-n{i}"),
             ip: format!("{SUBNET_PREFIX}.{}", 10 + u16::from(i)),
             cgroup: cg_root.join(format!("n{i}")),
-        })
-        .collect();
-    for node in &nodes {
+            bridge_port: format!("n{i}"),
+            dir: st.dir.join(format!("n{i}")),
+        };
+        st.namespaces.push(node.ns.clone());
+        st.nodes.push(node.clone());
+        save_state(st)?;
         let ns = Netns::create(&node.ns)?.keep();
-        st.namespaces.push(ns.name.clone());
         netns::veth_to_bridge(
             &ns,
             "eth0",
             &format!("{}/24", node.ip),
             &br,
-            &format!("clab-{}", node.name),
+            &node.bridge_port,
             BRIDGE,
         )?;
         std::fs::create_dir_all(&node.cgroup)
-            .with_context(|| format!("creating {}", node.cgroup.display()))?;
-        st.cgroups.push(node.cgroup.clone());
+            .with_context(|| format!("creating cgroup {}", node.cgroup.display()))?;
+        for d in [node.dir.join("agent"), node.dir.join("config")] {
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+        }
     }
-    st.nodes = nodes.clone();
+    let nodes = st.nodes.clone();
+    println!(
+        "xtask: lab {name}: {n} namespaces on bridge {BRIDGE} in {br_name}, cgroups under {}",
+        cg_root.display()
+    );
 
-    // etcd: one member per node.
+    // Demo service definitions, before the agents read them: socat on the last node,
+    // web (a client) on the first.
+    let first = &nodes[0];
+    let last = &nodes[nodes.len() - 1];
+    let socat_cg = last.cgroup.join("socat");
+    std::fs::create_dir_all(&socat_cg)?;
+    std::fs::write(
+        last.dir.join("config/socat.json"),
+        serde_json::to_vec_pretty(&serde_json::json!(
+            {"service": {"name": "socat", "port": ECHO_PORT, "cgroup": "socat"}}
+        ))?,
+    )?;
+    std::fs::create_dir_all(first.cgroup.join("web"))?;
+    std::fs::write(
+        first.dir.join("config/web.json"),
+        serde_json::to_vec_pretty(&serde_json::json!(
+            {"service": {"name": "web", "port": 0, "cgroup": "web"}}
+        ))?,
+    )?;
+
+    // etcd: one member per node, all started before any is waited for (a member
+    // serves only once a quorum runs).
     let initial: Vec<String> = nodes
         .iter()
-        .map(|n| format!("{}=http://{}:2380", n.name, n.ip))
+        .map(|n| format!("{}=http://{}:{ETCD_PEER}", n.name, n.ip))
         .collect();
     let initial = initial.join(",");
     for node in &nodes {
-        let data = lab_dir().join(format!("etcd-{}", node.name));
-        let _ = std::fs::remove_dir_all(&data);
-        let log = std::fs::File::create(lab_dir().join(format!("etcd-{}.log", node.name)))?;
-        let pid = spawn_detached(
-            Netns::existing(&node.ns).command("etcd").args([
-                "--name",
-                &node.name,
-                "--data-dir",
-                &data.to_string_lossy(),
-                "--listen-client-urls",
-                &format!("http://{}:2379,http://127.0.0.1:2379", node.ip),
-                "--advertise-client-urls",
-                &format!("http://{}:2379", node.ip),
-                "--listen-peer-urls",
-                &format!("http://{}:2380", node.ip),
-                "--initial-advertise-peer-urls",
-                &format!("http://{}:2380", node.ip),
-                "--initial-cluster",
-                &initial,
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "connect-lab",
-            ]),
-            log,
-        )?;
-        st.pids.push(pid);
+        let argv = [
+            "nsenter".to_owned(),
+            format!("--net=/var/run/netns/{}", node.ns),
+            "--".to_owned(),
+            "etcd".to_owned(),
+            "--name".to_owned(),
+            node.name.clone(),
+            "--data-dir".to_owned(),
+            node.dir.join("etcd").to_string_lossy().into_owned(),
+            "--listen-client-urls".to_owned(),
+            format!(
+                "http://{}:{ETCD_CLIENT},http://127.0.0.1:{ETCD_CLIENT}",
+                node.ip
+            ),
+            "--advertise-client-urls".to_owned(),
+            format!("http://{}:{ETCD_CLIENT}", node.ip),
+            "--listen-peer-urls".to_owned(),
+            format!("http://{}:{ETCD_PEER}", node.ip),
+            "--initial-advertise-peer-urls".to_owned(),
+            format!("http://{}:{ETCD_PEER}", node.ip),
+            "--initial-cluster".to_owned(),
+            initial.clone(),
+            "--initial-cluster-state".to_owned(),
+            "new".to_owned(),
+            "--initial-cluster-token".to_owned(),
+            format!("connect-lab-{name}"),
+            // A member that was cut off rejoins without forcing a new election
+            // (etcd 3.5's default; 3.4 needs the flag).
+            "--pre-vote".to_owned(),
+        ];
+        spawn_recorded(st, &node.name, Role::Etcd, argv.to_vec(), "etcd.log")?;
     }
-    let endpoints: Vec<String> = nodes.iter().map(|n| format!("{}:2379", n.ip)).collect();
+    for node in &nodes {
+        wait_etcd(st, node)?;
+    }
+    println!("xtask: lab {name}: etcd cluster of {n} members is healthy");
+
+    // Agents, one after the other: the first one creates the cluster's CA.
+    let endpoints: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("{}:{ETCD_CLIENT}", n.ip))
+        .collect();
     let store = format!("etcd://{}", endpoints.join(","));
     for node in &nodes {
-        netns::wait_port(
-            &Netns::existing(&node.ns),
-            &format!("{}:2379", node.ip),
-            Duration::from_secs(30),
-        )?;
+        let argv = vec![
+            "nsenter".to_owned(),
+            format!("--net=/var/run/netns/{}", node.ns),
+            "--".to_owned(),
+            st.agent_bin.to_string_lossy().into_owned(),
+            "--store".to_owned(),
+            store.clone(),
+            // Every lab node is a server agent: it holds the CA and signs leaves
+            // (client agents need etcd users and ACL tokens; see the README).
+            "--server".to_owned(),
+            "--data-dir".to_owned(),
+            node.dir.join("agent").to_string_lossy().into_owned(),
+            "--config-dir".to_owned(),
+            node.dir.join("config").to_string_lossy().into_owned(),
+            "--node-name".to_owned(),
+            node.name.clone(),
+            "--advertise-addr".to_owned(),
+            node.ip.clone(),
+            "--inbound-addr".to_owned(),
+            format!("{}:{INBOUND_PORT}", node.ip),
+            "--http-addr".to_owned(),
+            HTTP.to_owned(),
+            "--acl-default-policy".to_owned(),
+            "allow".to_owned(),
+            "--cgroup".to_owned(),
+            node.cgroup.to_string_lossy().into_owned(),
+        ];
+        spawn_recorded(st, &node.name, Role::Agent, argv, "agent.log")?;
+        wait_agent(st, node)?;
     }
+    println!("xtask: lab {name}: {n} agents serve");
 
-    // Agents.
-    for node in &nodes {
-        let data = lab_dir().join(format!("agent-{}", node.name));
-        std::fs::create_dir_all(&data)?;
-        let log = std::fs::File::create(lab_dir().join(format!("agent-{}.log", node.name)))?;
-        let ns = Netns::existing(&node.ns);
-        let pid = spawn_detached(
-            ns.command(agent).args([
-                "--store",
-                &store,
-                "--server",
-                "--data-dir",
-                &data.to_string_lossy(),
-                "--node-name",
-                &node.name,
-                "--advertise-addr",
-                &node.ip,
-                "--cgroup",
-                &node.cgroup.to_string_lossy(),
-            ]),
-            log,
-        )?;
-        st.pids.push(pid);
-        netns::wait_port(&ns, "127.0.0.1:8500", Duration::from_secs(30))?;
-    }
-
-    // Demo: a socat echo on the last node, registered as `socat`; `web` on the first.
-    let last = nodes.last().context("at least one node")?;
-    let first = nodes.first().context("at least one node")?;
-    let socat_cg = last.cgroup.join("socat");
-    std::fs::create_dir_all(&socat_cg)?;
-    st.cgroups.push(socat_cg.clone());
-    let ns_last = Netns::existing(&last.ns);
-    let log = std::fs::File::create(lab_dir().join("socat.log"))?;
-    let pid = spawn_detached(
-        &mut ns_last.command_in_cgroup(
-            &socat_cg,
-            "socat",
-            &[
-                format!("tcp-l:{ECHO_PORT},fork,reuseaddr"),
-                "exec:/bin/cat".to_owned(),
-            ],
-        ),
-        log,
+    // The socat echo server, inside its service cgroup on the last node.
+    let script = format!(
+        "echo $$ > '{}/cgroup.procs' && exec nsenter --net=/var/run/netns/{} -- socat tcp-l:{ECHO_PORT},fork,reuseaddr exec:/bin/cat",
+        socat_cg.display(),
+        last.ns
+    );
+    spawn_recorded(
+        st,
+        &last.name,
+        Role::Socat,
+        vec!["sh".to_owned(), "-c".to_owned(), script],
+        "socat.log",
     )?;
-    st.pids.push(pid);
-    register(&ns_last, agent, "socat", ECHO_PORT, "socat")?;
-    let web_cg = first.cgroup.join("web");
-    std::fs::create_dir_all(&web_cg)?;
-    st.cgroups.push(web_cg);
     let ns_first = Netns::existing(&first.ns);
-    register(&ns_first, agent, "web", 8080, "web")?;
+    // The intention, made on the first node, reaches the last through etcd.
+    cli(
+        st,
+        first,
+        &["intention", "create", "-allow", "-replace", "web", "socat"],
+    )?;
+    // Web on the first node reaches socat on the last through both proxies.
+    let payload = format!("hello from web on {}", first.name);
+    let target = format!("{}:{ECHO_PORT}", last.ip);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last_err = match echo_in(&ns_first, &first.cgroup.join("web"), &target, &payload) {
+            Ok(echo) if echo.trim_end() == payload => break,
+            Ok(echo) => format!("echo {echo:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "web on {} does not reach socat on {} through the mesh ({last_err}); see {}",
+                first.name,
+                last.name,
+                st.dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!(
+        "xtask: lab {name}: web on {} reached socat on {} through both proxies",
+        first.name, last.name
+    );
     Ok(())
 }
 
-fn register(ns: &Netns, agent: &Path, name: &str, port: u16, cgroup: &str) -> Result<()> {
-    let def = lab_dir().join(format!("{name}.json"));
-    let body = serde_json::json!({"service": {"name": name, "port": port, "cgroup": cgroup, "connect": {"proxy": {}}}});
-    std::fs::write(&def, serde_json::to_vec_pretty(&body)?)?;
-    util::run_status(ns.command(agent).args(["services", "register"]).arg(&def))
+/// Starts `argv` detached (own session, so it outlives xtask), its output appended to
+/// `<node dir>/<log>`, and records it (replacing an earlier record of the same node
+/// and role) before returning.
+fn spawn_recorded(
+    st: &mut LabState,
+    node: &str,
+    role: Role,
+    argv: Vec<String>,
+    log: &str,
+) -> Result<()> {
+    let log = st.node(node)?.dir.join(log);
+    let pid = spawn_detached(&argv, &log)?;
+    let start_time = start_time(pid).unwrap_or(0);
+    st.procs.retain(|p| !(p.node == node && p.role == role));
+    st.procs.push(ProcRecord {
+        node: node.to_owned(),
+        role,
+        pid,
+        start_time,
+        argv,
+        log,
+    });
+    save_state(st)
 }
 
-/// Starts a process in its own session so it outlives xtask; returns its PID. `setsid`
-/// execs (our child is not a group leader, so it need not fork), and nsenter and the
-/// cgroup shell exec too, so the PID is the service's own.
-fn spawn_detached(cmd: &mut Command, log: std::fs::File) -> Result<u32> {
-    let err = log.try_clone()?;
+/// Starts a process in its own session; returns its PID. `setsid` execs (our child is
+/// not a group leader, so it need not fork), and nsenter and the cgroup shell exec
+/// too, so the PID is the program's own.
+fn spawn_detached(argv: &[String], log: &Path) -> Result<u32> {
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let err = out.try_clone()?;
     let child = Command::new("setsid")
-        .arg(cmd.get_program())
-        .args(cmd.get_args())
+        .args(argv)
         .stdin(Stdio::null())
-        .stdout(log)
+        .stdout(out)
         .stderr(err)
         .spawn()
-        .with_context(|| format!("starting `{}`", util::describe(cmd)))?;
+        .with_context(|| format!("starting `{}`", argv.join(" ")))?;
     Ok(child.id())
 }
 
-fn status() -> Result<()> {
-    let st = load_state()?;
-    if st.nodes.is_empty() {
-        println!("no lab is up (`cargo xtask lab up`)");
-        return Ok(());
-    }
-    let agent = util::workspace_root().join("target/release/connect-agent");
-    println!("node   address          agent      etcd");
-    for node in &st.nodes {
-        let ns = Netns::existing(&node.ns);
-        let agent_up = port_open(&ns, "127.0.0.1:8500");
-        let etcd_up = port_open(&ns, &format!("{}:2379", node.ip));
-        println!(
-            "{:<6} {:<16} {:<10} {}",
-            node.name,
-            node.ip,
-            if agent_up { "up" } else { "DOWN" },
-            if etcd_up { "up" } else { "DOWN" }
-        );
-    }
-    if let Some(first) = st.nodes.first() {
-        let ns = Netns::existing(&first.ns);
-        println!("\nservices:");
-        let _ = util::status(ns.command(&agent).args(["services", "list"]));
-        println!("\nintentions:");
-        let _ = util::status(ns.command(&agent).args(["intention", "list"]));
-    }
-    Ok(())
+fn wait_etcd(st: &LabState, node: &NodeState) -> Result<()> {
+    let rec = st
+        .proc(&node.name, Role::Etcd)
+        .context("no etcd recorded")?;
+    let ns = Netns::existing(&node.ns);
+    let req = format!("GET {}:{ETCD_CLIENT} /health", node.ip);
+    wait_until(rec, READY_TIMEOUT, "etcd to report healthy", || {
+        http_in(&ns, std::slice::from_ref(&req), 1000)
+            .into_iter()
+            .next()
+            .and_then(Result::ok)
+            .is_some_and(|(s, body)| s == 200 && body.contains("true"))
+    })
 }
 
-fn port_open(ns: &Netns, addr: &str) -> bool {
-    netns::wait_port(ns, addr, Duration::from_millis(200)).is_ok()
+fn wait_agent(st: &LabState, node: &NodeState) -> Result<()> {
+    let rec = st
+        .proc(&node.name, Role::Agent)
+        .context("no agent recorded")?;
+    let ns = Netns::existing(&node.ns);
+    let req = format!("GET {HTTP} /v1/agent/connect/ca/roots");
+    wait_until(rec, READY_TIMEOUT, "the agent's API to answer", || {
+        http_in(&ns, std::slice::from_ref(&req), 1000)
+            .into_iter()
+            .next()
+            .and_then(Result::ok)
+            .is_some_and(|(s, _)| s == 200)
+    })
 }
 
-fn down() -> Result<()> {
-    let st = load_state()?;
-    // Agents first (they detach their eBPF programs on SIGTERM), then etcd and demos;
-    // only the PIDs `up` recorded.
-    for pid in st.pids.iter().rev() {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .stderr(Stdio::null())
-            .status();
+/// Polls `ready` until it holds; fails early, with the log's tail, if `rec` exits.
+fn wait_until(
+    rec: &ProcRecord,
+    timeout: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if !alive(rec) {
+            bail!(
+                "{} on {} (pid {}) exited while waiting for {what}; {}:\n{}",
+                role_name(rec.role),
+                rec.node,
+                rec.pid,
+                rec.log.display(),
+                log_tail(&rec.log, 30)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {what} on {}; {}:\n{}",
+                rec.node,
+                rec.log.display(),
+                log_tail(&rec.log, 30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline
-        && st
-            .pids
-            .iter()
-            .any(|p| Path::new(&format!("/proc/{p}")).exists())
-    {
-        std::thread::sleep(Duration::from_millis(100));
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Etcd => "etcd",
+        Role::Agent => "connect-agent",
+        Role::Socat => "socat",
     }
-    for pid in &st.pids {
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .stderr(Stdio::null())
-                .status();
+}
+
+/// Runs the agent's CLI inside `node`'s namespace (its API is on that loopback).
+fn cli(st: &LabState, node: &NodeState, args: &[&str]) -> Result<String> {
+    let ns = Netns::existing(&node.ns);
+    util::output(
+        ns.command(&st.agent_bin)
+            .args(args)
+            .args(["-http-addr", HTTP]),
+    )
+}
+
+// ------------------------------------------------------------------- processes
+
+/// Start time of a live, non-zombie process (ticks after boot), or None.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // f[0] is field 3 (state); start time is field 22.
+    if f.first().is_some_and(|s| *s == "Z" || *s == "X") {
+        return None;
+    }
+    f.get(19)?.parse().ok()
+}
+
+/// Whether the recorded process still runs (same PID *and* start time).
+fn alive(rec: &ProcRecord) -> bool {
+    rec.pid != 0 && start_time(rec.pid).is_some_and(|t| t == rec.start_time)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// SIGTERM to each live recorded process, SIGKILL after [`STOP_GRACE`]; waits until
+/// they are gone (bounded). Returns those that would not go.
+fn stop_procs(recs: &[&ProcRecord]) -> Vec<u32> {
+    let live: Vec<&ProcRecord> = recs.iter().copied().filter(|r| alive(r)).collect();
+    for r in &live {
+        signal(r.pid, "TERM");
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline && live.iter().any(|r| alive(r)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for r in &live {
+        if alive(r) {
+            signal(r.pid, "KILL");
         }
     }
-    for ns in st.namespaces.iter().rev() {
-        let _ = Command::new("ip")
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && live.iter().any(|r| alive(r)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    live.iter().filter(|r| alive(r)).map(|r| r.pid).collect()
+}
+
+fn stop_node(name: &str, node: &str) -> Result<()> {
+    let st = load_state(name)?.with_context(|| format!("no lab {name} is up"))?;
+    st.node(node)?;
+    let agent: Vec<&ProcRecord> = st.proc(node, Role::Agent).into_iter().collect();
+    let etcd: Vec<&ProcRecord> = st.proc(node, Role::Etcd).into_iter().collect();
+    // The agent first: it detaches its eBPF programs on SIGTERM.
+    let mut stuck = stop_procs(&agent);
+    stuck.extend(stop_procs(&etcd));
+    ensure!(stuck.is_empty(), "processes {stuck:?} would not stop");
+    println!("xtask: lab {name}: {node}'s agent and etcd member are stopped");
+    Ok(())
+}
+
+fn start_node(name: &str, node: &str) -> Result<()> {
+    let mut st = load_state(name)?.with_context(|| format!("no lab {name} is up"))?;
+    let n = st.node(node)?.clone();
+    let mut started = Vec::new();
+    for role in [Role::Etcd, Role::Agent, Role::Socat] {
+        let Some(rec) = st.proc(node, role).cloned() else {
+            continue;
+        };
+        if alive(&rec) {
+            continue;
+        }
+        let log = rec
+            .log
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("{}.log", role_name(role)));
+        spawn_recorded(&mut st, node, role, rec.argv.clone(), &log)?;
+        match role {
+            Role::Etcd => wait_etcd(&st, &n)?,
+            Role::Agent => wait_agent(&st, &n)?,
+            Role::Socat => {}
+        }
+        started.push(role_name(role));
+    }
+    if started.is_empty() {
+        println!("xtask: lab {name}: everything on {node} runs already");
+    } else {
+        println!(
+            "xtask: lab {name}: started {} on {node}",
+            started.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn exec(name: &str, node: &str, service: Option<&str>, command: &[String]) -> Result<()> {
+    let st = load_state(name)?.with_context(|| format!("no lab {name} is up"))?;
+    let n = st.node(node)?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = st
+        .agent_bin
+        .parent()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .collect();
+    dirs.extend(std::env::split_paths(&path));
+    let path = std::env::join_paths(dirs)?;
+    let mut cmd = match service {
+        Some(svc) => {
+            let cg = n.cgroup.join(svc);
+            ensure!(
+                cg.is_dir(),
+                "{node} has no service cgroup {svc} ({})",
+                cg.display()
+            );
+            let mut script = format!(
+                "echo $$ > '{}/cgroup.procs' && exec nsenter --net=/var/run/netns/{} --",
+                cg.display(),
+                n.ns
+            );
+            for a in command {
+                script.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
+            }
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(script);
+            c
+        }
+        None => {
+            let mut c = Netns::existing(&n.ns).command(&command[0]);
+            c.args(&command[1..]);
+            c
+        }
+    };
+    cmd.env("PATH", path);
+    let status = util::status(&mut cmd)?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+// ---------------------------------------------------------------------- status
+
+fn status(name: &str) -> Result<()> {
+    let Some(st) = load_state(name)? else {
+        println!(
+            "no lab {name} is up (`cargo xtask lab{} up` starts one)",
+            name_flag(name)
+        );
+        return Ok(());
+    };
+    println!(
+        "lab {name}: {} nodes on {SUBNET_PREFIX}.0/24, bridge {BRIDGE} in namespace {}\n",
+        st.nodes.len(),
+        st.bridge_ns.as_deref().unwrap_or("-")
+    );
+    println!(
+        "{:<5} {:<13} {:<14} {:<26} ETCD",
+        "NODE", "ADDRESS", "NAMESPACE", "AGENT"
+    );
+    let mut answering = None;
+    for node in &st.nodes {
+        let ns = Netns::existing(&node.ns);
+        let res = http_in(
+            &ns,
+            &[
+                format!("GET {HTTP} /v1/agent/self"),
+                format!("GET {}:{ETCD_CLIENT} /health", node.ip),
+                format!("POST {}:{ETCD_CLIENT} /v3/maintenance/status {{}}", node.ip),
+            ],
+            1000,
+        );
+        let pid_note = |role: Role| match st.proc(&node.name, role) {
+            Some(r) if alive(r) => format!("pid {}", r.pid),
+            Some(_) => "not running".to_owned(),
+            None => "not started".to_owned(),
+        };
+        let agent_up = matches!(res.first(), Some(Ok((200, _))));
+        if agent_up && answering.is_none() {
+            answering = Some(node);
+        }
+        let agent = format!(
+            "{} ({})",
+            if agent_up { "up" } else { "DOWN" },
+            pid_note(Role::Agent)
+        );
+        let etcd_healthy = matches!(res.get(1), Some(Ok((200, b))) if b.contains("true"));
+        let leader = match res.get(2) {
+            Some(Ok((200, body))) => serde_json::from_str::<Value>(body).ok().is_some_and(|v| {
+                let me = &v["header"]["member_id"];
+                !me.is_null() && *me == v["leader"]
+            }),
+            _ => false,
+        };
+        let etcd = format!(
+            "{}{} ({})",
+            if etcd_healthy {
+                "up"
+            } else if matches!(res.get(1), Some(Ok(_))) {
+                "UNHEALTHY"
+            } else {
+                "DOWN"
+            },
+            if leader { ", leader" } else { "" },
+            pid_note(Role::Etcd)
+        );
+        println!(
+            "{:<5} {:<13} {:<14} {:<26} {}",
+            node.name, node.ip, node.ns, agent, etcd
+        );
+    }
+    let Some(via) = answering else {
+        println!("\nno agent answers: services and intentions are unknown");
+        return Ok(());
+    };
+    let ns = Netns::existing(&via.ns);
+    let res = http_in(
+        &ns,
+        &[
+            format!("GET {HTTP} /v1/catalog/services"),
+            format!("GET {HTTP} /v1/connect/intentions"),
+        ],
+        2000,
+    );
+    println!("\nSERVICES (the catalog as {} sees it)", via.name);
+    let names: Vec<String> = match res.first() {
+        Some(Ok((200, body))) => serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect()))
+            .unwrap_or_default(),
+        other => {
+            println!("  cannot list: {other:?}");
+            Vec::new()
+        }
+    };
+    let reqs: Vec<String> = names
+        .iter()
+        .map(|s| format!("GET {HTTP} /v1/catalog/service/{s}"))
+        .collect();
+    let instances = http_in(&ns, &reqs, 2000);
+    println!("  {:<12} {:<6} {:<22} CGROUP", "SERVICE", "NODE", "ADDRESS");
+    if names.is_empty() {
+        println!("  (none)");
+    }
+    for (svc, res) in names.iter().zip(instances) {
+        let list = match res {
+            Ok((200, body)) => serde_json::from_str::<Value>(&body).unwrap_or_default(),
+            _ => Value::Null,
+        };
+        for inst in list.as_array().into_iter().flatten() {
+            let addr = inst["ServiceAddress"]
+                .as_str()
+                .filter(|a| !a.is_empty())
+                .or(inst["Address"].as_str())
+                .unwrap_or("?");
+            let node = inst["Node"].as_str().unwrap_or("?");
+            let cgroup = st
+                .nodes
+                .iter()
+                .find(|n| n.name == node)
+                .map(|n| n.cgroup.join(svc))
+                .filter(|p| p.is_dir())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            println!(
+                "  {:<12} {:<6} {:<22} {}",
+                svc,
+                node,
+                match inst["ServicePort"].as_u64() {
+                    Some(0) | None => addr.to_owned(),
+                    Some(port) => format!("{addr}:{port}"),
+                },
+                cgroup
+            );
+        }
+    }
+    println!("\nINTENTIONS");
+    match res.get(1) {
+        Some(Ok((200, body))) => {
+            let v: Value = serde_json::from_str(body).unwrap_or_default();
+            let list = v.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("  (none: every connection is allowed, --acl-default-policy allow)");
+            }
+            for i in list {
+                println!(
+                    "  {} => {} ({})",
+                    i["SourceName"].as_str().unwrap_or("?"),
+                    i["DestinationName"].as_str().unwrap_or("?"),
+                    i["Action"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        other => println!("  cannot list: {other:?}"),
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------ down
+
+/// Namespaces named like this lab's (`<lab>-br`, `<lab>-n<i>`), whether recorded or
+/// not (an `up` killed between creating and recording one).
+fn leftover_namespaces(name: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|ns| {
+            ns.strip_prefix(name)
+                .and_then(|r| r.strip_prefix('-'))
+                .is_some_and(|r| {
+                    r == "br"
+                        || r.strip_prefix('n')
+                            .is_some_and(|i| !i.is_empty() && i.chars().all(|c| c.is_ascii_digit()))
+                })
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+fn down(name: &str) -> Result<()> {
+    let st = load_state(name)?;
+    let mut problems = Vec::new();
+    let mut removed = Vec::new();
+    if let Some(st) = &st {
+        // Agents first (they detach their eBPF programs on SIGTERM), then the demo
+        // services, then the etcd members one at a time (members stopped together
+        // wait for each other's leadership transfer); only the PIDs `up` recorded.
+        let role =
+            |r: Role| -> Vec<&ProcRecord> { st.procs.iter().filter(|p| p.role == r).collect() };
+        let live = st.procs.iter().filter(|p| alive(p)).count();
+        let mut stuck = stop_procs(&role(Role::Agent));
+        stuck.extend(stop_procs(&role(Role::Socat)));
+        for member in role(Role::Etcd) {
+            stuck.extend(stop_procs(&[member]));
+        }
+        if !stuck.is_empty() {
+            problems.push(format!("processes {stuck:?} would not stop"));
+        }
+        removed.push(format!("{live} processes"));
+    }
+    // What is left in the lab's cgroups (socat's forked children, a client someone
+    // started in a service cgroup) was started for the lab, inside it.
+    let cg_root = match st.as_ref().and_then(|s| s.cgroup_root.clone()) {
+        Some(r) => Some(r),
+        None => cgroup2_mount()
+            .ok()
+            .map(|m| m.join(format!("connect-{name}"))),
+    };
+    if let Some(root) = cg_root.as_ref().filter(|r| r.is_dir()) {
+        let killed = kill_cgroup_tree(root);
+        if killed > 0 {
+            removed.push(format!("{killed} processes left in its cgroups"));
+        }
+    }
+    let mut namespaces: Vec<String> = st
+        .as_ref()
+        .map(|s| s.namespaces.clone())
+        .unwrap_or_default();
+    for ns in leftover_namespaces(name) {
+        if !namespaces.contains(&ns) {
+            namespaces.push(ns);
+        }
+    }
+    let mut n_ns = 0;
+    for ns in namespaces.iter().rev() {
+        if !Path::new("/var/run/netns").join(ns).exists() {
+            continue;
+        }
+        let ok = Command::new("ip")
             .args(["netns", "del", ns])
             .stderr(Stdio::null())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            n_ns += 1;
+        } else {
+            problems.push(format!("cannot delete namespace {ns}"));
+        }
     }
-    for cg in st.cgroups.iter().rev() {
-        let _ = std::fs::remove_dir(cg);
+    if n_ns > 0 {
+        removed.push(format!("{n_ns} namespaces"));
     }
-    let _ = std::fs::remove_file(state_path());
-    println!("lab is down");
+    if let Some(root) = cg_root.as_ref().filter(|r| r.is_dir()) {
+        match remove_cgroup_tree(root) {
+            Ok(n) => removed.push(format!("{n} cgroups")),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    let dir = lab_dir(name);
+    if dir.exists() {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => removed.push(format!("{}", dir.display())),
+            Err(e) => problems.push(format!("cannot remove {}: {e}", dir.display())),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("lab {name} is not entirely down: {}", problems.join("; "));
+    }
+    if removed.is_empty() {
+        println!("no lab {name} was up: nothing to remove");
+    } else {
+        println!("lab {name} is down: removed {}", removed.join(", "));
+    }
     Ok(())
+}
+
+/// Every cgroup directory under `root` (itself included), deepest first.
+fn cgroup_tree(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        out.push(dir);
+    }
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out
+}
+
+/// SIGKILLs, by PID, every process in the cgroups under `root`; waits (bounded) until
+/// they are empty. Returns how many it signalled.
+fn kill_cgroup_tree(root: &Path) -> usize {
+    let pids = |cgs: &[PathBuf]| -> Vec<u32> {
+        cgs.iter()
+            .filter_map(|cg| std::fs::read_to_string(cg.join("cgroup.procs")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    };
+    let tree = cgroup_tree(root);
+    let first = pids(&tree);
+    for pid in &first {
+        signal(*pid, "KILL");
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && !pids(&tree).is_empty() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.len()
+}
+
+fn remove_cgroup_tree(root: &Path) -> Result<usize> {
+    let tree = cgroup_tree(root);
+    let mut n = 0;
+    for cg in &tree {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match std::fs::remove_dir(cg) {
+                Ok(()) => {
+                    n += 1;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).with_context(|| format!("removing cgroup {}", cg.display()));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+    Ok(n)
+}
+
+// ------------------------------------------------------ probes inside a namespace
+
+/// `cargo xtask lab-probe`: what the lab runs inside a node's namespace (and cgroup),
+/// where xtask itself cannot reach: plain HTTP requests, and one echo round trip.
+#[derive(Debug, Subcommand)]
+pub enum ProbeCommand {
+    /// Each request is "METHOD HOST:PORT PATH [BODY]"; prints one JSON line per request.
+    Http {
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        requests: Vec<String>,
+    },
+    /// Connects to HOST:PORT, sends PAYLOAD and a newline, prints the line that comes back.
+    Echo { addr: SocketAddr, payload: String },
+}
+
+pub fn probe(cmd: ProbeCommand) -> Result<()> {
+    match cmd {
+        ProbeCommand::Http {
+            timeout_ms,
+            requests,
+        } => {
+            for r in requests {
+                let line = match http_request(&r, Duration::from_millis(timeout_ms)) {
+                    Ok((status, body)) => serde_json::json!({"status": status, "body": body}),
+                    Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+                };
+                println!("{line}");
+            }
+            Ok(())
+        }
+        ProbeCommand::Echo { addr, payload } => {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                .with_context(|| format!("connecting to {addr}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(format!("{payload}\n").as_bytes())?;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 512];
+            while !got.ends_with(b"\n") {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err(e).context("reading the echo"),
+                }
+            }
+            print!("{}", String::from_utf8_lossy(&got));
+            Ok(())
+        }
+    }
+}
+
+fn http_request(req: &str, timeout: Duration) -> Result<(u16, String)> {
+    let mut parts = req.splitn(4, ' ');
+    let (Some(method), Some(addr), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("a request is \"METHOD HOST:PORT PATH [BODY]\": {req:?}");
+    };
+    let body = parts.next().unwrap_or("");
+    let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr:?}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status code")?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+/// Runs HTTP requests from inside `ns` (through `xtask lab-probe http`); one result
+/// per request, an error string when it got no answer.
+fn http_in(ns: &Netns, requests: &[String], timeout_ms: u64) -> Vec<Result<(u16, String), String>> {
+    if requests.is_empty() {
+        return Vec::new();
+    }
+    let me = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return requests.iter().map(|_| Err(e.to_string())).collect(),
+    };
+    let out = ns
+        .command(&me)
+        .args(["lab-probe", "http", "--timeout-ms", &timeout_ms.to_string()])
+        .args(requests)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    let text = match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(e) => return requests.iter().map(|_| Err(e.to_string())).collect(),
+    };
+    let mut lines = text.lines();
+    requests
+        .iter()
+        .map(|_| {
+            let v: Value = lines
+                .next()
+                .and_then(|l| serde_json::from_str(l).ok())
+                .unwrap_or_default();
+            match (v["status"].as_u64(), v["body"].as_str()) {
+                (Some(s), Some(b)) => Ok((u16::try_from(s).unwrap_or(0), b.to_owned())),
+                _ => Err(v["error"].as_str().unwrap_or("no answer").to_owned()),
+            }
+        })
+        .collect()
+}
+
+/// One echo round trip from inside `ns` and `cgroup` (so eBPF redirects it).
+fn echo_in(ns: &Netns, cgroup: &Path, addr: &str, payload: &str) -> Result<String> {
+    let me = std::env::current_exe()?;
+    let script = format!(
+        "echo $$ > '{}/cgroup.procs' && exec nsenter --net=/var/run/netns/{} -- '{}' lab-probe echo '{addr}' '{}'",
+        cgroup.display(),
+        ns.name,
+        me.display(),
+        payload.replace('\'', "'\\''")
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the echo probe")?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the echo probe did not finish within 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// ------------------------------------------------------------------------ misc
+
+fn on_path(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .any(|d| d.join(program).is_file())
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn cgroup2_mount() -> Result<PathBuf> {

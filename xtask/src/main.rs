@@ -57,6 +57,9 @@ enum Command {
     /// (internal) the benchmark load generators.
     #[command(hide = true, subcommand)]
     BenchClient(loadgen::ClientCommand),
+    /// (internal) what the lab runs inside a node's namespace: HTTP requests, an echo.
+    #[command(hide = true, subcommand)]
+    LabProbe(lab::ProbeCommand),
 }
 
 fn main() {
@@ -71,6 +74,7 @@ fn main() {
         Command::Lab(args) => lab::run(args),
         Command::BenchEcho(args) => loadgen::echo(args),
         Command::BenchClient(cmd) => loadgen::client(cmd),
+        Command::LabProbe(cmd) => lab::probe(cmd),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
