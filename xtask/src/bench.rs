@@ -402,6 +402,9 @@ impl ConnectPair {
                     &format!("etcd://{SERVER_IP}:{ETCD_PORT}"),
                     "--acl-default-policy",
                     "allow",
+                    // Both may sign (no etcd auth here): the bench measures the data
+                    // path, not leaf distribution.
+                    "--server",
                     "--node-name",
                     name,
                     "--advertise-addr",
