@@ -53,6 +53,13 @@ impl Spawned {
         })
     }
 
+    /// Waits (bounded) until stdout and stderr reached EOF, so that after the
+    /// process exited [`Spawned::stdout`] and [`Spawned::stderr`] hold everything.
+    pub fn wait_output(&self, timeout: Duration) -> Result<()> {
+        wait_for(timeout, || self.readers.iter().all(|r| r.is_finished()))
+            .context("the process's output did not end")
+    }
+
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|p| p.into_inner())).into()
     }

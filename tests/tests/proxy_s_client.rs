@@ -47,6 +47,7 @@ fn expect_refused(mut c: Spawned, what: &str) -> Result<String> {
     let _ = c.write_stdin(b"hello s_client\n");
     let exited = c.wait_exit(WAIT)?;
     ensure!(exited.is_some(), "{what}: s_client is still connected");
+    c.wait_output(WAIT)?;
     ensure!(
         !c.stdout().contains("hello s_client"),
         "{what}: the service answered"

@@ -39,6 +39,31 @@ pub const MAX_LOCAL_ATTEMPTS: usize = 3;
 /// How long a denied connection's close_notify may take to go out.
 const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long, and how many bytes, a failed handshake's socket is drained before it
+/// closes (see [`linger_close`]).
+const LINGER: (Duration, usize) = (Duration::from_millis(500), 64 * 1024);
+
+/// Closes a socket whose handshake failed so that the peer reads our alert: rustls
+/// has written it, but a TLS 1.3 client may already have sent application data, and
+/// closing with unread data makes the kernel send a reset that can destroy the alert
+/// in the peer's receive queue. So: send FIN, read and discard what the peer sent
+/// (bounded in time and bytes), then close.
+async fn linger_close(mut tcp: TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let _ = tcp.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut left = LINGER.1;
+    let _ = timeout(LINGER.0, async {
+        while left > 0 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
 pub(super) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     let stop = shared.shutdown.stop.clone();
     accept_loop(
@@ -135,10 +160,14 @@ async fn setup(
             service: local.name.clone(),
             source,
         })?;
-    let mut tls = timeout_at(deadline, start.into_stream(config))
-        .await
-        .map_err(|_| ConnError::HandshakeTimeout { after })?
-        .map_err(|source| ConnError::Handshake { source })?;
+    let mut tls = match timeout_at(deadline, start.into_stream(config).into_fallible()).await {
+        Err(_) => return Err(ConnError::HandshakeTimeout { after }),
+        Ok(Ok(tls)) => tls,
+        Ok(Err((source, tcp))) => {
+            linger_close(tcp).await;
+            return Err(ConnError::Handshake { source });
+        }
+    };
     let client = peer_identity(tls.get_ref().1, &shared.tls.bundle())?;
     tracing::Span::current().record("src", field::display(&client.service));
 
