@@ -26,6 +26,8 @@ use crate::{
 const CLIENT_IP: &str = "198.18.1.1";
 const SERVER_IP: &str = "198.18.1.2";
 const ECHO_PORT: u16 = 7000;
+/// The client node agent's plaintext HTTP API (its default address, in its netns).
+const CLIENT_AGENT_API: &str = "127.0.0.1:8500";
 const IPERF_PORT: u16 = 5201;
 
 #[derive(Debug, Args)]
@@ -36,6 +38,20 @@ pub struct BenchArgs {
     /// Round trips of the latency run.
     #[arg(long, default_value_t = 20_000)]
     round_trips: u32,
+    /// Measure only these setups besides the direct connection (every ratio needs
+    /// it): any of transparent, upstream, stunnel. All of them by default.
+    #[arg(long, value_delimiter = ',', value_parser = ["transparent", "upstream", "stunnel"])]
+    only: Vec<String>,
+    /// Keep each setup running this many seconds before measuring it, and print the
+    /// proxies' PIDs, so a profiler (perf record -p) can be attached.
+    #[arg(long, default_value_t = 0)]
+    pause: u64,
+}
+
+impl BenchArgs {
+    fn wants(&self, setup: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == setup)
+    }
 }
 
 /// One setup's figures.
@@ -52,6 +68,9 @@ pub struct Figures {
     pub proxy_cpu_s_per_gbit: Option<f64>,
     /// Highest peak RSS among the proxies, MiB.
     pub proxy_peak_rss_mib: Option<f64>,
+    /// Share of the client proxy's handshakes in this setup's runs that resumed a
+    /// session (Connect only).
+    pub resumed_share: Option<f64>,
 }
 
 /// Where a setup's client connects, and which processes are its proxies.
@@ -64,6 +83,8 @@ struct Target {
     proxies: Vec<u32>,
     /// The cgroup the client runs in (transparent path), if any.
     cgroup: Option<PathBuf>,
+    /// The client node agent's HTTP API, for its handshake counters (Connect only).
+    agent_api: Option<String>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -98,7 +119,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "net.ipv4.ip_local_port_range=1024 65000",
             // ... but never the ports Connect's agents listen on: a connection in
             // TIME_WAIT on one of them would keep the agent from binding it.
-            "net.ipv4.ip_local_reserved_ports=2379,2380,8500,8600,15001,19191,19192,20000",
+            "net.ipv4.ip_local_reserved_ports=2379,2380,8500,8600,15001,15201,15443,17000,17443,19191,19192,20000",
         ]))?;
     }
 
@@ -140,41 +161,54 @@ pub fn run(args: BenchArgs) -> Result<()> {
         iperf: (SERVER_IP.into(), IPERF_PORT),
         proxies: vec![],
         cgroup: None,
+        agent_api: None,
     };
     results.push(measure(&me, &client, &direct, &args)?);
 
     // (b) and (c): Connect, one agent per node sharing state through etcd.
-    let connect = ConnectPair::start(&client, &server)?;
-    let transparent = Target {
-        name: "connect transparent".into(),
-        echo: format!("{SERVER_IP}:{ECHO_PORT}"),
-        iperf: (SERVER_IP.into(), IPERF_PORT),
-        proxies: connect.pids(),
-        cgroup: Some(connect.app_cgroup.clone()),
-    };
-    results.push(measure(&me, &client, &transparent, &args)?);
-    let explicit = Target {
-        name: "connect upstream".into(),
-        echo: format!("127.0.0.1:{UPSTREAM_ECHO}"),
-        iperf: ("127.0.0.1".into(), UPSTREAM_IPERF),
-        proxies: connect.pids(),
-        cgroup: None,
-    };
-    results.push(measure(&me, &client, &explicit, &args)?);
-    drop(connect);
+    if args.wants("transparent") || args.wants("upstream") {
+        let connect = ConnectPair::start(&client, &server)?;
+        let transparent = Target {
+            name: "connect transparent".into(),
+            echo: format!("{SERVER_IP}:{ECHO_PORT}"),
+            iperf: (SERVER_IP.into(), IPERF_PORT),
+            proxies: connect.pids(),
+            cgroup: Some(connect.app_cgroup.clone()),
+            agent_api: Some(CLIENT_AGENT_API.into()),
+        };
+        if args.wants("transparent") {
+            results.push(measure(&me, &client, &transparent, &args)?);
+        }
+        let explicit = Target {
+            name: "connect upstream".into(),
+            echo: format!("127.0.0.1:{UPSTREAM_ECHO}"),
+            iperf: ("127.0.0.1".into(), UPSTREAM_IPERF),
+            proxies: connect.pids(),
+            cgroup: None,
+            agent_api: Some(CLIENT_AGENT_API.into()),
+        };
+        if args.wants("upstream") {
+            results.push(measure(&me, &client, &explicit, &args)?);
+        }
+        drop(connect);
+    }
+    println!("(d) Connect with an sk_msg fast path: not built, not measured");
 
     // (e) stunnel mutual TLS 1.3, the reference peer.
-    let work = util::workspace_root().join("target/bench/stunnel");
-    let stunnel = Stunnel::start(&work, &client, &server)?;
-    let st = Target {
-        name: "stunnel".into(),
-        echo: format!("127.0.0.1:{}", stunnel.echo_port),
-        iperf: ("127.0.0.1".into(), stunnel.iperf_port),
-        proxies: stunnel.pids(),
-        cgroup: None,
-    };
-    results.push(measure(&me, &client, &st, &args)?);
-    drop(stunnel);
+    if args.wants("stunnel") {
+        let work = util::workspace_root().join("target/bench/stunnel");
+        let stunnel = Stunnel::start(&work, &client, &server)?;
+        let st = Target {
+            name: "stunnel".into(),
+            echo: format!("127.0.0.1:{}", stunnel.echo_port),
+            iperf: ("127.0.0.1".into(), stunnel.iperf_port),
+            proxies: stunnel.pids(),
+            cgroup: None,
+            agent_api: None,
+        };
+        results.push(measure(&me, &client, &st, &args)?);
+        drop(stunnel);
+    }
 
     print_table(&results);
     let dir = util::workspace_root().join("target/bench");
@@ -203,7 +237,24 @@ fn client_cmd(ns: &Netns, cgroup: Option<&Path>, program: &str, args: &[String])
 
 fn measure(me: &Path, client: &Netns, t: &Target, args: &BenchArgs) -> Result<Figures> {
     println!("==> {}", t.name);
+    if args.pause > 0 {
+        println!("    proxies {:?}; measuring in {} s", t.proxies, args.pause);
+        std::thread::sleep(Duration::from_secs(args.pause));
+    }
     let me_s = me.to_string_lossy().into_owned();
+    let handshakes = |api: &str| -> Result<(u64, u64)> {
+        let v: serde_json::Value = serde_json::from_str(&output(client.command(me).args([
+            "bench-client",
+            "handshakes",
+            "--addr",
+            api,
+        ]))?)?;
+        Ok((
+            v["full"].as_u64().unwrap_or(0),
+            v["resumed"].as_u64().unwrap_or(0),
+        ))
+    };
+    let hs_before = t.agent_api.as_deref().map(handshakes).transpose()?;
     let cpu_before: f64 = t
         .proxies
         .iter()
@@ -270,6 +321,15 @@ fn measure(me: &Path, client: &Netns, t: &Target, args: &BenchArgs) -> Result<Fi
         .filter_map(|p| netns::peak_rss_kib(*p).ok())
         .max()
         .map(|k| k as f64 / 1024.0);
+    let hs_after = t.agent_api.as_deref().map(handshakes).transpose()?;
+    let resumed_share = match (hs_before, hs_after) {
+        (Some((f0, r0)), Some((f1, r1))) => {
+            let (full, resumed) = (f1.saturating_sub(f0), r1.saturating_sub(r0));
+            println!("    client proxy handshakes: {full} full, {resumed} resumed");
+            (full + resumed > 0).then(|| resumed as f64 / (full + resumed) as f64)
+        }
+        _ => None,
+    };
     Ok(Figures {
         setup: t.name.clone(),
         throughput_gbps: bps / 1e9,
@@ -281,6 +341,7 @@ fn measure(me: &Path, client: &Netns, t: &Target, args: &BenchArgs) -> Result<Fi
         proxy_cpu_s_per_gbit: (!t.proxies.is_empty() && gbits > 0.0)
             .then(|| (cpu_after - cpu_before) / gbits),
         proxy_peak_rss_mib: peak,
+        resumed_share,
     })
 }
 
@@ -392,6 +453,7 @@ impl ConnectPair {
             let config = dir.join("config");
             std::fs::create_dir_all(&config)?;
             std::fs::write(config.join("services.json"), services)?;
+            std::fs::write(config.join("fillers.json"), fillers(name))?;
             let mut cmd = ns.command(&bin);
             cmd.arg("--data-dir")
                 .arg(dir.join("data"))
@@ -487,6 +549,25 @@ impl Drop for ConnectPair {
     }
 }
 
+/// Services registered on each bench agent besides the measured ones, so that the
+/// agents carry the load with a catalog of a realistic size: with the measured
+/// ones, the cluster holds more than [`REGISTERED_SERVICES`] services and every
+/// agent indexes all of them.
+const REGISTERED_SERVICES: usize = 100;
+
+/// A config file registering [`REGISTERED_SERVICES`] idle services of node `node`.
+fn fillers(node: &str) -> String {
+    let services: Vec<serde_json::Value> = (0..REGISTERED_SERVICES)
+        .map(|i| {
+            serde_json::json!({
+                "name": format!("{node}-filler-{i:03}"),
+                "port": 30_000 + i,
+            })
+        })
+        .collect();
+    serde_json::json!({ "services": services }).to_string()
+}
+
 /// The cgroup2 mount point, from /proc/mounts.
 fn cgroup2_mount() -> Result<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
@@ -534,24 +615,38 @@ impl Stunnel {
         let cp = work.join("client.conf");
         std::fs::write(&sp, server_conf)?;
         std::fs::write(&cp, client_conf)?;
-        let server_p = Proc::spawn(
+        let log = |who: &str| -> Result<std::fs::File> {
+            let path = work.join(format!("{who}.log"));
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
+        };
+        let mut server_p = Proc::spawn(
             "stunnel server",
-            server.command("stunnel4").arg(&sp).stderr(Stdio::null()),
+            server.command("stunnel4").arg(&sp).stderr(log("server")?),
         )?;
-        let client_p = Proc::spawn(
+        let mut client_p = Proc::spawn(
             "stunnel client",
-            client.command("stunnel4").arg(&cp).stderr(Stdio::null()),
+            client.command("stunnel4").arg(&cp).stderr(log("client")?),
         )?;
-        netns::wait_port(
+        let ready = netns::wait_port(
             server,
             &format!("{SERVER_IP}:{echo_tls}"),
-            Duration::from_secs(5),
-        )?;
-        netns::wait_port(
-            client,
-            &format!("127.0.0.1:{echo_port}"),
-            Duration::from_secs(5),
-        )?;
+            Duration::from_secs(15),
+        )
+        .and_then(|()| {
+            netns::wait_port(
+                client,
+                &format!("127.0.0.1:{echo_port}"),
+                Duration::from_secs(15),
+            )
+        })
+        .and_then(|()| server_p.check_running())
+        .and_then(|()| client_p.check_running());
+        if let Err(e) = ready {
+            bail!(
+                "stunnel did not come up ({e:#}); its logs are {}/{{server,client}}.log",
+                work.display()
+            );
+        }
         Ok(Self {
             client: client_p,
             server: server_p,

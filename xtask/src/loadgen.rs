@@ -40,6 +40,12 @@ pub enum ClientCommand {
         #[arg(long, default_value_t = 64)]
         size: usize,
     },
+    /// Prints an agent's proxy handshake counters (`GET /v1/agent/metrics` on
+    /// its plaintext API) as JSON: `{"full": n, "resumed": n}` of the outbound side.
+    Handshakes {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
     /// New connections per second: connect, one round trip, close.
     Cps {
         #[arg(long)]
@@ -109,6 +115,7 @@ pub fn client(cmd: ClientCommand) -> Result<()> {
             concurrency,
             Duration::from_secs(seconds.min(60)),
         )?)?,
+        ClientCommand::Handshakes { addr } => serde_json::to_string(&handshakes(addr)?)?,
     };
     println!("{out}");
     Ok(())
@@ -189,5 +196,38 @@ fn cps(addr: SocketAddr, concurrency: usize, duration: Duration) -> Result<CpsRe
         connections,
         errors: errors.load(Ordering::Relaxed),
         per_second: connections as f64 / elapsed,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct Handshakes {
+    pub full: u64,
+    pub resumed: u64,
+}
+
+/// The outbound handshake counters of the agent whose HTTP API is `addr`.
+fn handshakes(addr: SocketAddr) -> Result<Handshakes> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /v1/agent/metrics?format=prometheus HTTP/1.0\r\nHost: {addr}\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)
+        .with_context(|| format!("reading metrics from {addr}"))?;
+    let count = |kind: &str| -> Result<u64> {
+        let key = format!("connect_proxy_handshakes_total{{side=\"outbound\",kind=\"{kind}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .with_context(|| format!("{addr} reported no {key}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{addr} reported a bad {key}"))
+    };
+    Ok(Handshakes {
+        full: count("full")?,
+        resumed: count("resumed")?,
     })
 }
