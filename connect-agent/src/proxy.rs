@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod node;
 mod outbound;
 pub mod splice;
+pub mod tickets;
 pub mod tls;
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! The server verifier takes the expected destination from the SNI, which proxies
 //! set to `<service>.svc.<trust-domain>` (the leaf's DNS SAN): one client config
 //! serves every destination. Intentions are not checked here: the proxy asks them
-//! with the identity [`super::verify::leaf_identity`] reads from the verified leaf.
+//! with the identity [`super::TrustBundle::verify`] returns for the verified leaf.
 
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use rustls::{
 };
 use tokio::sync::watch;
 
-use super::verify::{PeerRole, TrustBundle, VerifyError, verify_chain};
+use super::verify::{PeerRole, TrustBundle, VerifyError};
 
 /// Requires and verifies client certificates against the live trust bundle.
 #[derive(Debug)]
@@ -55,7 +55,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let bundle = self.bundle.borrow().clone();
         let chain = chain_of(end_entity, intermediates);
-        verify_chain(&chain, &bundle, now, PeerRole::Client).map_err(to_rustls)?;
+        bundle
+            .verify(&chain, now, PeerRole::Client)
+            .map_err(to_rustls)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -136,7 +138,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 other_error(ServerIdentityError::BadServerName { name: name.clone() })
             })?;
         let chain = chain_of(end_entity, intermediates);
-        let id = verify_chain(&chain, &bundle, now, PeerRole::Server).map_err(to_rustls)?;
+        let id = bundle
+            .verify(&chain, now, PeerRole::Server)
+            .map_err(to_rustls)?;
         // Service names keep their case in SPIFFE IDs; DNS names do not.
         if !id.service.as_str().eq_ignore_ascii_case(&expected) {
             return Err(other_error(ServerIdentityError::Mismatch {

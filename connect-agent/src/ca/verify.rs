@@ -8,7 +8,11 @@
 //! in-memory data, fast enough for every handshake, and the core of the rustls
 //! verifiers in `ca::tls`. It does not fetch bundles or know intentions.
 
-use std::{fmt, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+};
 
 use rustls::pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use webpki::{EndEntityCert, KeyUsage};
@@ -41,7 +45,7 @@ pub const MAX_CHAIN_LEN: usize = 8;
 
 /// Which side of a TLS connection the peer is: decides the extended key usage its
 /// leaf must carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PeerRole {
     /// The peer is a TLS client (our inbound listener checks it): clientAuth.
     Client,
@@ -50,14 +54,48 @@ pub enum PeerRole {
 }
 
 /// The roots a peer's chain must lead to, for one trust domain. Built once per CA
-/// change and shared behind an `Arc`; verifying reads it without locks or I/O.
-#[derive(Clone)]
+/// change and shared behind an `Arc`; verifying reads it without I/O.
+///
+/// It also remembers the leaves it verified lately ([`TrustBundle::verify`]), so
+/// that a peer presenting the same certificate again costs a hash lookup, not a
+/// signature check: every resumed TLS session re-presents its certificate, and a
+/// busy client presents the same one on every full handshake. A new bundle (a
+/// root rotation, a new CA) starts with an empty memory.
 pub struct TrustBundle {
     trust_domain: TrustDomain,
     active_root_id: String,
     roots: Vec<CertificateDer<'static>>,
     anchors: Vec<TrustAnchor<'static>>,
     index: Index,
+    verified: Mutex<HashMap<VerifiedKey, Verified>>,
+}
+
+impl Clone for TrustBundle {
+    fn clone(&self) -> Self {
+        Self {
+            trust_domain: self.trust_domain.clone(),
+            active_root_id: self.active_root_id.clone(),
+            roots: self.roots.clone(),
+            anchors: self.anchors.clone(),
+            index: self.index,
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Leaves a bundle remembers as verified; at this size the memory is forgotten
+/// at once (a few hundred KiB at most, and refilled by the next handshakes).
+pub const VERIFIED_MEMORY: usize = 4096;
+
+/// A verified leaf: the SHA-256 of its DER and the role it was verified for.
+type VerifiedKey = ([u8; 32], PeerRole);
+
+/// What a verification established, and until when it holds.
+#[derive(Debug, Clone)]
+struct Verified {
+    id: SpiffeId,
+    not_before: u64,
+    not_after: u64,
 }
 
 impl fmt::Debug for TrustBundle {
@@ -94,7 +132,61 @@ impl TrustBundle {
             roots,
             anchors,
             index,
+            verified: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// [`verify_chain`] against this bundle, remembering a verified leaf that
+    /// came without intermediates (our CA's leaves are signed by a root directly)
+    /// so that the same certificate, for the same role, within its validity, is
+    /// accepted again without the signature check and the X.509 parse. Chains
+    /// with intermediates are verified every time.
+    pub fn verify(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+        role: PeerRole,
+    ) -> Result<SpiffeId, VerifyError> {
+        let [leaf] = chain else {
+            return verify_chain(chain, self, now, role);
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, leaf);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        let key = (key, role);
+        let at = now.as_secs();
+        if let Some(v) = self.memory().get(&key)
+            && (v.not_before..v.not_after).contains(&at)
+        {
+            return Ok(v.id.clone());
+        }
+        let id = verify_chain(chain, self, now, role)?;
+        // verify_chain checked the validity period, so the leaf parses.
+        if let Some((not_before, not_after)) = validity(leaf) {
+            let mut memory = self.memory();
+            if memory.len() >= VERIFIED_MEMORY {
+                memory.clear();
+            }
+            memory.insert(
+                key,
+                Verified {
+                    id: id.clone(),
+                    not_before,
+                    not_after,
+                },
+            );
+        }
+        Ok(id)
+    }
+
+    /// Leaves remembered as verified now.
+    pub fn verified_len(&self) -> usize {
+        self.memory().len()
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<VerifiedKey, Verified>> {
+        // Inserts and clears of ready values: a poisoned map is still consistent.
+        self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -253,6 +345,16 @@ pub fn leaf_identity(leaf: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError>
         .map_err(|_| VerifyError::NotServiceId {
             uri: uri.chars().take(256).collect(),
         })
+}
+
+/// A leaf's validity period as `[not_before, not_after)` in Unix seconds; webpki
+/// accepts `not_after` itself, so the end is one past it.
+fn validity(leaf: &CertificateDer<'_>) -> Option<(u64, u64)> {
+    let (_, x509) = X509Certificate::from_der(leaf).ok()?;
+    let v = x509.validity();
+    let nb = u64::try_from(v.not_before.timestamp()).ok()?;
+    let na = u64::try_from(v.not_after.timestamp()).ok()?;
+    Some((nb, na.saturating_add(1)))
 }
 
 fn map_webpki(e: webpki::Error) -> VerifyError {
@@ -488,5 +590,71 @@ mod tests {
             ),
             Err(VerifyError::Malformed { .. })
         ));
+    }
+
+    /// The bundle's memory of verified leaves saves work, never a check: time,
+    /// role, other bundles and failures are all still seen.
+    #[test]
+    fn remembered_leaves_still_expire_and_failures_are_not_remembered() {
+        let ca = TestCa::new();
+        let leaf = ca.sign(&ca.leaf_params("web"));
+        let chain = std::slice::from_ref(&leaf.cert);
+        assert_eq!(
+            ca.bundle.verify(chain, now(), PeerRole::Client),
+            Ok(ca.id("web"))
+        );
+        assert_eq!(ca.bundle.verified_len(), 1);
+        // Again: the same answer, from memory.
+        assert_eq!(
+            ca.bundle.verify(chain, now(), PeerRole::Client),
+            Ok(ca.id("web"))
+        );
+        assert_eq!(ca.bundle.verified_len(), 1);
+        // Another role is verified (and remembered) on its own.
+        assert_eq!(
+            ca.bundle.verify(chain, now(), PeerRole::Server),
+            Ok(ca.id("web"))
+        );
+        assert_eq!(ca.bundle.verified_len(), 2);
+
+        // Past its not_after, a remembered leaf is expired like any other.
+        let (_, not_after) = validity(&leaf.cert).expect("validity");
+        let after = UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_after));
+        let last = UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_after - 1));
+        assert_eq!(
+            ca.bundle.verify(chain, last, PeerRole::Client),
+            Ok(ca.id("web"))
+        );
+        assert!(matches!(
+            ca.bundle.verify(chain, after, PeerRole::Client),
+            Err(VerifyError::Expired { .. })
+        ));
+        // So is one before its not_before.
+        let (not_before, _) = validity(&leaf.cert).expect("validity");
+        let before = UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_before - 1));
+        assert!(matches!(
+            ca.bundle.verify(chain, before, PeerRole::Client),
+            Err(VerifyError::NotYetValid { .. })
+        ));
+
+        // A leaf of another CA fails every time and is not remembered.
+        let other = TestCa::new();
+        let foreign = other.sign(&other.leaf_params("web"));
+        for _ in 0..2 {
+            assert_eq!(
+                ca.bundle
+                    .verify(std::slice::from_ref(&foreign.cert), now(), PeerRole::Client),
+                Err(VerifyError::UnknownRoot)
+            );
+        }
+        assert_eq!(ca.bundle.verified_len(), 2);
+
+        // Another bundle (a rotation builds a new one) remembers nothing of this
+        // one: the leaf is checked against its roots.
+        assert_eq!(
+            other.bundle.verify(chain, now(), PeerRole::Client),
+            Err(VerifyError::UnknownRoot)
+        );
+        assert_eq!(ca.bundle.clone().verified_len(), 0);
     }
 }

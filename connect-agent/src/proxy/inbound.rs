@@ -12,7 +12,6 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use rustls::{
-    HandshakeKind,
     pki_types::UnixTime,
     server::{Acceptor, ServerConnection},
 };
@@ -29,7 +28,7 @@ use super::{
     splice_outcome,
 };
 use crate::{
-    ca::{PeerRole, TrustBundle, verify::leaf_identity, verify_chain},
+    ca::{PeerRole, TrustBundle},
     identity::{ServiceName, SpiffeId, TrustDomain},
 };
 
@@ -168,6 +167,9 @@ async fn setup(
             return Err(ConnError::Handshake { source });
         }
     };
+    shared
+        .metrics
+        .count_handshake(Side::Inbound, tls.get_ref().1.handshake_kind());
     let client = peer_identity(tls.get_ref().1, &shared.tls.bundle())?;
     tracing::Span::current().record("src", field::display(&client.service));
 
@@ -205,10 +207,11 @@ async fn setup(
     })
 }
 
-/// The SPIFFE ID of the client. A full handshake verified the chain already; a
-/// resumed session carries the certificate of the session it resumes, which is
-/// verified again against the bundle of now (it may have expired, or its root may
-/// have left the bundle, since).
+/// The SPIFFE ID of the client. A full handshake verified the chain already (and
+/// the bundle remembers it, so this is a lookup); a resumed session carries the
+/// certificate of the session it resumes, which is verified again against the
+/// bundle of now (it may have expired, or its root may have left the bundle,
+/// since).
 fn peer_identity(conn: &ServerConnection, bundle: &TrustBundle) -> Result<SpiffeId, ConnError> {
     let certs =
         conn.peer_certificates()
@@ -216,12 +219,9 @@ fn peer_identity(conn: &ServerConnection, bundle: &TrustBundle) -> Result<Spiffe
             .ok_or(ConnError::PeerIdentity {
                 source: crate::ca::VerifyError::EmptyChain,
             })?;
-    let id = if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
-        verify_chain(certs, bundle, UnixTime::now(), PeerRole::Client)
-    } else {
-        leaf_identity(&certs[0])
-    };
-    id.map_err(|source| ConnError::PeerIdentity { source })
+    bundle
+        .verify(certs, UnixTime::now(), PeerRole::Client)
+        .map_err(|source| ConnError::PeerIdentity { source })
 }
 
 /// Opens a plaintext port of the local service. Takes a [`Permit`]: only authorized

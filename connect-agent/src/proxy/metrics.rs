@@ -109,6 +109,8 @@ impl Outcome {
 pub struct Metrics {
     accepted: [AtomicU64; 2],
     handshake_failures: [AtomicU64; 2],
+    /// Completed handshakes per side: `[full, resumed]`.
+    handshakes: [[AtomicU64; 2]; 2],
     allowed: AtomicU64,
     denied: AtomicU64,
     closed: [[AtomicU64; Outcome::ALL.len()]; 2],
@@ -128,6 +130,11 @@ impl Metrics {
 
     pub fn handshake_failures(&self, side: Side) -> u64 {
         self.handshake_failures[side as usize].load(Ordering::Relaxed)
+    }
+
+    /// Completed TLS handshakes on `side`, resumed ones (`true`) or full ones.
+    pub fn handshakes(&self, side: Side, resumed: bool) -> u64 {
+        self.handshakes[side as usize][usize::from(resumed)].load(Ordering::Relaxed)
     }
 
     /// Authorization decisions that allowed a connection.
@@ -169,6 +176,11 @@ impl Metrics {
         self.handshake_failures[side as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn count_handshake(&self, side: Side, kind: Option<rustls::HandshakeKind>) {
+        let resumed = kind == Some(rustls::HandshakeKind::Resumed);
+        self.handshakes[side as usize][usize::from(resumed)].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Appends the counters in Prometheus' text format.
     pub fn render_prometheus(&self, out: &mut String) {
         header(
@@ -198,6 +210,22 @@ impl Metrics {
                 &[("side", side.label())],
                 self.handshake_failures(side),
             );
+        }
+        header(
+            out,
+            "connect_proxy_handshakes_total",
+            "counter",
+            "TLS handshakes completed, full or resumed from a session ticket.",
+        );
+        for side in Side::ALL {
+            for (kind, resumed) in [("full", false), ("resumed", true)] {
+                sample(
+                    out,
+                    "connect_proxy_handshakes_total",
+                    &[("side", side.label()), ("kind", kind)],
+                    self.handshakes(side, resumed),
+                );
+            }
         }
         header(
             out,
@@ -450,6 +478,9 @@ mod tests {
         m.count_decision(true);
         m.count_decision(false);
         m.count_handshake_failure(Side::Inbound);
+        m.count_handshake(Side::Outbound, Some(rustls::HandshakeKind::Resumed));
+        m.count_handshake(Side::Outbound, Some(rustls::HandshakeKind::Full));
+        m.count_handshake(Side::Outbound, Some(rustls::HandshakeKind::Resumed));
         assert_eq!(m.active(Side::Inbound), 0);
         assert_eq!(m.closed(Side::Inbound, Outcome::Closed), 1);
         assert_eq!(m.closed(Side::Outbound, Outcome::Internal), 1);
@@ -459,6 +490,9 @@ mod tests {
             "connect_proxy_connections_accepted_total{side=\"inbound\"} 1",
             "connect_proxy_connections_accepted_total{side=\"outbound\"} 1",
             "connect_proxy_handshake_failures_total{side=\"inbound\"} 1",
+            "connect_proxy_handshakes_total{side=\"outbound\",kind=\"full\"} 1",
+            "connect_proxy_handshakes_total{side=\"outbound\",kind=\"resumed\"} 2",
+            "connect_proxy_handshakes_total{side=\"inbound\",kind=\"resumed\"} 0",
             "connect_proxy_authorizations_total{decision=\"allow\"} 1",
             "connect_proxy_authorizations_total{decision=\"deny\"} 1",
             "connect_proxy_connections_closed_total{side=\"inbound\",outcome=\"closed\"} 1",
@@ -472,7 +506,7 @@ mod tests {
         // Every family has exactly one HELP and one TYPE line.
         let types = out.lines().filter(|l| l.starts_with("# TYPE")).count();
         let helps = out.lines().filter(|l| l.starts_with("# HELP")).count();
-        assert_eq!((types, helps), (6, 6));
+        assert_eq!((types, helps), (7, 7));
     }
 
     #[test]

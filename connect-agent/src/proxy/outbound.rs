@@ -252,6 +252,9 @@ async fn dial(
         match attempt(&connector, name.clone(), addr, shared).await {
             Ok(tls) => {
                 shared.outbound_lb.succeeded(addr);
+                shared
+                    .metrics
+                    .count_handshake(Side::Outbound, tls.get_ref().1.handshake_kind());
                 if attempts > 1 {
                     tracing::debug!(endpoint = %addr, attempts, "connected after retrying");
                 }

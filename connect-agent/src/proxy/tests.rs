@@ -740,6 +740,74 @@ async fn resumed_sessions_are_verified_again_and_authorized() {
     assert_eq!(n.metrics().denied(), 1);
 }
 
+/// Sequential connections through an upstream resume after the first, and the
+/// proxy counts each kind.
+#[tokio::test]
+async fn connections_after_the_first_resume_and_are_counted() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let up = n.upstream("web", "socat").await;
+    for i in 0..10 {
+        echo_once(up, format!("hello {i}").as_bytes()).await;
+    }
+    let m = n.metrics();
+    let count = |side| (m.handshakes(side, false), m.handshakes(side, true));
+    assert_eq!(count(metrics::Side::Outbound), (1, 9));
+    assert_eq!(count(metrics::Side::Inbound), (1, 9));
+}
+
+/// The ticket store keeps more tickets per destination than rustls' own cache (8),
+/// so that a burst of concurrent connections finds one each, and no more than its
+/// bound.
+#[tokio::test]
+async fn the_ticket_store_fills_up_to_its_bound() {
+    use rustls::client::Resumption;
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let store = Arc::new(tickets::TicketStore::new());
+    let mut config = (*client_config(n.agent.ca.bundle(), Some(n.leaf("web").await))).clone();
+    config.resumption = Resumption::store(store.clone());
+    let config = Arc::new(config);
+    let name = server_name_for(&svc("socat"), &n.agent.ca.bundle().borrow()).expect("sni");
+    // The first connection is full and brings two tickets; each later one spends
+    // one and brings two.
+    for i in 0..30 {
+        let mut c = tls_connect(&n, "socat", config.clone())
+            .await
+            .expect("connect");
+        expect_echo(&mut c, b"x").await;
+        let kind = c.get_ref().1.handshake_kind();
+        let want = if i == 0 {
+            rustls::HandshakeKind::Full
+        } else {
+            rustls::HandshakeKind::Resumed
+        };
+        assert_eq!(kind, Some(want), "connection {i}");
+        assert_eq!(store.tickets(&name), i + 2, "after connection {i}");
+    }
+    for _ in 0..tickets::TICKETS_PER_SERVER {
+        let mut c = tls_connect(&n, "socat", config.clone())
+            .await
+            .expect("connect");
+        expect_echo(&mut c, b"x").await;
+    }
+    assert_eq!(store.tickets(&name), tickets::TICKETS_PER_SERVER);
+    // A burst of 20 at once all resume.
+    let mut burst = Vec::new();
+    for _ in 0..20 {
+        burst.push(tls_connect(&n, "socat", config.clone()));
+    }
+    for c in futures::future::join_all(burst).await {
+        let c = c.expect("connect");
+        assert_eq!(
+            c.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_transparent_listener_routes_by_cgroup_and_original_destination() {
     let n = node().await;
