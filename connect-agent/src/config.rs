@@ -81,6 +81,10 @@ pub struct AgentArgs {
     #[arg(long)]
     pub log_json: bool,
 
+    /// Threads running the agent's proxy and API; 0 means one per CPU.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// ACL default policy: what a request without a matching rule may do, and the
     /// intention decision when no intention matches. ACLs are on with `deny` unless
     /// --dev, where they are off (everything allowed) unless this flag is given.

@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// proxies' PIDs, so a profiler (perf record -p) can be attached.
     #[arg(long, default_value_t = 0)]
     pause: u64,
+    /// Each agent's `--worker-threads` (0: one per CPU, the agent's default).
+    #[arg(long, default_value_t = 0)]
+    worker_threads: usize,
 }
 
 impl BenchArgs {
@@ -167,7 +170,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     // (b) and (c): Connect, one agent per node sharing state through etcd.
     if args.wants("transparent") || args.wants("upstream") {
-        let connect = ConnectPair::start(&client, &server)?;
+        let connect = ConnectPair::start(&client, &server, args.worker_threads)?;
         let transparent = Target {
             name: "connect transparent".into(),
             echo: format!("{SERVER_IP}:{ECHO_PORT}"),
@@ -404,7 +407,7 @@ struct ConnectPair {
 }
 
 impl ConnectPair {
-    fn start(client: &Netns, server: &Netns) -> Result<Self> {
+    fn start(client: &Netns, server: &Netns, worker_threads: usize) -> Result<Self> {
         let bin = util::workspace_root().join("target/release/connect-agent");
         if !bin.is_file() {
             bail!(
@@ -473,6 +476,8 @@ impl ConnectPair {
                     ip,
                     "--inbound-addr",
                     &format!("{ip}:20000"),
+                    "--worker-threads",
+                    &worker_threads.to_string(),
                 ]);
             if let Some(cg) = cgroup {
                 cmd.arg("--cgroup").arg(cg);
