@@ -412,6 +412,23 @@ impl Redirector {
         }))
     }
 
+    /// Files a by-port record as `sock_ops` does when a redirected connection from
+    /// `peer` is established. For benchmarks and tests of the claiming side that
+    /// have no kernel connection behind the record; the agent never calls it.
+    pub fn file_redirect(&self, peer: SocketAddrV4, redirect: Redirect) -> Result<(), Error> {
+        let rec = RedirectRecord {
+            cgroup_id: redirect.cgroup_id,
+            created_ns: monotonic_ns(),
+            orig_ip_be: u32::from(*redirect.orig_dst.ip()).to_be(),
+            orig_port: redirect.orig_dst.port(),
+            established: 1,
+            _pad: 0,
+        };
+        lock(&self.by_port)
+            .insert(ip_key(*peer.ip(), peer.port()), rec, 0)
+            .map_err(map_err(map::REDIRECT_BY_PORT))
+    }
+
     /// Removes records nobody will use: by-port records the proxy did not claim
     /// within `unclaimed` (it claims right after `accept()`, so these belong to
     /// connections that died before that), and by-cookie records of `connect()`s that
