@@ -84,7 +84,7 @@ impl Clone for TrustBundle {
 }
 
 /// Leaves a bundle remembers as verified; at this size the memory is forgotten
-/// at once (a few hundred KiB at most, and refilled by the next handshakes).
+/// at once (about 1 MiB at most, and refilled by the next handshakes).
 pub const VERIFIED_MEMORY: usize = 4096;
 
 /// A verified leaf: the SHA-256 of its DER and the role it was verified for.
