@@ -36,6 +36,7 @@ mod inbound;
 pub mod metrics;
 pub mod node;
 mod outbound;
+pub mod readahead;
 pub mod splice;
 pub mod tickets;
 pub mod tls;

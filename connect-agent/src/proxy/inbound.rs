@@ -24,8 +24,8 @@ use tokio_rustls::LazyConfigAcceptor;
 use tracing::{Instrument, field};
 
 use super::{
-    ConnError, Outcome, Permit, Shared, Side, accept_loop, metrics::ConnRecord, splice,
-    splice_outcome,
+    ConnError, Outcome, Permit, Shared, Side, accept_loop, metrics::ConnRecord,
+    readahead::ReadAhead, splice, splice_outcome,
 };
 use crate::{
     ca::{PeerRole, TrustBundle},
@@ -127,7 +127,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
 }
 
 struct Setup {
-    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    tls: tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>,
     backend: TcpStream,
     guard: super::conns::Guard,
 }
@@ -140,10 +140,13 @@ async fn setup(
 ) -> Result<Setup, ConnError> {
     let after = shared.limits.handshake_timeout;
     let deadline = Instant::now() + after;
-    let start = timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp))
-        .await
-        .map_err(|_| ConnError::HandshakeTimeout { after })?
-        .map_err(|source| ConnError::Handshake { source })?;
+    let start = timeout_at(
+        deadline,
+        LazyConfigAcceptor::new(Acceptor::default(), ReadAhead::new(tcp)),
+    )
+    .await
+    .map_err(|_| ConnError::HandshakeTimeout { after })?
+    .map_err(|source| ConnError::Handshake { source })?;
     let bundle = shared.tls.bundle();
     let wanted = service_of_sni(start.client_hello().server_name(), bundle.trust_domain())?;
     let local = shared
@@ -163,7 +166,7 @@ async fn setup(
         Err(_) => return Err(ConnError::HandshakeTimeout { after }),
         Ok(Ok(tls)) => tls,
         Ok(Err((source, tcp))) => {
-            linger_close(tcp).await;
+            linger_close(tcp.into_parts().0).await;
             return Err(ConnError::Handshake { source });
         }
     };

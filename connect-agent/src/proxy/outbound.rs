@@ -30,7 +30,7 @@ use tracing::{Instrument, field};
 
 use super::{
     ConnError, OriginLookup, Outcome, Shared, Side, Upstream, accept_loop, metrics::ConnRecord,
-    splice, splice_outcome,
+    readahead::ReadAhead, splice, splice_outcome,
 };
 use crate::{ca::tls::server_name_for, identity::ServiceName, redirect::Redirect};
 
@@ -220,7 +220,7 @@ async fn dial(
     shared: &Shared,
     src: &ServiceName,
     dst: &ServiceName,
-) -> Result<TlsStream<TcpStream>, ConnError> {
+) -> Result<TlsStream<ReadAhead<TcpStream>>, ConnError> {
     let endpoints = shared.directory.endpoints(dst);
     if endpoints.is_empty() {
         return Err(ConnError::NoEndpoints {
@@ -297,7 +297,7 @@ async fn attempt(
     name: rustls::pki_types::ServerName<'static>,
     addr: SocketAddr,
     shared: &Shared,
-) -> Result<TlsStream<TcpStream>, DialError> {
+) -> Result<TlsStream<ReadAhead<TcpStream>>, DialError> {
     let after = shared.limits.connect_timeout;
     let tcp = timeout(after, TcpStream::connect(addr))
         .await
@@ -305,7 +305,7 @@ async fn attempt(
         .map_err(|source| DialError::Connect { source })?;
     let _ = tcp.set_nodelay(true);
     let after = shared.limits.handshake_timeout;
-    timeout(after, connector.connect(name, tcp))
+    timeout(after, connector.connect(name, ReadAhead::new(tcp)))
         .await
         .map_err(|_| DialError::HandshakeTimeout { after })?
         .map_err(|source| DialError::Handshake { source })
