@@ -1,15 +1,18 @@
 //! Proxy speed on loopback, in one process (two tokio workers):
 //!
 //! 1. `handshake/full` and `handshake/resumed`: a new mTLS connection to the
-//!    inbound listener plus one echoed byte, with session resumption off and on
-//!    (what node-to-node connection rates depend on).
+//!    inbound listener plus 1 KiB echoed through it to the local service, with
+//!    session resumption off and on (what node-to-node connection rates depend on).
 //! 2. `connection/upstream`: a new plaintext connection to an upstream listener,
 //!    through the outbound side, mTLS to the inbound side, the local service, and
-//!    back — one byte echoed (the proxy's own client config resumes sessions).
+//!    back — 1 KiB echoed. The proxy's own client resumes sessions (its ticket
+//!    store keeps them), so after the first iteration this is the resumed
+//!    handshake through a whole inbound/outbound pair, the normal case.
 //! 3. `throughput/1MiB`: 1 MiB echoed over an established upstream connection.
 //!
-//! Loopback on a shared machine: the figures compare configurations, they are no
-//! substitute for the two-node lab benchmark (`cargo xtask bench`).
+//! Loopback on a shared machine, and every step a wake-up of another task: the
+//! figures are wall time and compare configurations; they are no substitute for
+//! the two-node benchmark (`cargo xtask bench`).
 //!
 //! Run: `cargo bench -p connect-agent --bench proxy`.
 
@@ -227,10 +230,15 @@ fn main() {
     c.final_summary();
 }
 
+/// Bytes echoed once per new connection.
+const ECHO: usize = 1024;
+
 async fn echo_once<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) {
-    s.write_all(b"x").await.expect("write");
-    let mut b = [0u8; 1];
+    let msg = [0x5a_u8; ECHO];
+    s.write_all(&msg).await.expect("write");
+    let mut b = [0u8; ECHO];
     s.read_exact(&mut b).await.expect("read");
+    assert_eq!(b, msg, "echoed");
 }
 
 async fn echo() -> SocketAddr {
