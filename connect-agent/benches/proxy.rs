@@ -210,6 +210,9 @@ fn main() {
     let mut s = rt
         .block_on(TcpStream::connect(fixed.upstream))
         .expect("connect");
+    // Like the echo server: without it, Nagle holds each burst's last segment
+    // for a delayed ACK (40 ms) on loopback, and that is all this would measure.
+    s.set_nodelay(true).expect("nodelay");
     let payload = vec![0x5a_u8; MIB];
     let mut back = vec![0u8; MIB];
     g.bench_function("1MiB", |b| {
@@ -246,6 +249,7 @@ async fn echo() -> SocketAddr {
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
