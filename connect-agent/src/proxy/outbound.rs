@@ -227,15 +227,6 @@ async fn dial(
             service: dst.clone(),
         });
     }
-    let config = shared
-        .tls
-        .client(src)
-        .await
-        .map_err(|source| ConnError::Leaf {
-            service: src.clone(),
-            source,
-        })?;
-    let connector = TlsConnector::from(config);
     let bundle = shared.tls.bundle();
     let name = server_name_for(dst, &bundle).map_err(|_| ConnError::ServerName {
         service: dst.clone(),
@@ -249,7 +240,15 @@ async fn dial(
     let mut last = None;
     for addr in plan.into_iter().take(MAX_DIAL_ATTEMPTS) {
         attempts += 1;
-        match attempt(&connector, name.clone(), addr, shared).await {
+        let config = shared
+            .tls
+            .client_to(src, addr)
+            .await
+            .map_err(|source| ConnError::Leaf {
+                service: src.clone(),
+                source,
+            })?;
+        match attempt(&TlsConnector::from(config), name.clone(), addr, shared).await {
             Ok(tls) => {
                 shared.outbound_lb.succeeded(addr);
                 shared

@@ -1003,6 +1003,37 @@ async fn new_connections_go_round_robin_over_the_endpoints() {
     );
 }
 
+/// Tickets are kept per endpoint: each node's proxy encrypts its tickets with its
+/// own key, so a ticket from one instance is useless at another, and round robin
+/// over two nodes would otherwise offer the wrong one every time.
+#[tokio::test]
+async fn round_robin_over_two_nodes_still_resumes() {
+    let agent = agent().await;
+    let n1 = node_with(agent.clone(), Limits::default(), None).await;
+    let n2 = node_with(agent, Limits::default(), None).await;
+    let (b1, b2) = (echo_backend().await, echo_backend().await);
+    n1.dir.set_local(&svc("socat"), b1.addr);
+    n2.dir.set_local(&svc("socat"), b2.addr);
+    n1.dir.set_endpoints(
+        &svc("socat"),
+        vec![endpoint(n1.inbound), endpoint(n2.inbound)],
+    );
+    let up = n1.upstream("web", "socat").await;
+    for i in 0..10 {
+        echo_once(up, format!("hello {i}").as_bytes()).await;
+    }
+    assert_eq!((b1.accepted(), b2.accepted()), (5, 5));
+    let m = n1.metrics();
+    assert_eq!(
+        (
+            m.handshakes(metrics::Side::Outbound, false),
+            m.handshakes(metrics::Side::Outbound, true)
+        ),
+        (2, 8),
+        "one full handshake per node, then resumed"
+    );
+}
+
 #[tokio::test]
 async fn a_failed_dial_is_retried_on_the_next_endpoint_and_then_skipped() {
     let n = node().await;

@@ -1,6 +1,7 @@
 //! The client side's TLS 1.3 ticket store: which session tickets a source service
-//! holds for each destination, so that the next connection resumes instead of
-//! doing a full handshake.
+//! holds for a destination endpoint (one store per source and endpoint, see
+//! `TlsConfigs::client_to`), so that the next connection resumes instead of doing
+//! a full handshake.
 //!
 //! rustls' own memory cache keeps at most 8 tickets per server name. A node proxy
 //! opens many connections to one destination at once (16 concurrent clients in the
@@ -10,10 +11,10 @@
 //! [`TICKETS_PER_SERVER`] per destination; every handshake brings two new ones,
 //! so the store refills as fast as connections drain it.
 //!
-//! Bounded: at most [`MAX_SERVERS`] destinations per source, the one least
-//! recently stored to dropped first; a ticket is a few hundred bytes plus the
-//! server's certificate. TLS 1.2 is never negotiated (TLS 1.3 only), so its
-//! sessions are not kept.
+//! Bounded: at most [`MAX_SERVERS`] destination names per store, the one least
+//! recently stored to dropped first; a ticket is about 2 KiB with the server's
+//! certificate, so a full store holds at most 256 KiB. TLS 1.2 is never
+//! negotiated (TLS 1.3 only), so its sessions are not kept.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -28,10 +29,12 @@ use rustls::{
 
 /// Tickets kept per destination name: more than the connections a busy client
 /// opens to one destination at once.
-pub const TICKETS_PER_SERVER: usize = 64;
+pub const TICKETS_PER_SERVER: usize = 32;
 
-/// Destination names remembered per source service.
-pub const MAX_SERVERS: usize = 128;
+/// Destination names remembered per store. A store serves one source service and
+/// one destination endpoint (a node's inbound address), where the names are the
+/// services of that node the source dials: a handful.
+pub const MAX_SERVERS: usize = 4;
 
 #[derive(Default)]
 struct Server {

@@ -11,7 +11,8 @@
 //!   [`provider`]).
 //! - Session resumption: servers issue stateless tickets (one ticket key shared by
 //!   every server configuration, rotated by rustls every 6 h); clients keep a
-//!   bounded ticket store ([`TicketStore`]) **per source service**, never shared between identities,
+//!   bounded ticket store ([`TicketStore`]) **per source service and destination
+//!   endpoint** ([`TlsConfigs::client_to`]), never shared between identities,
 //!   because a resumed session carries the client certificate of the session it
 //!   resumes. The inbound side re-verifies that certificate against the current
 //!   bundle when a session is resumed (see `inbound`).
@@ -22,6 +23,7 @@
 use std::{
     collections::HashMap,
     fmt,
+    net::SocketAddr,
     sync::{Arc, Mutex},
 };
 
@@ -146,7 +148,16 @@ pub(crate) struct TlsConfigs {
     ticketer: Arc<dyn ProducesTickets>,
     server: Mutex<HashMap<ServiceName, Arc<ServerConfig>>>,
     client: Mutex<HashMap<ServiceName, Arc<ClientConfig>>>,
+    /// The client configuration per source service and destination endpoint:
+    /// the source's, with a ticket store of its own (see [`TlsConfigs::client_to`]).
+    endpoints: Mutex<HashMap<(ServiceName, SocketAddr), Arc<ClientConfig>>>,
 }
+
+/// Source/endpoint pairs whose tickets are kept; past it, one pair is forgotten per
+/// new one (its next connection does a full handshake). Each keeps at most 256 KiB
+/// of tickets ([`super::tickets`]), so 64 MiB in the worst case; a busy pair
+/// holds a few dozen KiB.
+pub const MAX_ENDPOINT_CONFIGS: usize = 256;
 
 impl fmt::Debug for TlsConfigs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -154,6 +165,7 @@ impl fmt::Debug for TlsConfigs {
             .field("leaves", &self.leaves)
             .field("server", &lock(&self.server).len())
             .field("client", &lock(&self.client).len())
+            .field("endpoints", &lock(&self.endpoints).len())
             .finish_non_exhaustive()
     }
 }
@@ -172,6 +184,7 @@ impl TlsConfigs {
             ticketer: rustls::crypto::ring::Ticketer::new()?,
             server: Mutex::new(HashMap::new()),
             client: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(HashMap::new()),
         })
     }
 
@@ -223,10 +236,40 @@ impl TlsConfigs {
         Ok(config)
     }
 
+    /// The client configuration for dialing `endpoint` as `service`: the source's
+    /// configuration with a ticket store for that endpoint alone. Every node's
+    /// proxy encrypts tickets with its own key and rustls keeps tickets by server
+    /// name, which is the destination service's, the same on every instance; one
+    /// store per service would offer node B the ticket node A issued, and round
+    /// robin over two instances would never resume.
+    pub(crate) async fn client_to(
+        &self,
+        service: &ServiceName,
+        endpoint: SocketAddr,
+    ) -> Result<Arc<ClientConfig>, BoxError> {
+        let key = (service.clone(), endpoint);
+        if let Some(c) = lock(&self.endpoints).get(&key) {
+            return Ok(c.clone());
+        }
+        let base = self.client(service).await?;
+        let mut config = (*base).clone();
+        config.resumption = Resumption::store(Arc::new(TicketStore::new()));
+        let config = Arc::new(config);
+        let mut endpoints = lock(&self.endpoints);
+        if endpoints.len() >= MAX_ENDPOINT_CONFIGS
+            && let Some(old) = endpoints.keys().next().cloned()
+        {
+            endpoints.remove(&old);
+        }
+        endpoints.insert(key, config.clone());
+        Ok(config)
+    }
+
     /// Drops the configurations (and leaf watches) of services `keep` refuses.
     pub(crate) fn retain(&self, keep: impl Fn(&ServiceName) -> bool) {
         lock(&self.server).retain(|s, _| keep(s));
         lock(&self.client).retain(|s, _| keep(s));
+        lock(&self.endpoints).retain(|(s, _), _| keep(s));
     }
 }
 
