@@ -53,6 +53,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if out.remaining() == 0 {
+            // Nothing asked: answer at once, as the inner stream would.
+            return Poll::Ready(Ok(()));
+        }
         if this.buf.is_empty() {
             // A read as large as ours gains nothing from a detour through it.
             if out.remaining() >= READ_AHEAD {
@@ -166,6 +170,7 @@ mod tests {
         peer.read_exact(&mut five).await.expect("peer reads");
         assert_eq!(&five, b"hello");
         peer.write_all(&[7u8; 1000]).await.expect("write");
+        assert_eq!(s.read(&mut []).await.expect("empty read"), 0);
         let mut big = vec![0u8; READ_AHEAD];
         let n = s.read(&mut big).await.expect("read");
         assert_eq!(n, 1000);
