@@ -256,13 +256,15 @@ impl TlsConfigs {
         config.resumption = Resumption::store(Arc::new(TicketStore::new()));
         let config = Arc::new(config);
         let mut endpoints = lock(&self.endpoints);
-        if endpoints.len() >= MAX_ENDPOINT_CONFIGS
+        if !endpoints.contains_key(&key)
+            && endpoints.len() >= MAX_ENDPOINT_CONFIGS
             && let Some(old) = endpoints.keys().next().cloned()
         {
             endpoints.remove(&old);
         }
-        endpoints.insert(key, config.clone());
-        Ok(config)
+        // A concurrent first dial may have filed one meanwhile: keep that one, so
+        // both connections' tickets land in the same store.
+        Ok(endpoints.entry(key).or_insert(config).clone())
     }
 
     /// Drops the configurations (and leaf watches) of services `keep` refuses.
