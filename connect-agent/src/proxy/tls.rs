@@ -147,17 +147,21 @@ pub(crate) struct TlsConfigs {
     server_verifier: Arc<SpiffeServerVerifier>,
     ticketer: Arc<dyn ProducesTickets>,
     server: Mutex<HashMap<ServiceName, Arc<ServerConfig>>>,
-    client: Mutex<HashMap<ServiceName, Arc<ClientConfig>>>,
-    /// The client configuration per source service and destination endpoint:
-    /// the source's, with a ticket store of its own (see [`TlsConfigs::client_to`]).
-    endpoints: Mutex<HashMap<(ServiceName, SocketAddr), Arc<ClientConfig>>>,
+    client: Mutex<HashMap<ServiceName, SourceConfigs>>,
 }
 
-/// Source/endpoint pairs whose tickets are kept; past it, one pair is forgotten per
-/// new one (its next connection does a full handshake). Each keeps at most 256 KiB
-/// of tickets ([`super::tickets`]), so 64 MiB in the worst case; a busy pair
-/// holds a few dozen KiB.
-pub const MAX_ENDPOINT_CONFIGS: usize = 256;
+/// A source service's client configuration, and one copy of it per destination
+/// endpoint with a ticket store of its own (see [`TlsConfigs::client_to`]).
+struct SourceConfigs {
+    base: Arc<ClientConfig>,
+    endpoints: HashMap<SocketAddr, Arc<ClientConfig>>,
+}
+
+/// Endpoints whose tickets a source keeps; past it, one is forgotten per new one
+/// (its next connection does a full handshake). Each keeps at most 256 KiB of
+/// tickets ([`super::tickets`]), so 64 MiB per source in the worst case; a busy
+/// endpoint holds a few dozen KiB.
+pub const MAX_ENDPOINTS_PER_SOURCE: usize = 256;
 
 impl fmt::Debug for TlsConfigs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -165,7 +169,6 @@ impl fmt::Debug for TlsConfigs {
             .field("leaves", &self.leaves)
             .field("server", &lock(&self.server).len())
             .field("client", &lock(&self.client).len())
-            .field("endpoints", &lock(&self.endpoints).len())
             .finish_non_exhaustive()
     }
 }
@@ -184,7 +187,6 @@ impl TlsConfigs {
             ticketer: rustls::crypto::ring::Ticketer::new()?,
             server: Mutex::new(HashMap::new()),
             client: Mutex::new(HashMap::new()),
-            endpoints: Mutex::new(HashMap::new()),
         })
     }
 
@@ -215,63 +217,64 @@ impl TlsConfigs {
         Ok(config)
     }
 
-    /// The client configuration presenting `service`'s leaf as client certificate;
-    /// fetches the leaf the first time.
-    pub(crate) async fn client(
-        &self,
-        service: &ServiceName,
-    ) -> Result<Arc<ClientConfig>, BoxError> {
-        if let Some(c) = lock(&self.client).get(service) {
-            return Ok(c.clone());
-        }
-        let leaf = self.leaves.leaf(service).await?;
-        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(self.server_verifier.clone())
-            .with_client_cert_resolver(Arc::new(LeafResolver(leaf)));
-        config.resumption = Resumption::store(Arc::new(TicketStore::new()));
-        let config = Arc::new(config);
-        lock(&self.client).insert(service.clone(), config.clone());
-        Ok(config)
-    }
-
-    /// The client configuration for dialing `endpoint` as `service`: the source's
-    /// configuration with a ticket store for that endpoint alone. Every node's
-    /// proxy encrypts tickets with its own key and rustls keeps tickets by server
-    /// name, which is the destination service's, the same on every instance; one
-    /// store per service would offer node B the ticket node A issued, and round
-    /// robin over two instances would never resume.
+    /// The client configuration for dialing `endpoint` as `service`: `service`'s
+    /// leaf as client certificate (fetched the first time), and a ticket store for
+    /// that endpoint alone. Every node's proxy encrypts tickets with its own key
+    /// and rustls keeps tickets by server name, which is the destination
+    /// service's, the same on every instance; one store per source would offer
+    /// node B the ticket node A issued, and round robin over two instances would
+    /// never resume.
     pub(crate) async fn client_to(
         &self,
         service: &ServiceName,
         endpoint: SocketAddr,
     ) -> Result<Arc<ClientConfig>, BoxError> {
-        let key = (service.clone(), endpoint);
-        if let Some(c) = lock(&self.endpoints).get(&key) {
-            return Ok(c.clone());
+        if let Some(source) = lock(&self.client).get_mut(service) {
+            return Ok(source.for_endpoint(endpoint));
         }
-        let base = self.client(service).await?;
-        let mut config = (*base).clone();
-        config.resumption = Resumption::store(Arc::new(TicketStore::new()));
-        let config = Arc::new(config);
-        let mut endpoints = lock(&self.endpoints);
-        if !endpoints.contains_key(&key)
-            && endpoints.len() >= MAX_ENDPOINT_CONFIGS
-            && let Some(old) = endpoints.keys().next().cloned()
-        {
-            endpoints.remove(&old);
-        }
-        // A concurrent first dial may have filed one meanwhile: keep that one, so
-        // both connections' tickets land in the same store.
-        Ok(endpoints.entry(key).or_insert(config).clone())
+        let leaf = self.leaves.leaf(service).await?;
+        let mut base = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(self.server_verifier.clone())
+            .with_client_cert_resolver(Arc::new(LeafResolver(leaf)));
+        // Only the per-endpoint copies dial.
+        base.resumption = Resumption::disabled();
+        let mut client = lock(&self.client);
+        // A concurrent first dial may have filed the source meanwhile: keep that
+        // one, so both connections' tickets land in the same store.
+        let source = client
+            .entry(service.clone())
+            .or_insert_with(|| SourceConfigs {
+                base: Arc::new(base),
+                endpoints: HashMap::new(),
+            });
+        Ok(source.for_endpoint(endpoint))
     }
 
     /// Drops the configurations (and leaf watches) of services `keep` refuses.
     pub(crate) fn retain(&self, keep: impl Fn(&ServiceName) -> bool) {
         lock(&self.server).retain(|s, _| keep(s));
         lock(&self.client).retain(|s, _| keep(s));
-        lock(&self.endpoints).retain(|(s, _), _| keep(s));
+    }
+}
+
+impl SourceConfigs {
+    /// The copy of the base configuration for `endpoint`, made the first time.
+    fn for_endpoint(&mut self, endpoint: SocketAddr) -> Arc<ClientConfig> {
+        if let Some(c) = self.endpoints.get(&endpoint) {
+            return c.clone();
+        }
+        if self.endpoints.len() >= MAX_ENDPOINTS_PER_SOURCE
+            && let Some(old) = self.endpoints.keys().next().copied()
+        {
+            self.endpoints.remove(&old);
+        }
+        let mut config = (*self.base).clone();
+        config.resumption = Resumption::store(Arc::new(TicketStore::new()));
+        let config = Arc::new(config);
+        self.endpoints.insert(endpoint, config.clone());
+        config
     }
 }
 
