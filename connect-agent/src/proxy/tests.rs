@@ -980,8 +980,9 @@ async fn echo_once(up: SocketAddr, msg: &[u8]) {
     expect_echo(&mut c, msg).await;
 }
 
-#[tokio::test]
-async fn new_connections_go_round_robin_over_the_endpoints() {
+/// socat on two nodes of one cluster, each with its own echo backend, and an
+/// upstream web → socat on the first node whose endpoints are both nodes.
+async fn socat_on_two_nodes() -> (Node, Node, Backend, Backend, SocketAddr) {
     let agent = agent().await;
     let n1 = node_with(agent.clone(), Limits::default(), None).await;
     let n2 = node_with(agent, Limits::default(), None).await;
@@ -993,6 +994,12 @@ async fn new_connections_go_round_robin_over_the_endpoints() {
         vec![endpoint(n1.inbound), endpoint(n2.inbound)],
     );
     let up = n1.upstream("web", "socat").await;
+    (n1, n2, b1, b2, up)
+}
+
+#[tokio::test]
+async fn new_connections_go_round_robin_over_the_endpoints() {
+    let (_n1, _n2, b1, b2, up) = socat_on_two_nodes().await;
     for i in 0..6 {
         echo_once(up, format!("hello {i}").as_bytes()).await;
     }
@@ -1008,17 +1015,7 @@ async fn new_connections_go_round_robin_over_the_endpoints() {
 /// over two nodes would otherwise offer the wrong one every time.
 #[tokio::test]
 async fn round_robin_over_two_nodes_still_resumes() {
-    let agent = agent().await;
-    let n1 = node_with(agent.clone(), Limits::default(), None).await;
-    let n2 = node_with(agent, Limits::default(), None).await;
-    let (b1, b2) = (echo_backend().await, echo_backend().await);
-    n1.dir.set_local(&svc("socat"), b1.addr);
-    n2.dir.set_local(&svc("socat"), b2.addr);
-    n1.dir.set_endpoints(
-        &svc("socat"),
-        vec![endpoint(n1.inbound), endpoint(n2.inbound)],
-    );
-    let up = n1.upstream("web", "socat").await;
+    let (n1, _n2, b1, b2, up) = socat_on_two_nodes().await;
     for i in 0..10 {
         echo_once(up, format!("hello {i}").as_bytes()).await;
     }
