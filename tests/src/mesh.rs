@@ -15,6 +15,31 @@ use anyhow::{Context, Result, bail};
 
 use crate::agent::{AgentProcess, agent_binary, free_port, http};
 
+/// A Python client that dials `host port` once, sends the payload line, and
+/// prints what came back as `echo=...`; exit 3 if it cannot connect. Run it as
+/// `python3 -c ONE_SHOT_CLIENT host port payload`.
+pub const ONE_SHOT_CLIENT: &str = r#"
+import socket, sys
+host, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+try:
+    s = socket.create_connection((host, port), timeout=3)
+except OSError as e:
+    print("connect-failed", e)
+    sys.exit(3)
+s.settimeout(5)
+s.sendall(payload.encode() + b"\n")
+data = b""
+try:
+    while not data.endswith(b"\n"):
+        chunk = s.recv(200)
+        if not chunk:
+            break
+        data += chunk
+except (socket.timeout, ConnectionResetError):
+    pass
+print("echo=%r" % data.decode(errors="replace"))
+"#;
+
 /// A child process killed (by PID) and reaped when dropped; its output goes to
 /// files under `dir` or to in-memory buffers read by threads.
 #[derive(Debug)]

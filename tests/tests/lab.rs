@@ -25,35 +25,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use connect_tests::{agent::agent_binary, lab::require_privileges};
+use connect_tests::{agent::agent_binary, lab::require_privileges, mesh::ONE_SHOT_CLIENT};
 use serde_json::Value;
 
 const SOCAT_PORT: u16 = 8181;
 const HTTP: &str = "127.0.0.1:8500";
-
-/// Dials once, sends a line, prints what came back (`echo=...`), exit 3 if it
-/// cannot connect.
-const ONE_SHOT: &str = r#"
-import socket, sys
-host, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-try:
-    s = socket.create_connection((host, port), timeout=3)
-except OSError as e:
-    print("connect-failed", e)
-    sys.exit(3)
-s.settimeout(5)
-s.sendall(payload.encode() + b"\n")
-data = b""
-try:
-    while not data.endswith(b"\n"):
-        chunk = s.recv(200)
-        if not chunk:
-            break
-        data += chunk
-except (socket.timeout, ConnectionResetError):
-    pass
-print("echo=%r" % data.decode(errors="replace"))
-"#;
 
 /// Opens ONE connection and exchanges a line on it every INTERVAL seconds for
 /// DURATION seconds: `<unix time> ok` per round trip, `<unix time> fail <why>` and
@@ -411,7 +387,7 @@ fn echo(node: &Node, cgroup: &Path, host: &str, port: u16, payload: &str) -> Res
             "echo $$ > '{}/cgroup.procs' && exec nsenter --net=/var/run/netns/{} -- python3 -c '{}' '{host}' '{port}' '{payload}'",
             cgroup.display(),
             node.ns,
-            ONE_SHOT.replace('\'', "'\\''")
+            ONE_SHOT_CLIENT.replace('\'', "'\\''")
         )),
         Duration::from_secs(20),
     )?;

@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail, ensure};
 use connect_tests::{
     agent::{agent_binary, private_dir},
     lab::{CgroupProc, TestCgroup, TestNetns, require_privileges, veth},
+    mesh::ONE_SHOT_CLIENT,
 };
 
 const A_IP: &str = "198.18.9.1";
@@ -30,29 +31,6 @@ const ETCD_PEER: u16 = 23800;
 const SOCAT_PORT: u16 = 8181;
 const CONTROL_PORT: u16 = 8282;
 const HTTP: &str = "127.0.0.1:8500";
-
-/// Dials `host:port`, sends the payload line, prints what came back.
-const CLIENT: &str = r#"
-import socket, sys
-host, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-try:
-    s = socket.create_connection((host, port), timeout=3)
-except OSError as e:
-    print("connect-failed", e)
-    sys.exit(3)
-s.settimeout(5)
-s.sendall(payload.encode() + b"\n")
-data = b""
-try:
-    while not data.endswith(b"\n"):
-        chunk = s.recv(200)
-        if not chunk:
-            break
-        data += chunk
-except (socket.timeout, ConnectionResetError):
-    pass
-print("echo=%r" % data.decode(errors="replace"))
-"#;
 
 /// A process started in a namespace, its stderr in a file; killed by PID on drop.
 struct NsProc {
@@ -330,7 +308,7 @@ fn web_on_node_a_reaches_socat_on_node_b_over_mtls_only() -> Result<()> {
         a.spawn(
             Some(&web_cg),
             "python3",
-            &["-c", CLIENT, host, &port.to_string(), payload],
+            &["-c", ONE_SHOT_CLIENT, host, &port.to_string(), payload],
         )
     };
     let mut echo = String::new();
@@ -352,7 +330,13 @@ fn web_on_node_a_reaches_socat_on_node_b_over_mtls_only() -> Result<()> {
         .spawn(
             None,
             "python3",
-            &["-c", CLIENT, B_IP, &CONTROL_PORT.to_string(), &control],
+            &[
+                "-c",
+                ONE_SHOT_CLIENT,
+                B_IP,
+                &CONTROL_PORT.to_string(),
+                &control,
+            ],
         )
         .and_then(echo_of)?;
     ensure!(echo.contains(&control), "control echo: {echo}");
@@ -362,7 +346,13 @@ fn web_on_node_a_reaches_socat_on_node_b_over_mtls_only() -> Result<()> {
     let direct = a.spawn(
         None,
         "python3",
-        &["-c", CLIENT, B_IP, &SOCAT_PORT.to_string(), "direct"],
+        &[
+            "-c",
+            ONE_SHOT_CLIENT,
+            B_IP,
+            &SOCAT_PORT.to_string(),
+            "direct",
+        ],
     )?;
     let (code, out, _) = direct.output(Duration::from_secs(20))?;
     ensure!(
