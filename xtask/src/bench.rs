@@ -95,7 +95,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("cargo xtask bench needs root (network namespaces): run it with sudo");
     }
     crate::bootstrap::run(true)?;
-    crate::build()?;
+    let agent_bin = crate::build()?;
     let me = std::env::current_exe().context("locating the xtask binary")?;
 
     let client = Netns::create("cbench-client")?;
@@ -170,7 +170,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     // (b) and (c): Connect, one agent per node sharing state through etcd.
     if args.wants("transparent") || args.wants("upstream") {
-        let connect = ConnectPair::start(&client, &server, args.worker_threads)?;
+        let connect = ConnectPair::start(&agent_bin, &client, &server, args.worker_threads)?;
         let transparent = Target {
             name: "connect transparent".into(),
             echo: format!("{SERVER_IP}:{ECHO_PORT}"),
@@ -407,14 +407,7 @@ struct ConnectPair {
 }
 
 impl ConnectPair {
-    fn start(client: &Netns, server: &Netns, worker_threads: usize) -> Result<Self> {
-        let bin = util::workspace_root().join("target/release/connect-agent");
-        if !bin.is_file() {
-            bail!(
-                "{} is missing: run `cargo xtask build` first",
-                bin.display()
-            );
-        }
+    fn start(bin: &Path, client: &Netns, server: &Netns, worker_threads: usize) -> Result<Self> {
         let work = util::workspace_root().join("target/bench/connect");
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
@@ -446,7 +439,7 @@ impl ConnectPair {
             Duration::from_secs(20),
         )?;
 
-        let cgroup_root = cgroup2_mount()?.join("connect-bench");
+        let cgroup_root = util::cgroup2_mount()?.join("connect-bench");
         let app_cgroup = cgroup_root.join("client");
         std::fs::create_dir_all(&app_cgroup)
             .with_context(|| format!("creating {}", app_cgroup.display()))?;
@@ -457,7 +450,7 @@ impl ConnectPair {
             std::fs::create_dir_all(&config)?;
             std::fs::write(config.join("services.json"), services)?;
             std::fs::write(config.join("fillers.json"), fillers(name))?;
-            let mut cmd = ns.command(&bin);
+            let mut cmd = ns.command(bin);
             cmd.arg("--data-dir")
                 .arg(dir.join("data"))
                 .arg("--config-dir")
@@ -571,20 +564,6 @@ fn fillers(node: &str) -> String {
         })
         .collect();
     serde_json::json!({ "services": services }).to_string()
-}
-
-/// The cgroup2 mount point, from /proc/mounts.
-fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .next()
-        .context("no cgroup2 mount in /proc/mounts: Connect needs cgroup v2")
 }
 
 /// A stunnel4 pair doing mutual TLS 1.3 with ECDSA P-256 certificates from one CA, the

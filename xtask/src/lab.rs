@@ -254,16 +254,7 @@ fn up(name: &str, n: u8, agent_bin: Option<PathBuf>) -> Result<()> {
         }
         None => {
             let tc = crate::bootstrap::run(true)?;
-            crate::ebpf::build(&tc)?;
-            util::cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "connect-agent",
-                "--bin",
-                "connect-agent",
-            ])?;
-            util::workspace_root().join("target/release/connect-agent")
+            crate::build_agent(&tc)?
         }
     };
 
@@ -317,7 +308,7 @@ fn name_flag(name: &str) -> String {
 
 fn up_inner(n: u8, st: &mut LabState) -> Result<()> {
     let name = st.name.clone();
-    let cg_root = cgroup2_mount()?.join(format!("connect-{name}"));
+    let cg_root = util::cgroup2_mount()?.join(format!("connect-{name}"));
     if !cg_root.exists() {
         std::fs::create_dir(&cg_root)
             .with_context(|| format!("creating cgroup {}", cg_root.display()))?;
@@ -993,7 +984,7 @@ fn down(name: &str) -> Result<()> {
     // started in a service cgroup) was started for the lab, inside it.
     let cg_root = match st.as_ref().and_then(|s| s.cgroup_root.clone()) {
         Some(r) => Some(r),
-        None => cgroup2_mount()
+        None => util::cgroup2_mount()
             .ok()
             .map(|m| m.join(format!("connect-{name}"))),
     };
@@ -1310,16 +1301,4 @@ fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .context("no cgroup2 mount in /proc/mounts: Connect needs cgroup v2")
 }

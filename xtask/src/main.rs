@@ -67,7 +67,7 @@ fn main() {
     let result = match cli.command {
         Command::Bootstrap { no_apt } => bootstrap::run(!no_apt).map(|_| ()),
         Command::BuildEbpf => bootstrap::run(false).and_then(|tc| ebpf::build(&tc)),
-        Command::Build => build(),
+        Command::Build => build().map(|_| ()),
         Command::Run { args } => run(args),
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
@@ -82,10 +82,18 @@ fn main() {
     }
 }
 
-pub(crate) fn build() -> Result<()> {
+pub(crate) fn build() -> Result<PathBuf> {
     let tc = bootstrap::run(false)?;
     bootstrap::require_protoc()?;
-    ebpf::build(&tc)?;
+    let bin = build_agent(&tc)?;
+    println!("xtask: built {}", bin.display());
+    Ok(bin)
+}
+
+/// The eBPF object, then the release `connect-agent` with it embedded; returns the
+/// binary's path.
+pub(crate) fn build_agent(tc: &bootstrap::Toolchain) -> Result<PathBuf> {
+    ebpf::build(tc)?;
     util::cargo(&[
         "build",
         "--release",
@@ -94,27 +102,12 @@ pub(crate) fn build() -> Result<()> {
         "--bin",
         "connect-agent",
     ])?;
-    println!(
-        "xtask: built {}",
-        util::workspace_root()
-            .join("target/release/connect-agent")
-            .display()
-    );
-    Ok(())
+    Ok(util::workspace_root().join("target/release/connect-agent"))
 }
 
 fn run(args: Vec<String>) -> Result<()> {
     let tc = bootstrap::run(true)?;
-    ebpf::build(&tc)?;
-    util::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "connect-agent",
-        "--bin",
-        "connect-agent",
-    ])?;
-    let bin: PathBuf = util::workspace_root().join("target/release/connect-agent");
+    let bin = build_agent(&tc)?;
     let args = if args.is_empty() {
         vec!["--dev".to_owned()]
     } else {
