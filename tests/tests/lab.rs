@@ -410,6 +410,30 @@ fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> Resul
     Ok(start.elapsed())
 }
 
+/// Runs `connect-agent args` on `node` until it succeeds; on timeout the error
+/// carries the last failure's output.
+fn wait_for_cli(
+    lab: &Lab,
+    node: &Node,
+    args: &[&str],
+    timeout: Duration,
+    what: &str,
+) -> Result<Duration> {
+    let mut last = String::new();
+    wait_for(timeout, what, || match cli(lab, node, args) {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            last = text(&o);
+            false
+        }
+        Err(e) => {
+            last = format!("{e:#}");
+            false
+        }
+    })
+    .with_context(|| format!("last: {last}"))
+}
+
 /// What a node's agent serves: the catalog's services with their instances, and the
 /// intentions, through its HTTP API (python3 inside the namespace).
 fn snapshot(node: &Node) -> Result<Value> {
@@ -761,23 +785,13 @@ fn scenarios(lab: &mut Lab, removed_pids: &mut Vec<(u32, u64)>) -> Result<()> {
     );
     // Writes: an intention through n1 and a service registered on n3.
     let t_write = Instant::now();
-    let mut last = String::new();
-    wait_for(
+    wait_for_cli(
+        lab,
+        &n1,
+        &["intention", "create", "-deny", "api", "socat"],
         Duration::from_secs(15),
         "n1 to accept a write with n2 down",
-        || match cli(lab, &n1, &["intention", "create", "-deny", "api", "socat"]) {
-            Ok(o) if o.status.success() => true,
-            Ok(o) => {
-                last = text(&o);
-                false
-            }
-            Err(e) => {
-                last = format!("{e:#}");
-                false
-            }
-        },
-    )
-    .with_context(|| format!("last: {last}"))?;
+    )?;
     let api_def = scratch("api.json");
     std::fs::write(&api_def, r#"{"service": {"name": "api", "port": 9090}}"#)?;
     let registered = cli_ok(
@@ -980,23 +994,13 @@ fn scenarios(lab: &mut Lab, removed_pids: &mut Vec<(u32, u64)>) -> Result<()> {
     println!(
         "   during the {cut_secs:.1} s cut: {during} echoes on the long-lived web -> socat connection on n3, none failed; a new connection was authorized; n3 did not see the write"
     );
-    let mut last = String::new();
-    let took = wait_for(
+    let took = wait_for_cli(
+        lab,
+        &n3,
+        &["intention", "get", "db", "socat"],
         Duration::from_secs(60),
         "n3 to see the write made during the cut",
-        || match cli(lab, &n3, &["intention", "get", "db", "socat"]) {
-            Ok(o) if o.status.success() => true,
-            Ok(o) => {
-                last = text(&o);
-                false
-            }
-            Err(e) => {
-                last = format!("{e:#}");
-                false
-            }
-        },
-    )
-    .with_context(|| format!("last: {last}"))?;
+    )?;
     println!(
         "   link up: n3 saw intention db => socat {} ms later",
         took.as_millis()
