@@ -25,7 +25,8 @@
 //!
 //! Layout: this file (the seams and the [`Proxy`] that drives them), [`tls`]
 //! (rustls configurations over live leaves), `inbound`, `outbound`, [`splice`],
-//! [`conns`], [`metrics`] (counters and the per-connection close record),
+//! [`streams`] (node-to-node connections reused for one application connection
+//! after another) and [`pool`] (the outbound side's idle ones), [`conns`], [`metrics`] (counters and the per-connection close record),
 //! [`directory`] (directories that need no catalog), [`node`] (the in-agent
 //! wiring).
 
@@ -36,8 +37,10 @@ mod inbound;
 pub mod metrics;
 pub mod node;
 mod outbound;
+pub mod pool;
 pub mod readahead;
 pub mod splice;
+pub mod streams;
 pub mod tickets;
 pub mod tls;
 
@@ -57,10 +60,11 @@ use tokio_util::sync::CancellationToken;
 
 #[cfg(any(test, feature = "testing"))]
 pub use self::directory::MemDirectory;
-use self::{balance::Balancer, conns::Registry, metrics::LimitLog, tls::TlsConfigs};
+use self::{balance::Balancer, conns::Registry, metrics::LimitLog, pool::Pool, tls::TlsConfigs};
 pub use self::{
     directory::EmptyDirectory,
     metrics::{Metrics, Outcome, Side},
+    pool::PoolLimits,
     tls::{LeafRx, LeafSource, StaticLeaf},
 };
 use crate::{
@@ -227,8 +231,11 @@ pub struct Limits {
     /// A connection with no byte in either direction for this long is closed.
     pub idle_timeout: Duration,
     /// Most connections carried at once, handshakes included; more are refused.
-    /// Each costs two 64 KiB splice buffers plus TLS state (~150 KiB).
+    /// Each costs two 64 KiB splice buffers plus TLS state (~150 KiB). An idle
+    /// inbound node-to-node connection waiting for its next stream holds one too.
     pub max_connections: usize,
+    /// Reuse of node-to-node connections (see [`streams`]).
+    pub pool: PoolLimits,
 }
 
 impl Default for Limits {
@@ -239,6 +246,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: splice::Limits::default().idle_timeout,
             max_connections: 4096,
+            pool: PoolLimits::default(),
         }
     }
 }
@@ -301,6 +309,8 @@ struct Shared {
     outbound_lb: Balancer,
     /// Spreads inbound connections over a local service's instances.
     inbound_lb: Balancer,
+    /// Idle outbound node-to-node connections.
+    pool: Pool,
     upstreams: Mutex<HashMap<SocketAddr, RunningUpstream>>,
     /// Serializes [`Proxy::sync_upstreams`]: two concurrent runs would both bind a
     /// wanted listener (port 0 binds twice) and leak one.
@@ -320,7 +330,8 @@ impl Proxy {
     /// cached TLS configurations in step with the directory. Listeners are served
     /// with the `serve_*` methods.
     pub fn start(parts: Parts) -> Result<Self, Error> {
-        let tls = TlsConfigs::new(parts.leaves, parts.bundle)
+        let pool = Pool::new(parts.limits.pool);
+        let tls = TlsConfigs::new(parts.leaves, parts.bundle, pool.enabled())
             .map_err(|source| Error::TlsConfig { source })?;
         let shared = Arc::new(Shared {
             directory: parts.directory,
@@ -333,6 +344,7 @@ impl Proxy {
             limit_log: LimitLog::default(),
             outbound_lb: Balancer::new(balance::FAILURE_HOLD),
             inbound_lb: Balancer::new(balance::FAILURE_HOLD),
+            pool,
             upstreams: Mutex::new(HashMap::new()),
             upstreams_sync: tokio::sync::Mutex::new(()),
         });
@@ -340,6 +352,7 @@ impl Proxy {
         let tasks = &proxy.shared.shutdown.tasks;
         tasks.spawn(recheck_loop(proxy.shared.clone()));
         tasks.spawn(directory_loop(proxy.clone()));
+        tasks.spawn(sweep_loop(proxy.shared.clone()));
         Ok(proxy)
     }
 
@@ -435,6 +448,11 @@ impl Proxy {
         self.shared.registry.len()
     }
 
+    /// Idle outbound node-to-node connections kept for reuse.
+    pub fn pooled_connections(&self) -> usize {
+        self.shared.pool.len()
+    }
+
     /// Re-checks every live connection against the authorizer now and closes the
     /// ones it no longer allows; returns how many were closed. The background task
     /// does this on every change; this is for callers that cannot wait for it.
@@ -489,6 +507,18 @@ async fn recheck(shared: &Shared) -> usize {
     shared
         .registry
         .recheck(|s, d| !denied.iter().any(|(ds, dd)| ds == s && dd == d))
+}
+
+/// Drops expired idle connections from the pool, and all of them at shutdown
+/// (their servers then see the connection end between streams).
+async fn sweep_loop(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            () = shared.shutdown.stop.cancelled() => break,
+            () = tokio::time::sleep(pool::SWEEP_EVERY) => shared.pool.sweep(),
+        }
+    }
+    shared.pool.clear();
 }
 
 /// Follows the directory: upstream listeners and cached TLS configurations.

@@ -74,6 +74,10 @@ pub struct Figures {
     /// Share of the client proxy's handshakes in this setup's runs that resumed a
     /// session (Connect only).
     pub resumed_share: Option<f64>,
+    /// Share of the client proxy's application connections in this setup's runs
+    /// that rode a reused node-to-node connection, without a handshake (Connect
+    /// only).
+    pub reused_share: Option<f64>,
 }
 
 /// Where a setup's client connects, and which processes are its proxies.
@@ -245,7 +249,7 @@ fn measure(me: &Path, client: &Netns, t: &Target, args: &BenchArgs) -> Result<Fi
         std::thread::sleep(Duration::from_secs(args.pause));
     }
     let me_s = me.to_string_lossy().into_owned();
-    let handshakes = |api: &str| -> Result<(u64, u64)> {
+    let handshakes = |api: &str| -> Result<(u64, u64, u64)> {
         let v: serde_json::Value = serde_json::from_str(&output(client.command(me).args([
             "bench-client",
             "handshakes",
@@ -255,6 +259,7 @@ fn measure(me: &Path, client: &Netns, t: &Target, args: &BenchArgs) -> Result<Fi
         Ok((
             v["full"].as_u64().unwrap_or(0),
             v["resumed"].as_u64().unwrap_or(0),
+            v["reused"].as_u64().unwrap_or(0),
         ))
     };
     let hs_before = t.agent_api.as_deref().map(handshakes).transpose()?;
@@ -325,13 +330,23 @@ fn measure(me: &Path, client: &Netns, t: &Target, args: &BenchArgs) -> Result<Fi
         .max()
         .map(|k| k as f64 / 1024.0);
     let hs_after = t.agent_api.as_deref().map(handshakes).transpose()?;
-    let resumed_share = match (hs_before, hs_after) {
-        (Some((f0, r0)), Some((f1, r1))) => {
-            let (full, resumed) = (f1.saturating_sub(f0), r1.saturating_sub(r0));
-            println!("    client proxy handshakes: {full} full, {resumed} resumed");
-            (full + resumed > 0).then(|| resumed as f64 / (full + resumed) as f64)
+    let (resumed_share, reused_share) = match (hs_before, hs_after) {
+        (Some((f0, r0, u0)), Some((f1, r1, u1))) => {
+            let (full, resumed, reused) = (
+                f1.saturating_sub(f0),
+                r1.saturating_sub(r0),
+                u1.saturating_sub(u0),
+            );
+            println!(
+                "    client proxy: {full} full handshakes, {resumed} resumed, {reused} connections on a reused node-to-node connection"
+            );
+            let all = full + resumed + reused;
+            (
+                (full + resumed > 0).then(|| resumed as f64 / (full + resumed) as f64),
+                (all > 0).then(|| reused as f64 / all as f64),
+            )
         }
-        _ => None,
+        _ => (None, None),
     };
     Ok(Figures {
         setup: t.name.clone(),
@@ -345,6 +360,7 @@ fn measure(me: &Path, client: &Netns, t: &Target, args: &BenchArgs) -> Result<Fi
             .then(|| (cpu_after - cpu_before) / gbits),
         proxy_peak_rss_mib: peak,
         resumed_share,
+        reused_share,
     })
 }
 

@@ -203,9 +203,11 @@ fn cps(addr: SocketAddr, concurrency: usize, duration: Duration) -> Result<CpsRe
 pub struct Handshakes {
     pub full: u64,
     pub resumed: u64,
+    /// Streams that rode a reused node-to-node connection (no handshake).
+    pub reused: u64,
 }
 
-/// The outbound handshake counters of the agent whose HTTP API is `addr`.
+/// The outbound handshake and reused-stream counters of the agent whose HTTP API is `addr`.
 fn handshakes(addr: SocketAddr) -> Result<Handshakes> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connecting {addr}"))?;
@@ -217,8 +219,7 @@ fn handshakes(addr: SocketAddr) -> Result<Handshakes> {
     let mut body = String::new();
     s.read_to_string(&mut body)
         .with_context(|| format!("reading metrics from {addr}"))?;
-    let count = |kind: &str| -> Result<u64> {
-        let key = format!("connect_proxy_handshakes_total{{side=\"outbound\",kind=\"{kind}\"}} ");
+    let count = |key: &str| -> Result<u64> {
         body.lines()
             .find_map(|l| l.strip_prefix(&key))
             .with_context(|| format!("{addr} reported no {key}"))?
@@ -226,8 +227,12 @@ fn handshakes(addr: SocketAddr) -> Result<Handshakes> {
             .parse()
             .with_context(|| format!("{addr} reported a bad {key}"))
     };
+    let handshakes = |kind: &str| {
+        format!("connect_proxy_handshakes_total{{side=\"outbound\",kind=\"{kind}\"}} ")
+    };
     Ok(Handshakes {
-        full: count("full")?,
-        resumed: count("resumed")?,
+        full: count(&handshakes("full"))?,
+        resumed: count(&handshakes("resumed"))?,
+        reused: count("connect_proxy_streams_total{side=\"outbound\",connection=\"reused\"} ")?,
     })
 }

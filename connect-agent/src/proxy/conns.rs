@@ -51,7 +51,8 @@ pub struct Guard {
     id: ConnId,
     cancel: CancellationToken,
     registry: Arc<Registry>,
-    _slot: OwnedSemaphorePermit,
+    /// Always `Some` until [`Guard::into_slot`] takes it.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Guard {
@@ -61,6 +62,13 @@ impl Guard {
     /// Cancelled when the connection must close (revoked, or shutdown forced).
     pub fn cancelled(&self) -> &CancellationToken {
         &self.cancel
+    }
+
+    /// Unregisters the connection and hands back its slot: a node-to-node
+    /// connection that carried a stream keeps its slot while it waits for the
+    /// next one.
+    pub fn into_slot(mut self) -> Option<OwnedSemaphorePermit> {
+        self.slot.take()
     }
 }
 
@@ -120,7 +128,7 @@ impl Registry {
             id,
             cancel,
             registry: self.clone(),
-            _slot: slot,
+            slot: Some(slot),
         }
     }
 

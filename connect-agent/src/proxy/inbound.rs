@@ -8,6 +8,11 @@
 //! port of one of the service's local instances (round robin, skipping one that
 //! just refused) and splice. A denied connection is closed without reading a byte
 //! of application data.
+//!
+//! A client that offers streams' ALPN ([`super::streams`]) gets a connection that
+//! carries one application connection after another; each goes through the same
+//! checks (the client's certificate against the bundle of now, registration,
+//! authorization) when it opens.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -16,16 +21,21 @@ use rustls::{
     server::{Acceptor, ServerConnection},
 };
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    sync::OwnedSemaphorePermit,
     time::{Instant, timeout, timeout_at},
 };
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{Instrument, field};
 
 use super::{
-    ConnError, Outcome, Permit, Shared, Side, accept_loop, metrics::ConnRecord,
-    readahead::ReadAhead, splice, splice_outcome,
+    ConnError, LocalService, Outcome, Permit, Shared, Side, accept_loop,
+    metrics::ConnRecord,
+    pool,
+    readahead::ReadAhead,
+    splice, splice_outcome,
+    streams::{self, Framed},
 };
 use crate::{
     ca::{PeerRole, TrustBundle},
@@ -94,22 +104,54 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let _ = tcp.set_nodelay(true);
-    let run = async {
-        let Setup {
-            tls,
-            backend,
-            guard,
-        } = setup(&shared, id, tcp, slot).await?;
-        let limits = splice::Limits {
-            idle_timeout: shared.limits.idle_timeout,
-        };
-        Ok::<_, ConnError>(splice::splice(tls, backend, limits, guard.cancelled()).await)
-    }
-    .instrument(span);
-    let result = tokio::select! {
-        r = run => Some(r),
-        () = shared.shutdown.force.cancelled() => None,
+    let shaken = tokio::select! {
+        r = handshake(&shared, tcp).instrument(span.clone()) => r,
+        () = shared.shutdown.force.cancelled() => {
+            rec.finish(Outcome::Shutdown);
+            return;
+        }
     };
+    let shaken = match shaken {
+        Ok(shaken) => shaken,
+        Err(e) => {
+            record(&shared, &mut rec, Some(Err(e)));
+            return;
+        }
+    };
+    let first = Stream { id, rec, span };
+    if shaken.streams {
+        serve_streams(&shared, shaken, slot, first).await;
+    } else {
+        dedicated(&shared, shaken, slot, first).await;
+    }
+}
+
+/// A connection whose handshake finished: the local service it is for and the
+/// client's identity.
+struct Handshaken {
+    tls: ServerTls,
+    local: LocalService,
+    client: SpiffeId,
+    /// Negotiated to carry streams ([`streams`]).
+    streams: bool,
+}
+
+type ServerTls = tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>;
+
+/// One application connection: its id, close record and span.
+struct Stream<'m> {
+    id: super::conns::ConnId,
+    rec: ConnRecord<'m>,
+    span: tracing::Span,
+}
+
+/// Closes `rec` with what the connection's run returned (`None`: forced
+/// shutdown).
+fn record(
+    shared: &Shared,
+    rec: &mut ConnRecord<'_>,
+    result: Option<Result<splice::Outcome, ConnError>>,
+) {
     match result {
         Some(Ok(out)) => {
             // a = the peer, b = the local service.
@@ -126,18 +168,151 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
-struct Setup {
-    tls: tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>,
-    backend: TcpStream,
-    guard: super::conns::Guard,
+/// One application connection on its own TLS connection.
+async fn dedicated(
+    shared: &Shared,
+    shaken: Handshaken,
+    slot: OwnedSemaphorePermit,
+    first: Stream<'_>,
+) {
+    let Handshaken {
+        mut tls,
+        local,
+        client,
+        ..
+    } = shaken;
+    let Stream { id, mut rec, span } = first;
+    let run = async {
+        let (backend, guard) = admit(shared, id, slot, &client, &local, &mut tls).await?;
+        let limits = splice::Limits {
+            idle_timeout: shared.limits.idle_timeout,
+        };
+        Ok(splice::splice(tls, backend, limits, guard.cancelled()).await)
+    }
+    .instrument(span);
+    let result = tokio::select! {
+        r = run => Some(r),
+        () = shared.shutdown.force.cancelled() => None,
+    };
+    record(shared, &mut rec, result);
 }
 
-async fn setup(
-    shared: &Shared,
-    id: super::conns::ConnId,
-    tcp: TcpStream,
-    slot: tokio::sync::OwnedSemaphorePermit,
-) -> Result<Setup, ConnError> {
+/// Application connections one after another on one TLS connection
+/// ([`streams`]): each is checked, authorized and connected to the local service
+/// as a dedicated connection would be, when its `OPEN` arrives. The TLS connection
+/// keeps its slot of the connection limit while it waits for the next stream; it
+/// closes when the client closes it, after [`pool::SERVER_IDLE_TIMEOUT`] without
+/// a stream, when a stream does not end cleanly or is denied, once older than
+/// [`pool::SERVER_MAX_AGE`], and at shutdown.
+async fn serve_streams<'m>(
+    shared: &'m Shared,
+    shaken: Handshaken,
+    slot: OwnedSemaphorePermit,
+    first: Stream<'m>,
+) {
+    let Handshaken { tls, local, .. } = shaken;
+    let born = Instant::now();
+    let conn_span = first.span.clone();
+    let mut framed = Framed::new(tls);
+    let mut slot = Some(slot);
+    let mut first = Some(first);
+    let limits = splice::Limits {
+        idle_timeout: shared.limits.idle_timeout,
+    };
+    loop {
+        let opened = tokio::select! {
+            biased;
+            () = shared.shutdown.stop.cancelled() => None,
+            r = timeout(pool::SERVER_IDLE_TIMEOUT, framed.read_open()) => Some(r),
+        };
+        let why = match opened {
+            Some(Ok(Ok(true))) => None,
+            Some(Ok(Ok(false))) => Some("closed by the client"),
+            Some(Ok(Err(error))) => {
+                tracing::debug!(parent: &conn_span, %error, "node-to-node connection failed between streams");
+                Some("failed")
+            }
+            Some(Err(_)) => Some("idle"),
+            None => Some("shutdown"),
+        };
+        if let Some(why) = why {
+            tracing::debug!(parent: &conn_span, why, "node-to-node connection closed between streams");
+            if let Some(mut unused) = first.take() {
+                // The handshake's record, for a connection that never carried a
+                // stream.
+                unused.rec.finish(if why == "failed" {
+                    Outcome::Reset
+                } else {
+                    Outcome::Closed
+                });
+            }
+            return;
+        }
+        let reused = first.is_none();
+        shared.metrics.count_stream(Side::Inbound, reused);
+        let Stream { id, mut rec, span } = first.take().unwrap_or_else(|| {
+            let id = shared.registry.next_id();
+            let span = tracing::info_span!(
+                parent: &conn_span,
+                "stream",
+                conn = id,
+                src = field::Empty,
+                dst = %local.name
+            );
+            let rec = ConnRecord::open(&shared.metrics, Side::Inbound, span.clone());
+            Stream { id, rec, span }
+        });
+        let Some(this_slot) = slot.take() else {
+            // Every stream hands its slot back (below); never here.
+            rec.finish(Outcome::Internal);
+            return;
+        };
+        let run = async {
+            // The certificate was verified at the handshake; the bundle of now
+            // decides whether it is still good (expired, or its root removed).
+            let client = if reused {
+                let client = peer_identity(framed.get_ref().get_ref().1, &shared.tls.bundle())?;
+                tracing::Span::current().record("src", field::display(&client.service));
+                client
+            } else {
+                peer_identity(framed.get_ref().get_ref().1, &shared.tls.bundle())?
+            };
+            let (backend, guard) =
+                admit(shared, id, this_slot, &client, &local, framed.get_mut()).await?;
+            let out = streams::splice_stream(backend, &mut framed, limits, guard.cancelled()).await;
+            Ok::<_, ConnError>((out, guard.into_slot()))
+        }
+        .instrument(span);
+        let result = tokio::select! {
+            r = run => Some(r),
+            () = shared.shutdown.force.cancelled() => None,
+        };
+        let (out, back) = match result {
+            Some(Ok((out, back))) => (out, back),
+            Some(Err(e)) => return record(shared, &mut rec, Some(Err(e))),
+            None => return record(shared, &mut rec, None),
+        };
+        // a = the local service, b = the peer.
+        let end = out.end;
+        record(
+            shared,
+            &mut rec,
+            Some(Ok(splice::Outcome {
+                a_to_b: out.b_to_a,
+                b_to_a: out.a_to_b,
+                end,
+            })),
+        );
+        if end != splice::End::Closed || born.elapsed() >= pool::SERVER_MAX_AGE {
+            return;
+        }
+        slot = back;
+    }
+}
+
+/// Checks the TLS handshake of a new connection: the SNI must name a local
+/// service, the client must present a certificate of our trust bundle.
+async fn handshake(shared: &Shared, tcp: TcpStream) -> Result<Handshaken, ConnError> {
     let after = shared.limits.handshake_timeout;
     let deadline = Instant::now() + after;
     let start = timeout_at(
@@ -148,7 +323,11 @@ async fn setup(
     .map_err(|_| ConnError::HandshakeTimeout { after })?
     .map_err(|source| ConnError::Handshake { source })?;
     let bundle = shared.tls.bundle();
-    let wanted = service_of_sni(start.client_hello().server_name(), bundle.trust_domain())?;
+    let hello = start.client_hello();
+    let wanted = service_of_sni(hello.server_name(), bundle.trust_domain())?;
+    let offers_streams = hello
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == streams::ALPN));
     let local = shared
         .directory
         .local_service(&wanted)
@@ -156,13 +335,13 @@ async fn setup(
     tracing::Span::current().record("dst", field::display(&local.name));
     let config = shared
         .tls
-        .server(&local.name)
+        .server(&local.name, offers_streams)
         .await
         .map_err(|source| ConnError::Leaf {
             service: local.name.clone(),
             source,
         })?;
-    let mut tls = match timeout_at(deadline, start.into_stream(config).into_fallible()).await {
+    let tls = match timeout_at(deadline, start.into_stream(config).into_fallible()).await {
         Err(_) => return Err(ConnError::HandshakeTimeout { after }),
         Ok(Ok(tls)) => tls,
         Ok(Err((source, tcp))) => {
@@ -170,12 +349,32 @@ async fn setup(
             return Err(ConnError::Handshake { source });
         }
     };
+    let conn = tls.get_ref().1;
     shared
         .metrics
-        .count_handshake(Side::Inbound, tls.get_ref().1.handshake_kind());
-    let client = peer_identity(tls.get_ref().1, &shared.tls.bundle())?;
+        .count_handshake(Side::Inbound, conn.handshake_kind());
+    let client = peer_identity(conn, &bundle)?;
     tracing::Span::current().record("src", field::display(&client.service));
+    let streams = conn.alpn_protocol() == Some(streams::ALPN);
+    Ok(Handshaken {
+        tls,
+        local,
+        client,
+        streams,
+    })
+}
 
+/// Registers and authorizes one application connection from `client` to `local`
+/// and, if allowed, connects the local service. A denied connection is closed
+/// (close_notify on `tls`) without reading a byte of its data.
+async fn admit<S: AsyncWrite + Unpin>(
+    shared: &Shared,
+    id: super::conns::ConnId,
+    slot: OwnedSemaphorePermit,
+    client: &SpiffeId,
+    local: &LocalService,
+    tls: &mut S,
+) -> Result<(TcpStream, super::conns::Guard), ConnError> {
     // Registered before the decision, so that an intention change between the
     // decision and the splice is re-checked against this connection too.
     let guard = shared.registry.register(
@@ -193,21 +392,18 @@ async fn setup(
     shared.metrics.count_decision(permit.is_some());
     let Some(permit) = permit else {
         tracing::info!(src = %client, dst = %local.name, reason = %verdict.reason, "connection denied");
-        // Nothing was read past the handshake; say goodbye and close.
+        // Nothing was read past the handshake (or the stream's OPEN); say goodbye
+        // and close.
         let _ = timeout(CLOSE_NOTIFY_TIMEOUT, tls.shutdown()).await;
         return Err(ConnError::Denied {
-            src: client.service,
-            dst: local.name,
+            src: client.service.clone(),
+            dst: local.name.clone(),
             reason: verdict.reason,
         });
     };
     tracing::debug!(src = %client, dst = %local.name, reason = %verdict.reason, "connection allowed");
     let backend = connect_local(shared, &permit, &local.addrs).await?;
-    Ok(Setup {
-        tls,
-        backend,
-        guard,
-    })
+    Ok((backend, guard))
 }
 
 /// The SPIFFE ID of the client. A full handshake verified the chain already (and

@@ -111,6 +111,8 @@ pub struct Metrics {
     handshake_failures: [AtomicU64; 2],
     /// Completed handshakes per side: `[full, resumed]`.
     handshakes: [[AtomicU64; 2]; 2],
+    /// Streams per side on node-to-node connections: `[first, reused]`.
+    streams: [[AtomicU64; 2]; 2],
     allowed: AtomicU64,
     denied: AtomicU64,
     closed: [[AtomicU64; Outcome::ALL.len()]; 2],
@@ -135,6 +137,13 @@ impl Metrics {
     /// Completed TLS handshakes on `side`, resumed ones (`true`) or full ones.
     pub fn handshakes(&self, side: Side, resumed: bool) -> u64 {
         self.handshakes[side as usize][usize::from(resumed)].load(Ordering::Relaxed)
+    }
+
+    /// Streams (application connections over a node-to-node connection that
+    /// carries streams) on `side`: on a connection that had carried one before
+    /// (`true`), or the first on a new one.
+    pub fn streams(&self, side: Side, reused: bool) -> u64 {
+        self.streams[side as usize][usize::from(reused)].load(Ordering::Relaxed)
     }
 
     /// Authorization decisions that allowed a connection.
@@ -181,6 +190,10 @@ impl Metrics {
         self.handshakes[side as usize][usize::from(resumed)].fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn count_stream(&self, side: Side, reused: bool) {
+        self.streams[side as usize][usize::from(reused)].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Appends the counters in Prometheus' text format.
     pub fn render_prometheus(&self, out: &mut String) {
         header(
@@ -224,6 +237,22 @@ impl Metrics {
                     "connect_proxy_handshakes_total",
                     &[("side", side.label()), ("kind", kind)],
                     self.handshakes(side, resumed),
+                );
+            }
+        }
+        header(
+            out,
+            "connect_proxy_streams_total",
+            "counter",
+            "Application connections carried as streams over node-to-node connections, on a new one or one reused.",
+        );
+        for side in Side::ALL {
+            for (connection, reused) in [("new", false), ("reused", true)] {
+                sample(
+                    out,
+                    "connect_proxy_streams_total",
+                    &[("side", side.label()), ("connection", connection)],
+                    self.streams(side, reused),
                 );
             }
         }
@@ -481,6 +510,7 @@ mod tests {
         m.count_handshake(Side::Outbound, Some(rustls::HandshakeKind::Resumed));
         m.count_handshake(Side::Outbound, Some(rustls::HandshakeKind::Full));
         m.count_handshake(Side::Outbound, Some(rustls::HandshakeKind::Resumed));
+        m.count_stream(Side::Inbound, true);
         assert_eq!(m.active(Side::Inbound), 0);
         assert_eq!(m.closed(Side::Inbound, Outcome::Closed), 1);
         assert_eq!(m.closed(Side::Outbound, Outcome::Internal), 1);
@@ -493,6 +523,8 @@ mod tests {
             "connect_proxy_handshakes_total{side=\"outbound\",kind=\"full\"} 1",
             "connect_proxy_handshakes_total{side=\"outbound\",kind=\"resumed\"} 2",
             "connect_proxy_handshakes_total{side=\"inbound\",kind=\"resumed\"} 0",
+            "connect_proxy_streams_total{side=\"inbound\",connection=\"reused\"} 1",
+            "connect_proxy_streams_total{side=\"inbound\",connection=\"new\"} 0",
             "connect_proxy_authorizations_total{decision=\"allow\"} 1",
             "connect_proxy_authorizations_total{decision=\"deny\"} 1",
             "connect_proxy_connections_closed_total{side=\"inbound\",outcome=\"closed\"} 1",
@@ -506,7 +538,7 @@ mod tests {
         // Every family has exactly one HELP and one TYPE line.
         let types = out.lines().filter(|l| l.starts_with("# TYPE")).count();
         let helps = out.lines().filter(|l| l.starts_with("# HELP")).count();
-        assert_eq!((types, helps), (7, 7));
+        assert_eq!((types, helps), (8, 8));
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! source service's leaf and SNI `<destination>.svc.<trust-domain>`, accept the
 //! server only if its certificate carries the destination's SPIFFE ID
 //! (`ca::tls::SpiffeServerVerifier`), retry the next endpoint if that fails, then
-//! splice.
+//! splice. Where the server takes streams ([`super::streams`]), the application's
+//! connection becomes a stream on an idle pooled connection to that endpoint, or
+//! on the new one, which goes back to the pool when the stream ends cleanly.
 //!
 //! Authorization is the destination's job; the connection is still registered
 //! here so that a deny closes both ends at once and the limit covers it.
@@ -24,13 +26,16 @@ use tokio::{
     net::{TcpListener, TcpStream},
     time::timeout,
 };
-use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field};
 
 use super::{
-    ConnError, OriginLookup, Outcome, Shared, Side, Upstream, accept_loop, metrics::ConnRecord,
-    readahead::ReadAhead, splice, splice_outcome,
+    ConnError, OriginLookup, Outcome, Shared, Side, Upstream, accept_loop,
+    metrics::ConnRecord,
+    pool::{ClientTls, Conn},
+    readahead::ReadAhead,
+    splice, splice_outcome, streams,
 };
 use crate::{ca::tls::server_name_for, identity::ServiceName, redirect::Redirect};
 
@@ -62,6 +67,11 @@ pub enum DialError {
     },
     #[error("TLS handshake did not finish within {after:?}")]
     HandshakeTimeout { after: Duration },
+    #[error("opening a stream on the new connection failed: {source}")]
+    Open {
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where an accepted connection goes.
@@ -137,12 +147,26 @@ async fn handle(shared: Arc<Shared>, app: TcpStream, peer: SocketAddr, route: Ro
             shared
                 .registry
                 .register(id, slot, src.clone(), dst.clone(), &shared.shutdown.force);
-        let tls = dial(&shared, &src, &dst).await?;
-        tracing::debug!("connected to the destination");
+        let dialed = dial(&shared, &src, &dst).await?;
         let limits = splice::Limits {
             idle_timeout: shared.limits.idle_timeout,
         };
-        Ok::<_, ConnError>(splice::splice(app, tls, limits, guard.cancelled()).await)
+        let out = match dialed {
+            Dialed::Dedicated(tls) => {
+                tracing::debug!("connected to the destination");
+                splice::splice(app, tls, limits, guard.cancelled()).await
+            }
+            Dialed::Stream { mut conn, addr } => {
+                tracing::debug!(endpoint = %addr, "stream opened to the destination");
+                let out =
+                    streams::splice_stream(app, &mut conn.framed, limits, guard.cancelled()).await;
+                if out.end == splice::End::Closed {
+                    shared.pool.put(&src, &dst, addr, conn);
+                }
+                out
+            }
+        };
+        Ok::<_, ConnError>(out)
     }
     .instrument(span);
     let result = tokio::select! {
@@ -210,17 +234,24 @@ async fn take_redirect(
     Err(ConnError::NoOrigin { peer })
 }
 
+/// What [`dial`] got for an application connection.
+enum Dialed {
+    /// A TLS connection of its own: the server does not take streams, or reuse
+    /// is off.
+    Dedicated(ClientTls),
+    /// A stream, already opened, on a pooled or a new connection to `addr`.
+    Stream { conn: Conn, addr: SocketAddr },
+}
+
 /// Dials the endpoints of `dst` as `src` until one answers with `dst`'s identity.
 ///
 /// Endpoints are taken round robin, those that failed lately last
-/// ([`super::balance`]); a failed attempt (TCP connect or TLS handshake, so before
-/// a byte of the application's reaches the destination) is retried on the next
+/// ([`super::balance`]). For the endpoint chosen, an idle pooled connection is
+/// used if there is one ([`super::pool`]); otherwise a new one is made. A failed
+/// attempt (TCP connect, TLS handshake, or opening the stream, so before a byte
+/// of the application's reaches the destination) is retried on the next
 /// endpoint, up to [`MAX_DIAL_ATTEMPTS`] distinct ones.
-async fn dial(
-    shared: &Shared,
-    src: &ServiceName,
-    dst: &ServiceName,
-) -> Result<TlsStream<ReadAhead<TcpStream>>, ConnError> {
+async fn dial(shared: &Shared, src: &ServiceName, dst: &ServiceName) -> Result<Dialed, ConnError> {
     let endpoints = shared.directory.endpoints(dst);
     if endpoints.is_empty() {
         return Err(ConnError::NoEndpoints {
@@ -240,24 +271,55 @@ async fn dial(
     let mut last = None;
     for addr in plan.into_iter().take(MAX_DIAL_ATTEMPTS) {
         attempts += 1;
-        let config = shared
-            .tls
-            .client_to(src, addr)
-            .await
-            .map_err(|source| ConnError::Leaf {
-                service: src.clone(),
-                source,
-            })?;
-        match attempt(&TlsConnector::from(config), name.clone(), addr, shared).await {
+        let (config, leaf) =
+            shared
+                .tls
+                .client_to(src, addr)
+                .await
+                .map_err(|source| ConnError::Leaf {
+                    service: src.clone(),
+                    source,
+                })?;
+        while let Some(mut conn) = shared.pool.take(src, dst, addr, &bundle, &leaf) {
+            // The server may have closed it an instant ago; nothing of the
+            // application's is sent yet, so another connection can take over.
+            match conn.framed.write_open().await {
+                Ok(()) => {
+                    shared.metrics.count_stream(Side::Outbound, true);
+                    return Ok(Dialed::Stream { conn, addr });
+                }
+                Err(error) => {
+                    tracing::debug!(endpoint = %addr, %error, "pooled connection unusable")
+                }
+            }
+        }
+        let result = match attempt(&TlsConnector::from(config), name.clone(), addr, shared).await {
             Ok(tls) => {
-                shared.outbound_lb.succeeded(addr);
                 shared
                     .metrics
                     .count_handshake(Side::Outbound, tls.get_ref().1.handshake_kind());
+                if tls.get_ref().1.alpn_protocol() == Some(streams::ALPN) {
+                    let mut conn = Conn::new(tls, bundle.clone(), leaf);
+                    match conn.framed.write_open().await {
+                        Ok(()) => {
+                            shared.metrics.count_stream(Side::Outbound, false);
+                            Ok(Dialed::Stream { conn, addr })
+                        }
+                        Err(source) => Err(DialError::Open { source }),
+                    }
+                } else {
+                    Ok(Dialed::Dedicated(tls))
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(dialed) => {
+                shared.outbound_lb.succeeded(addr);
                 if attempts > 1 {
                     tracing::debug!(endpoint = %addr, attempts, "connected after retrying");
                 }
-                return Ok(tls);
+                return Ok(dialed);
             }
             Err(e) => {
                 if matches!(
@@ -296,7 +358,7 @@ async fn attempt(
     name: rustls::pki_types::ServerName<'static>,
     addr: SocketAddr,
     shared: &Shared,
-) -> Result<TlsStream<ReadAhead<TcpStream>>, DialError> {
+) -> Result<ClientTls, DialError> {
     let after = shared.limits.connect_timeout;
     let tcp = timeout(after, TcpStream::connect(addr))
         .await

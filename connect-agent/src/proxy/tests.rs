@@ -740,11 +740,23 @@ async fn resumed_sessions_are_verified_again_and_authorized() {
     assert_eq!(n.metrics().denied(), 1);
 }
 
-/// Sequential connections through an upstream resume after the first, and the
-/// proxy counts each kind.
+/// Limits with reuse of node-to-node connections off: one TLS connection per
+/// application connection.
+fn no_reuse() -> Limits {
+    Limits {
+        pool: PoolLimits {
+            max_idle_per_endpoint: 0,
+            ..PoolLimits::default()
+        },
+        ..Limits::default()
+    }
+}
+
+/// With reuse off, sequential connections through an upstream resume after the
+/// first, and the proxy counts each kind.
 #[tokio::test]
 async fn connections_after_the_first_resume_and_are_counted() {
-    let n = node().await;
+    let n = node_with(agent().await, no_reuse(), None).await;
     let backend = echo_backend().await;
     n.serve("socat", &backend);
     let up = n.upstream("web", "socat").await;
@@ -983,9 +995,13 @@ async fn echo_once(up: SocketAddr, msg: &[u8]) {
 /// socat on two nodes of one cluster, each with its own echo backend, and an
 /// upstream web → socat on the first node whose endpoints are both nodes.
 async fn socat_on_two_nodes() -> (Node, Node, Backend, Backend, SocketAddr) {
+    socat_on_two_nodes_with(Limits::default()).await
+}
+
+async fn socat_on_two_nodes_with(limits: Limits) -> (Node, Node, Backend, Backend, SocketAddr) {
     let agent = agent().await;
-    let n1 = node_with(agent.clone(), Limits::default(), None).await;
-    let n2 = node_with(agent, Limits::default(), None).await;
+    let n1 = node_with(agent.clone(), limits, None).await;
+    let n2 = node_with(agent, limits, None).await;
     let (b1, b2) = (echo_backend().await, echo_backend().await);
     n1.dir.set_local(&svc("socat"), b1.addr);
     n2.dir.set_local(&svc("socat"), b2.addr);
@@ -1012,10 +1028,11 @@ async fn new_connections_go_round_robin_over_the_endpoints() {
 
 /// Tickets are kept per endpoint: each node's proxy encrypts its tickets with its
 /// own key, so a ticket from one instance is useless at another, and round robin
-/// over two nodes would otherwise offer the wrong one every time.
+/// over two nodes would otherwise offer the wrong one every time (reuse off: with
+/// it, there is one handshake per node to begin with).
 #[tokio::test]
 async fn round_robin_over_two_nodes_still_resumes() {
-    let (n1, _n2, b1, b2, up) = socat_on_two_nodes().await;
+    let (n1, _n2, b1, b2, up) = socat_on_two_nodes_with(no_reuse()).await;
     for i in 0..10 {
         echo_once(up, format!("hello {i}").as_bytes()).await;
     }
@@ -1107,4 +1124,226 @@ async fn inbound_spreads_over_local_instances_and_steps_over_a_dead_one() {
     );
     let m = n.metrics();
     assert_eq!(m.closed(Side::Inbound, Outcome::LocalUnreachable), 0);
+}
+
+// ───────────────────────────── streams ─────────────────────────────
+
+/// Waits until `n` holds `count` idle pooled connections.
+async fn pooled(n: &Node, count: usize) {
+    let proxy = n.proxy.clone();
+    eventually(&format!("{count} pooled connection(s)"), move || {
+        proxy.pooled_connections() == count
+    })
+    .await;
+}
+
+/// Sequential application connections ride one node-to-node connection: one
+/// handshake, then one stream each, every one authorized and counted.
+#[tokio::test]
+async fn sequential_connections_reuse_one_node_to_node_connection() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let up = n.upstream("web", "socat").await;
+    for i in 0..10 {
+        echo_once(up, format!("hello {i}").as_bytes()).await;
+        pooled(&n, 1).await;
+    }
+    let m = n.metrics();
+    use metrics::Side::{Inbound, Outbound};
+    assert_eq!(
+        (m.handshakes(Outbound, false), m.handshakes(Outbound, true)),
+        (1, 0)
+    );
+    assert_eq!(
+        (m.streams(Outbound, false), m.streams(Outbound, true)),
+        (1, 9)
+    );
+    assert_eq!(
+        (m.streams(Inbound, false), m.streams(Inbound, true)),
+        (1, 9)
+    );
+    assert_eq!(backend.accepted(), 10);
+    assert_eq!(m.allowed(), 10, "every stream was authorized");
+    eventually("ten clean closes each side", || {
+        m.closed(Inbound, Outcome::Closed) == 10 && m.closed(Outbound, Outcome::Closed) == 10
+    })
+    .await;
+    // The inbound side keeps the idle connection, but no stream is live.
+    n.settle().await;
+}
+
+/// A stream on a pooled connection is authorized when it opens: after a deny, it
+/// is refused before a byte reaches the service, the connection is dropped, and
+/// once allowed again a new one is made.
+#[tokio::test]
+async fn each_stream_is_authorized_when_it_opens() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let up = n.upstream("web", "socat").await;
+    echo_once(up, b"allowed").await;
+    pooled(&n, 1).await;
+
+    n.intention("web", "socat", Action::Deny).await;
+    let mut c = TcpStream::connect(up).await.expect("connect");
+    let _ = c.write_all(b"must not arrive").await;
+    expect_closed(&mut c, DEADLINE).await;
+    let m = n.metrics();
+    eventually("the denial", || m.denied() == 1).await;
+    assert_eq!(
+        m.streams(metrics::Side::Outbound, true),
+        1,
+        "the denied stream rode the pooled connection"
+    );
+    assert_eq!(backend.accepted(), 1, "nothing reached the service");
+    pooled(&n, 0).await;
+
+    n.delete_intention("web", "socat").await;
+    echo_once(up, b"allowed again").await;
+    assert_eq!(
+        m.handshakes(metrics::Side::Outbound, false) + m.handshakes(metrics::Side::Outbound, true),
+        2
+    );
+    assert_eq!(backend.accepted(), 2);
+}
+
+/// The server's side speaks first: the stream opens without the client's first
+/// byte, on a new connection and on a reused one.
+#[tokio::test]
+async fn server_first_protocols_work_on_new_and_reused_connections() {
+    let banner = backend(|mut s| async move {
+        let _ = s.write_all(b"220 ready\r\n").await;
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+    let n = node().await;
+    n.serve("smtp", &banner);
+    let up = n.upstream("web", "smtp").await;
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(up).await.expect("connect");
+        let mut got = [0u8; 11];
+        timeout(DEADLINE, c.read_exact(&mut got))
+            .await
+            .expect("banner in time")
+            .expect("banner");
+        assert_eq!(&got, b"220 ready\r\n");
+        drop(c);
+        pooled(&n, 1).await;
+    }
+    assert_eq!(n.metrics().streams(metrics::Side::Outbound, true), 2);
+}
+
+/// Round robin still holds with reuse: one connection per node, used in turn.
+#[tokio::test]
+async fn round_robin_over_two_nodes_reuses_one_connection_per_node() {
+    let (n1, _n2, b1, b2, up) = socat_on_two_nodes().await;
+    for i in 0..10 {
+        echo_once(up, format!("hello {i}").as_bytes()).await;
+        pooled(&n1, (i + 1).min(2)).await;
+    }
+    assert_eq!((b1.accepted(), b2.accepted()), (5, 5));
+    let m = n1.metrics();
+    use metrics::Side::Outbound;
+    assert_eq!(
+        (m.handshakes(Outbound, false), m.handshakes(Outbound, true)),
+        (2, 0)
+    );
+    assert_eq!(m.streams(Outbound, true), 8);
+}
+
+/// A root rotation retires pooled connections: the next stream goes on a new
+/// connection made under the new bundle.
+#[tokio::test]
+async fn a_root_rotation_retires_pooled_connections() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let up = n.upstream("web", "socat").await;
+    echo_once(up, b"before").await;
+    pooled(&n, 1).await;
+    let bundle = n.agent.ca.bundle();
+    let before = bundle.borrow().clone();
+    let rotate = crate::ca::CaConfig::from_request(&serde_json::json!({
+        "Provider": "consul",
+        "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": 384},
+    }))
+    .expect("config");
+    n.agent.ca.set_config(rotate).await.expect("rotation");
+    eventually("the new bundle", || !Arc::ptr_eq(&bundle.borrow(), &before)).await;
+    echo_once(up, b"after").await;
+    let m = n.metrics();
+    use metrics::Side::Outbound;
+    assert_eq!(
+        m.streams(Outbound, true),
+        0,
+        "the old connection was not reused"
+    );
+    assert_eq!(m.streams(Outbound, false), 2);
+}
+
+/// A server that closed an idle connection (here after every stream) is not
+/// sent the next stream: the client sees the close and makes a new connection.
+#[tokio::test]
+async fn a_pooled_connection_the_server_closed_is_not_reused() {
+    let n = node().await;
+    let mut server =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(FixedServerCert(n.leaf("socat").await)));
+    server.alpn_protocols = vec![streams::ALPN.to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(server));
+    let l = TcpListener::bind(any_port()).await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let closed = Arc::new(AtomicUsize::new(0));
+    let count = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let Ok(tls) = acceptor.accept(s).await else {
+                continue;
+            };
+            let mut framed = streams::Framed::new(tls);
+            if let Ok(true) = framed.read_open().await {
+                let (service, proxy_end) = tokio::io::duplex(4096);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tokio::io::split(service);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+                let cancel = tokio_util::sync::CancellationToken::new();
+                let _ = streams::splice_stream(
+                    proxy_end,
+                    &mut framed,
+                    splice::Limits::default(),
+                    &cancel,
+                )
+                .await;
+            }
+            let _ = framed.get_mut().shutdown().await;
+            drop(framed);
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    n.dir.set_endpoints(&svc("socat"), vec![endpoint(addr)]);
+    let up = n.upstream("web", "socat").await;
+    for i in 0..3 {
+        echo_once(up, format!("hello {i}").as_bytes()).await;
+        eventually("the server to close", || {
+            closed.load(Ordering::SeqCst) == i + 1
+        })
+        .await;
+        // Its close_notify and FIN reach the client's socket.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = n.metrics();
+    use metrics::Side::Outbound;
+    assert_eq!(
+        (m.streams(Outbound, false), m.streams(Outbound, true)),
+        (3, 0)
+    );
+    assert_eq!(m.closed(Outbound, Outcome::Closed), 3);
 }

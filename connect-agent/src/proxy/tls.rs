@@ -146,13 +146,17 @@ pub(crate) struct TlsConfigs {
     client_verifier: Arc<SpiffeClientVerifier>,
     server_verifier: Arc<SpiffeServerVerifier>,
     ticketer: Arc<dyn ProducesTickets>,
-    server: Mutex<HashMap<ServiceName, Arc<ServerConfig>>>,
+    /// Whether clients offer streams (ALPN `streams::ALPN`).
+    streams: bool,
+    /// Per service: without ALPN, and with streams' ALPN.
+    server: Mutex<HashMap<ServiceName, [Arc<ServerConfig>; 2]>>,
     client: Mutex<HashMap<ServiceName, SourceConfigs>>,
 }
 
 /// A source service's client configuration, and one copy of it per destination
 /// endpoint with a ticket store of its own (see [`TlsConfigs::client_to`]).
 struct SourceConfigs {
+    leaf: LeafRx,
     base: Arc<ClientConfig>,
     endpoints: HashMap<SocketAddr, Arc<ClientConfig>>,
 }
@@ -174,9 +178,12 @@ impl fmt::Debug for TlsConfigs {
 }
 
 impl TlsConfigs {
+    /// `streams`: whether client connections offer to carry streams
+    /// ([`super::streams`]); servers accept them from clients that offer.
     pub(crate) fn new(
         leaves: Arc<dyn LeafSource>,
         bundle: watch::Receiver<Arc<TrustBundle>>,
+        streams: bool,
     ) -> Result<Self, rustls::Error> {
         Ok(Self {
             client_verifier: SpiffeClientVerifier::new(bundle.clone()),
@@ -185,6 +192,7 @@ impl TlsConfigs {
             bundle,
             provider: Arc::new(provider()),
             ticketer: rustls::crypto::ring::Ticketer::new()?,
+            streams,
             server: Mutex::new(HashMap::new()),
             client: Mutex::new(HashMap::new()),
         })
@@ -195,14 +203,17 @@ impl TlsConfigs {
         self.bundle.borrow().clone()
     }
 
-    /// The server configuration presenting `service`'s leaf; fetches the leaf the
-    /// first time.
+    /// The server configuration presenting `service`'s leaf, selecting streams'
+    /// ALPN if `streams` (only for clients that offered it: a server with ALPN
+    /// protocols refuses a client that offers others); fetches the leaf the first
+    /// time.
     pub(crate) async fn server(
         &self,
         service: &ServiceName,
+        streams: bool,
     ) -> Result<Arc<ServerConfig>, BoxError> {
         if let Some(c) = lock(&self.server).get(service) {
-            return Ok(c.clone());
+            return Ok(c[usize::from(streams)].clone());
         }
         let leaf = self.leaves.leaf(service).await?;
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
@@ -212,8 +223,11 @@ impl TlsConfigs {
         config.ticketer = self.ticketer.clone();
         // Tickets are stateless; no per-session server memory.
         config.session_storage = Arc::new(NoServerSessionStorage {});
-        let config = Arc::new(config);
-        lock(&self.server).insert(service.clone(), config.clone());
+        let mut with_streams = config.clone();
+        with_streams.alpn_protocols = vec![super::streams::ALPN.to_vec()];
+        let both = [Arc::new(config), Arc::new(with_streams)];
+        let config = both[usize::from(streams)].clone();
+        lock(&self.server).insert(service.clone(), both);
         Ok(config)
     }
 
@@ -224,32 +238,40 @@ impl TlsConfigs {
     /// service's, the same on every instance; one store per source would offer
     /// node B the ticket node A issued, and round robin over two instances would
     /// never resume.
+    ///
+    /// Also returns the leaf `service` presents now (see `pool`: a connection made
+    /// with an older one is not reused).
     pub(crate) async fn client_to(
         &self,
         service: &ServiceName,
         endpoint: SocketAddr,
-    ) -> Result<Arc<ClientConfig>, BoxError> {
+    ) -> Result<(Arc<ClientConfig>, Arc<CertifiedKey>), BoxError> {
         if let Some(source) = lock(&self.client).get_mut(service) {
-            return Ok(source.for_endpoint(endpoint));
+            return Ok((source.for_endpoint(endpoint), source.leaf.current()));
         }
         let leaf = self.leaves.leaf(service).await?;
+        let resolver = Arc::new(LeafResolver(leaf.clone()));
         let mut base = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(self.server_verifier.clone())
-            .with_client_cert_resolver(Arc::new(LeafResolver(leaf)));
+            .with_client_cert_resolver(resolver);
         // Only the per-endpoint copies dial.
         base.resumption = Resumption::disabled();
+        if self.streams {
+            base.alpn_protocols = vec![super::streams::ALPN.to_vec()];
+        }
         let mut client = lock(&self.client);
         // A concurrent first dial may have filed the source meanwhile: keep that
         // one, so both connections' tickets land in the same store.
         let source = client
             .entry(service.clone())
             .or_insert_with(|| SourceConfigs {
+                leaf,
                 base: Arc::new(base),
                 endpoints: HashMap::new(),
             });
-        Ok(source.for_endpoint(endpoint))
+        Ok((source.for_endpoint(endpoint), source.leaf.current()))
     }
 
     /// Drops the configurations (and leaf watches) of services `keep` refuses.
