@@ -221,7 +221,7 @@ fn handshakes(addr: SocketAddr) -> Result<Handshakes> {
         .with_context(|| format!("reading metrics from {addr}"))?;
     let count = |key: &str| -> Result<u64> {
         body.lines()
-            .find_map(|l| l.strip_prefix(&key))
+            .find_map(|l| l.strip_prefix(key))
             .with_context(|| format!("{addr} reported no {key}"))?
             .trim()
             .parse()
