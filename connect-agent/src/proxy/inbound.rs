@@ -279,7 +279,9 @@ async fn serve_streams<'m>(
             };
             let (backend, guard) =
                 admit(shared, id, this_slot, &client, &local, framed.get_mut()).await?;
-            let out = streams::splice_stream(backend, &mut framed, limits, guard.cancelled()).await;
+            let out =
+                streams::splice_stream(backend, &mut framed, false, limits, guard.cancelled())
+                    .await;
             Ok::<_, ConnError>((out, guard.into_slot()))
         }
         .instrument(span);

@@ -67,11 +67,6 @@ pub enum DialError {
     },
     #[error("TLS handshake did not finish within {after:?}")]
     HandshakeTimeout { after: Duration },
-    #[error("opening a stream on the new connection failed: {source}")]
-    Open {
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Where an accepted connection goes.
@@ -159,7 +154,8 @@ async fn handle(shared: Arc<Shared>, app: TcpStream, peer: SocketAddr, route: Ro
             Dialed::Stream { mut conn, addr } => {
                 tracing::debug!(endpoint = %addr, "stream opened to the destination");
                 let out =
-                    streams::splice_stream(app, &mut conn.framed, limits, guard.cancelled()).await;
+                    streams::splice_stream(app, &mut conn.framed, true, limits, guard.cancelled())
+                        .await;
                 if out.end == splice::End::Closed {
                     shared.pool.put(&src, &dst, addr, conn);
                 }
@@ -248,9 +244,9 @@ enum Dialed {
 /// Endpoints are taken round robin, those that failed lately last
 /// ([`super::balance`]). For the endpoint chosen, an idle pooled connection is
 /// used if there is one ([`super::pool`]); otherwise a new one is made. A failed
-/// attempt (TCP connect, TLS handshake, or opening the stream, so before a byte
-/// of the application's reaches the destination) is retried on the next
-/// endpoint, up to [`MAX_DIAL_ATTEMPTS`] distinct ones.
+/// attempt (TCP connect or TLS handshake, so before a byte of the application's
+/// reaches the destination) is retried on the next endpoint, up to
+/// [`MAX_DIAL_ATTEMPTS`] distinct ones.
 async fn dial(shared: &Shared, src: &ServiceName, dst: &ServiceName) -> Result<Dialed, ConnError> {
     let endpoints = shared.directory.endpoints(dst);
     if endpoints.is_empty() {
@@ -280,18 +276,9 @@ async fn dial(shared: &Shared, src: &ServiceName, dst: &ServiceName) -> Result<D
                     service: src.clone(),
                     source,
                 })?;
-        while let Some(mut conn) = shared.pool.take(src, dst, addr, &bundle, &leaf) {
-            // The server may have closed it an instant ago; nothing of the
-            // application's is sent yet, so another connection can take over.
-            match conn.framed.write_open().await {
-                Ok(()) => {
-                    shared.metrics.count_stream(Side::Outbound, true);
-                    return Ok(Dialed::Stream { conn, addr });
-                }
-                Err(error) => {
-                    tracing::debug!(endpoint = %addr, %error, "pooled connection unusable")
-                }
-            }
+        if let Some(conn) = shared.pool.take(src, dst, addr, &bundle, &leaf) {
+            shared.metrics.count_stream(Side::Outbound, true);
+            return Ok(Dialed::Stream { conn, addr });
         }
         let result = match attempt(&TlsConnector::from(config), name.clone(), addr, shared).await {
             Ok(tls) => {
@@ -299,14 +286,11 @@ async fn dial(shared: &Shared, src: &ServiceName, dst: &ServiceName) -> Result<D
                     .metrics
                     .count_handshake(Side::Outbound, tls.get_ref().1.handshake_kind());
                 if tls.get_ref().1.alpn_protocol() == Some(streams::ALPN) {
-                    let mut conn = Conn::new(tls, bundle.clone(), leaf);
-                    match conn.framed.write_open().await {
-                        Ok(()) => {
-                            shared.metrics.count_stream(Side::Outbound, false);
-                            Ok(Dialed::Stream { conn, addr })
-                        }
-                        Err(source) => Err(DialError::Open { source }),
-                    }
+                    shared.metrics.count_stream(Side::Outbound, false);
+                    Ok(Dialed::Stream {
+                        conn: Conn::new(tls, bundle.clone(), leaf),
+                        addr,
+                    })
                 } else {
                     Ok(Dialed::Dedicated(tls))
                 }

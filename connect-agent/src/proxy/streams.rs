@@ -103,12 +103,6 @@ impl<S> Framed<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
-    /// Starts a stream (client side).
-    pub async fn write_open(&mut self) -> io::Result<()> {
-        self.io.write_all(&[OPEN, 0, 0, 0]).await?;
-        self.io.flush().await
-    }
-
     /// Waits for the next stream (server side): `Ok(true)` when it opens,
     /// `Ok(false)` when the client closed the connection between streams.
     pub async fn read_open(&mut self) -> Result<bool, FrameError> {
@@ -151,9 +145,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
 /// connection) and `framed` until both sides finished, the stream idles, it is
 /// cancelled or something fails. `a_to_b` in the outcome is `plain` → `framed`. The
 /// connection may carry another stream only if the outcome is [`End::Closed`].
+///
+/// `open`: the client side starts the stream with `OPEN` (see [`send`]); the
+/// server side has read it already ([`Framed::read_open`]).
 pub async fn splice_stream<P, S>(
     plain: P,
     framed: &mut Framed<S>,
+    open: bool,
     limits: Limits,
     cancel: &CancellationToken,
 ) -> Outcome
@@ -174,7 +172,7 @@ where
     };
 
     let up = async {
-        send(&mut pr, &mut fw, &to_framed, clock)
+        send(&mut pr, &mut fw, open, &to_framed, clock)
             .await
             .map_err(FrameError::Io)
     };
@@ -227,28 +225,65 @@ impl Clock<'_> {
 /// `plain` → `framed`: each read becomes one `DATA` frame (one write, so one TLS
 /// record for small messages); EOF becomes `FIN`. The TLS connection itself is
 /// never shut down here: it outlives the stream.
-async fn send<R, W>(r: &mut R, w: &mut W, count: &AtomicU64, clock: Clock<'_>) -> io::Result<()>
+///
+/// With `open`, the stream starts with `OPEN`: in the same write as the first
+/// `DATA` if the application's first bytes are already there (a client that
+/// speaks first, the usual case: one TLS record and one send instead of two),
+/// else at once on its own (a server that speaks first must not wait for the
+/// client).
+async fn send<R, W>(
+    r: &mut R,
+    w: &mut W,
+    mut open: bool,
+    count: &AtomicU64,
+    clock: Clock<'_>,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // Capacity only, never zeroed (see `splice::pump`); the header goes in front
-    // of the payload so that both leave in one write.
-    let mut buf = Vec::with_capacity(HEADER + MAX_PAYLOAD);
+    // Capacity only, never zeroed (see `splice::pump`); the headers go in front
+    // of the payload so that all leave in one write.
+    let mut buf = Vec::with_capacity(2 * HEADER + MAX_PAYLOAD);
     loop {
         buf.clear();
+        if open {
+            buf.extend_from_slice(&[OPEN, 0, 0, 0]);
+        }
+        let data = buf.len();
         buf.extend_from_slice(&[DATA, 0, 0, 0]);
         // At most MAX_PAYLOAD (< 2^24) whatever capacity the allocator gave.
-        let n = (&mut *r)
-            .take(MAX_PAYLOAD as u64)
-            .read_buf(&mut buf)
-            .await?;
+        let mut limited = (&mut *r).take(MAX_PAYLOAD as u64);
+        let read = limited.read_buf(&mut buf);
+        let n = if open {
+            // `read_buf` reads nothing if it is not ready, so dropping it here
+            // loses nothing.
+            let ready = tokio::select! {
+                biased;
+                n = read => Some(n?),
+                () = std::future::ready(()) => None,
+            };
+            match ready {
+                Some(n) => n,
+                None => {
+                    w.write_all(&[OPEN, 0, 0, 0]).await?;
+                    w.flush().await?;
+                    open = false;
+                    continue;
+                }
+            }
+        } else {
+            read.await?
+        };
         if n == 0 {
-            w.write_all(&[FIN, 0, 0, 0]).await?;
+            buf.truncate(data);
+            buf.extend_from_slice(&[FIN, 0, 0, 0]);
+            w.write_all(&buf).await?;
             return w.flush().await;
         }
+        open = false;
         let len = u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes();
-        buf[1..HEADER].copy_from_slice(&len[1..]);
+        buf[data + 1..data + HEADER].copy_from_slice(&len[1..]);
         w.write_all(&buf).await?;
         w.flush().await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
@@ -365,16 +400,15 @@ mod tests {
         let (app, app_proxy) = duplex(4096);
         let (service, service_proxy) = duplex(4096);
         let cancel = CancellationToken::new();
-        p.client.write_open().await.expect("open");
         let Pair { client, server } = p;
         let client_side = async {
-            splice_stream(app_proxy, client, Limits::default(), &cancel)
+            splice_stream(app_proxy, client, true, Limits::default(), &cancel)
                 .await
                 .end
         };
         let server_side = async {
             assert!(server.read_open().await.expect("open read"));
-            splice_stream(service_proxy, server, Limits::default(), &cancel)
+            splice_stream(service_proxy, server, false, Limits::default(), &cancel)
                 .await
                 .end
         };
@@ -451,7 +485,14 @@ mod tests {
             let (mut service, service_proxy) = duplex(4096);
             let cancel = CancellationToken::new();
             let stream = async {
-                splice_stream(service_proxy, &mut server, Limits::default(), &cancel).await
+                splice_stream(
+                    service_proxy,
+                    &mut server,
+                    false,
+                    Limits::default(),
+                    &cancel,
+                )
+                .await
             };
             let service_io = async {
                 let mut got = Vec::new();
@@ -492,7 +533,13 @@ mod tests {
             let cancel = CancellationToken::new();
             let out = tokio::time::timeout(
                 Duration::from_secs(5),
-                splice_stream(service_proxy, &mut server, Limits::default(), &cancel),
+                splice_stream(
+                    service_proxy,
+                    &mut server,
+                    false,
+                    Limits::default(),
+                    &cancel,
+                ),
             )
             .await
             .expect("ends");
@@ -506,6 +553,68 @@ mod tests {
             c.shutdown().await.expect("eof");
             assert!(server.read_open().await.is_err(), "{bytes:?}");
         }
+    }
+
+    /// Counts the writes that reach the inner stream.
+    struct Writes(DuplexStream, Vec<Vec<u8>>);
+
+    impl AsyncRead for Writes {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = &mut *self;
+            let r = Pin::new(&mut this.0).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = r {
+                this.1.push(buf[..n].to_vec());
+            }
+            r
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn open_leaves_with_the_first_data_if_it_is_there_and_alone_if_not() {
+        // The application wrote before the stream started: one write.
+        let (tls, _peer) = duplex(4096);
+        let mut client = Framed::new(Writes(tls, Vec::new()));
+        let (mut app, app_proxy) = duplex(4096);
+        app.write_all(b"hi").await.expect("write");
+        app.shutdown().await.expect("eof");
+        let cancel = CancellationToken::new();
+        let stream = splice_stream(app_proxy, &mut client, true, Limits::default(), &cancel);
+        // The peer never answers; the first write is all this looks at.
+        let _ = tokio::time::timeout(Duration::from_millis(200), stream).await;
+        let writes = &client.get_ref().1;
+        assert_eq!(
+            writes.first().map(Vec::as_slice),
+            Some(&[OPEN, 0, 0, 0, DATA, 0, 0, 2, b'h', b'i', FIN, 0, 0, 0][..4 + 4 + 2]),
+            "{writes:?}"
+        );
+
+        // Nothing from the application yet: OPEN goes alone, at once.
+        let (tls, _peer) = duplex(4096);
+        let mut client = Framed::new(Writes(tls, Vec::new()));
+        let (_app, app_proxy) = duplex(4096);
+        let stream = splice_stream(app_proxy, &mut client, true, Limits::default(), &cancel);
+        let _ = tokio::time::timeout(Duration::from_millis(200), stream).await;
+        assert_eq!(client.get_ref().1, vec![vec![OPEN, 0, 0, 0]]);
     }
 
     #[tokio::test]
@@ -522,7 +631,7 @@ mod tests {
         let (_app, app_proxy) = duplex(4096);
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let out = splice_stream(app_proxy, &mut p.client, Limits::default(), &cancel).await;
+        let out = splice_stream(app_proxy, &mut p.client, true, Limits::default(), &cancel).await;
         assert_eq!(out.end, End::Cancelled);
     }
 }

@@ -1318,6 +1318,7 @@ async fn a_pooled_connection_the_server_closed_is_not_reused() {
                 let _ = streams::splice_stream(
                     proxy_end,
                     &mut framed,
+                    false,
                     splice::Limits::default(),
                     &cancel,
                 )
