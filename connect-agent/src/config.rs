@@ -85,6 +85,13 @@ pub struct AgentArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub worker_threads: usize,
 
+    /// Idle node-to-node mTLS connections the proxy keeps per source service,
+    /// destination service and destination node, so that a new application
+    /// connection rides one instead of costing a TCP connect and a TLS handshake;
+    /// 0 turns reuse off (one TLS connection per application connection).
+    #[arg(long, value_name = "N", default_value_t = crate::proxy::PoolLimits::default().max_idle_per_endpoint)]
+    pub proxy_pool_size: usize,
+
     /// ACL default policy: what a request without a matching rule may do, and the
     /// intention decision when no intention matches. ACLs are on with `deny` unless
     /// --dev, where they are off (everything allowed) unless this flag is given.
@@ -186,6 +193,8 @@ pub struct Config {
     pub agent_token: Option<Secret>,
     /// etcd credentials (`--etcd-user-file`).
     pub etcd_user: Option<EtcdUser>,
+    /// Idle node-to-node connections kept per source, destination and endpoint.
+    pub proxy_pool_size: usize,
 }
 
 /// The HTTPS API's listener and certificates.
@@ -388,6 +397,7 @@ impl AgentArgs {
             server_addrs: self.server_addr,
             agent_token,
             etcd_user,
+            proxy_pool_size: self.proxy_pool_size,
         })
     }
 }
@@ -419,6 +429,7 @@ impl Config {
             server_addrs: Vec::new(),
             agent_token: None,
             etcd_user: None,
+            proxy_pool_size: crate::proxy::PoolLimits::default().max_idle_per_endpoint,
         }
     }
 }

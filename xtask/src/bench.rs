@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Each agent's `--worker-threads` (0: one per CPU, the agent's default).
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
+    /// Each agent's `--proxy-pool-size` (0: no reuse of node-to-node
+    /// connections; default: the agent's own).
+    #[arg(long)]
+    proxy_pool_size: Option<usize>,
 }
 
 impl BenchArgs {
@@ -174,7 +178,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     // (b) and (c): Connect, one agent per node sharing state through etcd.
     if args.wants("transparent") || args.wants("upstream") {
-        let connect = ConnectPair::start(&agent_bin, &client, &server, args.worker_threads)?;
+        let connect = ConnectPair::start(&agent_bin, &client, &server, &args)?;
         let transparent = Target {
             name: "connect transparent".into(),
             echo: format!("{SERVER_IP}:{ECHO_PORT}"),
@@ -423,7 +427,7 @@ struct ConnectPair {
 }
 
 impl ConnectPair {
-    fn start(bin: &Path, client: &Netns, server: &Netns, worker_threads: usize) -> Result<Self> {
+    fn start(bin: &Path, client: &Netns, server: &Netns, args: &BenchArgs) -> Result<Self> {
         let work = util::workspace_root().join("target/bench/connect");
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
@@ -486,8 +490,11 @@ impl ConnectPair {
                     "--inbound-addr",
                     &format!("{ip}:20000"),
                     "--worker-threads",
-                    &worker_threads.to_string(),
+                    &args.worker_threads.to_string(),
                 ]);
+            if let Some(n) = args.proxy_pool_size {
+                cmd.arg("--proxy-pool-size").arg(n.to_string());
+            }
             if let Some(cg) = cgroup {
                 cmd.arg("--cgroup").arg(cg);
             }

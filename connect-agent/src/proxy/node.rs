@@ -9,7 +9,9 @@ use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpListener, sync::watch};
 
-use super::{AuthorizeError, Authorizer, Directory, Error, Limits, Parts, Proxy, Verdict, bind};
+use super::{
+    AuthorizeError, Authorizer, Directory, Error, Limits, Parts, PoolLimits, Proxy, Verdict, bind,
+};
 use crate::{app::Agent, config::Config, identity::ServiceName, intentions::Intentions};
 
 /// The agent's proxy listeners, bound at startup.
@@ -57,7 +59,13 @@ pub fn start(
         leaves: agent.ca.clone(),
         bundle: agent.ca.bundle(),
         metrics: agent.proxy_metrics.clone(),
-        limits: Limits::default(),
+        limits: Limits {
+            pool: PoolLimits {
+                max_idle_per_endpoint: agent.config.proxy_pool_size,
+                ..PoolLimits::default()
+            },
+            ..Limits::default()
+        },
         shutdown: agent.shutdown.clone(),
     })?;
     proxy.serve_inbound(listeners.inbound);

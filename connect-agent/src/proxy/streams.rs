@@ -62,6 +62,9 @@ const HEADER: usize = 4;
 /// Largest `DATA` payload sent or accepted: one splice buffer.
 pub const MAX_PAYLOAD: usize = BUF_SIZE;
 
+/// Least room offered to a read from the TLS connection: one full TLS record.
+const MIN_READ: usize = 16 * 1024;
+
 /// Why a connection carrying streams cannot go on.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -357,8 +360,12 @@ async fn fill<R: AsyncRead + Unpin>(
     want: usize,
 ) -> io::Result<Fill> {
     while read.len() < want {
-        if read.capacity() - read.len() < want {
-            read.reserve(BUF_SIZE);
+        // Frames are consumed from the front, so the room left behind them
+        // shrinks; below a TLS record's worth, `reserve` moves the few bytes
+        // left (fewer than `want`) to the front of the same allocation, which
+        // then fits BUF_SIZE again: reads stay large, nothing is allocated.
+        if read.capacity() - read.len() < want.max(MIN_READ) {
+            read.reserve(BUF_SIZE.saturating_sub(read.len()));
         }
         if r.read_buf(read).await? == 0 {
             return Ok(Fill::Eof);
