@@ -21,7 +21,11 @@
 //! with a [`Permit`], connect to the service's plaintext port → splice. Outbound:
 //! accept plaintext → source and destination service → register → dial a healthy
 //! instance's node with the source's leaf and SNI `<dst>.svc.<trust-domain>`,
-//! accepting only the destination's SPIFFE ID → splice.
+//! accepting only the destination's SPIFFE ID → splice. Between node proxies
+//! that negotiate it, a TLS connection carries one such connection after another
+//! ([`streams`]): registration, authorization and the local connect happen per
+//! stream, and the outbound side takes an idle pooled connection ([`pool`])
+//! before it dials a new one.
 //!
 //! Layout: this file (the seams and the [`Proxy`] that drives them), [`tls`]
 //! (rustls configurations over live leaves), `inbound`, `outbound`, [`splice`],

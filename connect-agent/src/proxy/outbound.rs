@@ -156,7 +156,8 @@ async fn handle(shared: Arc<Shared>, app: TcpStream, peer: SocketAddr, route: Ro
                 let out =
                     streams::splice_stream(app, &mut conn.framed, true, limits, guard.cancelled())
                         .await;
-                if out.end == splice::End::Closed {
+                // After shutdown began, the pool is being emptied, not filled.
+                if out.end == splice::End::Closed && !shared.shutdown.stop.is_cancelled() {
                     shared.pool.put(&src, &dst, addr, conn);
                 }
                 out
