@@ -129,6 +129,14 @@ fn client_output(p: CgroupProc) -> Result<(String, String)> {
 
 /// One of the eBPF counters from the agent's metrics.
 fn ebpf_counter(agent: &AgentProcess, event: &str) -> Result<u64> {
+    metric(
+        agent,
+        &format!("connect_ebpf_events_total{{event=\"{event}\"}} "),
+    )
+}
+
+/// The sample of the agent's metrics whose line starts with `prefix`.
+fn metric(agent: &AgentProcess, prefix: &str) -> Result<u64> {
     let (status, text) = http(
         agent.http_addr,
         "GET",
@@ -136,7 +144,6 @@ fn ebpf_counter(agent: &AgentProcess, event: &str) -> Result<u64> {
         None,
     )?;
     ensure!(status == 200, "metrics: {status} {text}");
-    let prefix = format!("connect_ebpf_events_total{{event=\"{event}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .with_context(|| format!("no {prefix:?} in metrics:\n{text}"))?
@@ -144,6 +151,8 @@ fn ebpf_counter(agent: &AgentProcess, event: &str) -> Result<u64> {
         .parse()
         .context("counter value")
 }
+
+const REUSED: &str = "connect_proxy_streams_total{side=\"outbound\",connection=\"reused\"} ";
 
 const ECHO: &str = "'hello mesh\\n'";
 
@@ -176,6 +185,17 @@ fn web_reaches_socat_through_the_mesh_until_denied() -> Result<()> {
             && l.contains("src=web")
             && l.contains("dst=socat")),
         "no close record with {orig}, src=web, dst=socat:\n{log}"
+    );
+    // Later connections ride the node-to-node connection the first one made.
+    for _ in 0..2 {
+        let (echo, _) = node.dial_from_web(node.socat_port)?;
+        ensure!(echo == ECHO, "echo on a reused connection: {echo}");
+    }
+    let reused = metric(&node.agent, REUSED)?;
+    ensure!(
+        reused >= 1,
+        "no connection reused a node-to-node connection:\n{}",
+        node.agent.log()
     );
 
     // Deny: a new connection gets no echo.

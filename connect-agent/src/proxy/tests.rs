@@ -1348,3 +1348,32 @@ async fn a_pooled_connection_the_server_closed_is_not_reused() {
     );
     assert_eq!(m.closed(Outbound, Outcome::Closed), 3);
 }
+
+/// Idle node-to-node connections, pooled on the outbound side and waiting for a
+/// stream on the inbound side, end at once when shutdown begins: a drain waits for
+/// live connections only.
+#[tokio::test]
+async fn idle_pooled_connections_do_not_hold_up_a_graceful_shutdown() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let up = n.upstream("web", "socat").await;
+    echo_once(up, b"once").await;
+    pooled(&n, 1).await;
+    let started = Instant::now();
+    n.agent.shutdown.drain(Duration::from_secs(5)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "the drain took {took:?}");
+    assert_eq!(n.proxy.pooled_connections(), 0);
+    let m = n.metrics();
+    assert_eq!(
+        m.closed(Side::Inbound, Outcome::Shutdown),
+        0,
+        "nothing was forced"
+    );
+    assert_eq!(
+        m.closed(Side::Outbound, Outcome::Shutdown),
+        0,
+        "nothing was forced"
+    );
+}
