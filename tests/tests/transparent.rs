@@ -145,7 +145,7 @@ fn metric(agent: &AgentProcess, prefix: &str) -> Result<u64> {
     )?;
     ensure!(status == 200, "metrics: {status} {text}");
     text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
+        .find_map(|l| l.strip_prefix(prefix))
         .with_context(|| format!("no {prefix:?} in metrics:\n{text}"))?
         .trim()
         .parse()

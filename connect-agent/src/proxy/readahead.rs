@@ -44,6 +44,19 @@ impl<S> ReadAhead<S> {
     pub fn into_parts(self) -> (S, BytesMut) {
         (self.inner, self.buf)
     }
+
+    /// Frees the buffer if it holds nothing (a connection about to idle); the
+    /// next read allocates it again.
+    pub fn release(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    /// Bytes of buffer held now.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
@@ -176,5 +189,26 @@ mod tests {
         assert_eq!(n, 1000);
         let (_, left) = s.into_parts();
         assert!(left.is_empty(), "nothing was buffered on the way");
+    }
+
+    #[tokio::test]
+    async fn an_empty_buffer_is_released_and_comes_back_on_the_next_read() {
+        let (mut peer, ours) = tokio::io::duplex(256 * 1024);
+        let mut s = ReadAhead::new(ours);
+        peer.write_all(b"abcdef").await.expect("write");
+        let mut two = [0u8; 2];
+        s.read_exact(&mut two).await.expect("read");
+        assert!(s.capacity() > READ_AHEAD / 2, "read ahead into a large buffer");
+        s.release();
+        assert!(s.capacity() >= 4, "bytes not yet served are kept");
+        let mut four = [0u8; 4];
+        s.read_exact(&mut four).await.expect("read");
+        assert_eq!(&four, b"cdef");
+        s.release();
+        assert_eq!(s.capacity(), 0);
+        peer.write_all(b"again").await.expect("write");
+        let mut five = [0u8; 5];
+        s.read_exact(&mut five).await.expect("read after release");
+        assert_eq!(&five, b"again");
     }
 }

@@ -103,6 +103,19 @@ impl<S> Framed<S> {
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.io
     }
+
+    /// Frees the read buffer if it holds nothing, for a connection about to
+    /// idle: an idle connection then holds its TLS state only, not 64 KiB.
+    pub fn release(&mut self) {
+        if self.read.is_empty() {
+            self.read = BytesMut::new();
+        }
+    }
+
+    /// Bytes of read buffer held now.
+    pub fn capacity(&self) -> usize {
+        self.read.capacity()
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
