@@ -235,8 +235,9 @@ pub struct Limits {
     /// A connection with no byte in either direction for this long is closed.
     pub idle_timeout: Duration,
     /// Most connections carried at once, handshakes included; more are refused.
-    /// Each costs two 64 KiB splice buffers plus TLS state (~150 KiB). An idle
-    /// inbound node-to-node connection waiting for its next stream holds one too.
+    /// Each costs two 64 KiB splice buffers plus TLS state (~150 KiB). Idle
+    /// inbound node-to-node connections between streams are bounded apart
+    /// ([`pool::MAX_IDLE_INBOUND`]).
     pub max_connections: usize,
     /// Reuse of node-to-node connections (see [`streams`]).
     pub pool: PoolLimits,
@@ -315,6 +316,8 @@ struct Shared {
     inbound_lb: Balancer,
     /// Idle outbound node-to-node connections.
     pool: Pool,
+    /// Inbound node-to-node connections waiting for their next stream.
+    idle_inbound: std::sync::atomic::AtomicUsize,
     upstreams: Mutex<HashMap<SocketAddr, RunningUpstream>>,
     /// Serializes [`Proxy::sync_upstreams`]: two concurrent runs would both bind a
     /// wanted listener (port 0 binds twice) and leak one.
@@ -349,6 +352,7 @@ impl Proxy {
             outbound_lb: Balancer::new(balance::FAILURE_HOLD),
             inbound_lb: Balancer::new(balance::FAILURE_HOLD),
             pool,
+            idle_inbound: std::sync::atomic::AtomicUsize::new(0),
             upstreams: Mutex::new(HashMap::new()),
             upstreams_sync: tokio::sync::Mutex::new(()),
         });

@@ -51,8 +51,7 @@ pub struct Guard {
     id: ConnId,
     cancel: CancellationToken,
     registry: Arc<Registry>,
-    /// Always `Some` until [`Guard::into_slot`] takes it.
-    slot: Option<OwnedSemaphorePermit>,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Guard {
@@ -62,13 +61,6 @@ impl Guard {
     /// Cancelled when the connection must close (revoked, or shutdown forced).
     pub fn cancelled(&self) -> &CancellationToken {
         &self.cancel
-    }
-
-    /// Unregisters the connection and hands back its slot: a node-to-node
-    /// connection that carried a stream keeps its slot while it waits for the
-    /// next one.
-    pub fn into_slot(mut self) -> Option<OwnedSemaphorePermit> {
-        self.slot.take()
     }
 }
 
@@ -128,7 +120,7 @@ impl Registry {
             id,
             cancel,
             registry: self.clone(),
-            slot: Some(slot),
+            _slot: slot,
         }
     }
 

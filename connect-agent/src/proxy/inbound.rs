@@ -14,7 +14,14 @@
 //! checks (the client's certificate against the bundle of now, registration,
 //! authorization) when it opens.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use rustls::{
     pki_types::UnixTime,
@@ -199,10 +206,13 @@ async fn dedicated(
 
 /// Application connections one after another on one TLS connection
 /// ([`streams`]): each is checked, authorized and connected to the local service
-/// as a dedicated connection would be, when its `OPEN` arrives. The TLS connection
-/// keeps its slot of the connection limit while it waits for the next stream; it
-/// closes when the client closes it, after [`pool::SERVER_IDLE_TIMEOUT`] without
-/// a stream, when a stream does not end cleanly or is denied, once older than
+/// as a dedicated connection would be, when its `OPEN` arrives, and takes a slot
+/// of the connection limit for as long as it lives (refused if there is none).
+/// Between streams the TLS connection holds no slot — idle connections must not
+/// crowd out live ones — but counts against [`pool::MAX_IDLE_INBOUND`]; past it,
+/// it closes after its stream instead of idling. It also closes when the client
+/// closes it, after [`pool::SERVER_IDLE_TIMEOUT`] without a stream, when a
+/// stream does not end cleanly or is denied, once older than
 /// [`pool::SERVER_MAX_AGE`], and at shutdown.
 async fn serve_streams<'m>(
     shared: &'m Shared,
@@ -220,14 +230,24 @@ async fn serve_streams<'m>(
         idle_timeout: shared.limits.idle_timeout,
     };
     loop {
-        // Idle, it keeps its TLS state but not its 2 × 64 KiB of read buffers.
-        framed.release();
-        framed.get_mut().get_mut().0.release();
+        let idle = if first.is_none() {
+            let Some(idle) = IdleInbound::enter(&shared.idle_inbound) else {
+                tracing::debug!(parent: &conn_span, "too many idle node-to-node connections; closing this one");
+                return;
+            };
+            // Idle, it keeps its TLS state but not its 2 × 64 KiB of read buffers.
+            framed.release();
+            framed.get_mut().get_mut().0.release();
+            Some(idle)
+        } else {
+            None
+        };
         let opened = tokio::select! {
             biased;
             () = shared.shutdown.stop.cancelled() => None,
             r = timeout(pool::SERVER_IDLE_TIMEOUT, framed.read_open()) => Some(r),
         };
+        drop(idle);
         let why = match opened {
             Some(Ok(Ok(true))) => None,
             Some(Ok(Ok(false))) => Some("closed by the client"),
@@ -265,10 +285,13 @@ async fn serve_streams<'m>(
             let rec = ConnRecord::open(&shared.metrics, Side::Inbound, span.clone());
             Stream { id, rec, span }
         });
-        let Some(this_slot) = slot.take() else {
-            // Every stream hands its slot back (below); never here.
-            rec.finish(Outcome::Internal);
-            return;
+        let this_slot = match slot.take().map_or_else(|| shared.registry.reserve(), Ok) {
+            Ok(slot) => slot,
+            Err(full) => {
+                shared.limit_log.refused(full.max);
+                rec.finish(Outcome::LimitReached);
+                return;
+            }
         };
         let run = async {
             // The certificate was verified at the handshake; the bundle of now
@@ -285,15 +308,16 @@ async fn serve_streams<'m>(
             let out =
                 streams::splice_stream(backend, &mut framed, false, limits, guard.cancelled())
                     .await;
-            Ok::<_, ConnError>((out, guard.into_slot()))
+            drop(guard);
+            Ok::<_, ConnError>(out)
         }
         .instrument(span);
         let result = tokio::select! {
             r = run => Some(r),
             () = shared.shutdown.force.cancelled() => None,
         };
-        let (out, back) = match result {
-            Some(Ok((out, back))) => (out, back),
+        let out = match result {
+            Some(Ok(out)) => out,
             Some(Err(e)) => return record(shared, &mut rec, Some(Err(e))),
             None => return record(shared, &mut rec, None),
         };
@@ -311,7 +335,27 @@ async fn serve_streams<'m>(
         if end != splice::End::Closed || born.elapsed() >= pool::SERVER_MAX_AGE {
             return;
         }
-        slot = back;
+    }
+}
+
+/// An inbound node-to-node connection waiting for its next stream, counted in
+/// `Shared::idle_inbound` while it lives.
+struct IdleInbound<'a>(&'a AtomicUsize);
+
+impl<'a> IdleInbound<'a> {
+    fn enter(count: &'a AtomicUsize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < pool::MAX_IDLE_INBOUND).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count))
+    }
+}
+
+impl Drop for IdleInbound<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

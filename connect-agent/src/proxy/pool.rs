@@ -38,6 +38,10 @@ pub(crate) type ClientTls = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>
 /// and a read buffer), so 100 MiB at worst.
 pub const MAX_IDLE: usize = 1024;
 
+/// Idle inbound connections (waiting for their next stream) a proxy keeps at
+/// most; they hold no slot of the connection limit, so this bounds them instead.
+pub const MAX_IDLE_INBOUND: usize = 1024;
+
 /// Connections older than this are not reused.
 pub const MAX_AGE: Duration = Duration::from_secs(5 * 60);
 

@@ -198,7 +198,10 @@ mod tests {
         peer.write_all(b"abcdef").await.expect("write");
         let mut two = [0u8; 2];
         s.read_exact(&mut two).await.expect("read");
-        assert!(s.capacity() > READ_AHEAD / 2, "read ahead into a large buffer");
+        assert!(
+            s.capacity() > READ_AHEAD / 2,
+            "read ahead into a large buffer"
+        );
         s.release();
         assert!(s.capacity() >= 4, "bytes not yet served are kept");
         let mut four = [0u8; 4];

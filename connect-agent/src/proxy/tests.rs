@@ -1377,3 +1377,49 @@ async fn idle_pooled_connections_do_not_hold_up_a_graceful_shutdown() {
         "nothing was forced"
     );
 }
+
+/// Idle inbound node-to-node connections hold no slot of the connection limit: a
+/// server whose limit idle connections would fill still takes new connections.
+#[tokio::test]
+async fn idle_inbound_connections_leave_the_connection_limit_to_live_ones() {
+    let agent = agent().await;
+    let client = node_with(agent.clone(), Limits::default(), None).await;
+    let server = node_with(
+        agent,
+        Limits {
+            max_connections: 2,
+            ..Limits::default()
+        },
+        None,
+    )
+    .await;
+    let backend = echo_backend().await;
+    server.dir.set_local(&svc("socat"), backend.addr);
+    client
+        .dir
+        .set_endpoints(&svc("socat"), vec![endpoint(server.inbound)]);
+    let up = client.upstream("web", "socat").await;
+    // Two at once: two node-to-node connections, both at the server's limit.
+    let mut a = TcpStream::connect(up).await.expect("connect");
+    expect_echo(&mut a, b"a").await;
+    let mut b = TcpStream::connect(up).await.expect("connect");
+    expect_echo(&mut b, b"b").await;
+    drop((a, b));
+    pooled(&client, 2).await;
+    server.settle().await;
+
+    // Both idle on the server; a new dedicated connection and a stream on a
+    // pooled one still get in.
+    let config = client_config(server.agent.ca.bundle(), Some(server.leaf("web").await));
+    let mut fresh = tls_connect(&server, "socat", config)
+        .await
+        .expect("handshake");
+    expect_echo(&mut fresh, b"fresh").await;
+    echo_once(up, b"pooled").await;
+    assert_eq!(
+        server
+            .metrics()
+            .closed(Side::Inbound, Outcome::LimitReached),
+        0
+    );
+}
