@@ -235,7 +235,9 @@ pub struct Limits {
     /// A connection with no byte in either direction for this long is closed.
     pub idle_timeout: Duration,
     /// Most connections carried at once, handshakes included; more are refused.
-    /// Each costs two 64 KiB splice buffers plus TLS state (~150 KiB). Idle
+    /// Each costs two 256 KiB splice buffers (three under TLS, with the
+    /// read-ahead), resident only as far as transfers touch them, plus TLS
+    /// state. Idle
     /// inbound node-to-node connections between streams are bounded apart
     /// ([`pool::MAX_IDLE_INBOUND`]).
     pub max_connections: usize,

@@ -235,7 +235,7 @@ async fn serve_streams<'m>(
                 tracing::debug!(parent: &conn_span, "too many idle node-to-node connections; closing this one");
                 return;
             };
-            // Idle, it keeps its TLS state but not its 2 × 64 KiB of read buffers.
+            // Idle, it keeps its TLS state but not its read buffers.
             framed.release();
             framed.get_mut().get_mut().0.release();
             Some(idle)

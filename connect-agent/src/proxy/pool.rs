@@ -34,8 +34,8 @@ use crate::{ca::TrustBundle, identity::ServiceName};
 /// A client-side node-to-node TLS connection.
 pub(crate) type ClientTls = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
-/// Idle connections in the whole pool, at most: about 100 KiB each (TLS state
-/// and a read buffer), so 100 MiB at worst.
+/// Idle connections in the whole pool, at most. An idle one keeps its TLS state
+/// and socket, not its read buffers (released when it is parked).
 pub const MAX_IDLE: usize = 1024;
 
 /// Idle inbound connections (waiting for their next stream) a proxy keeps at
@@ -183,7 +183,7 @@ impl Pool {
         if !self.enabled() || now.duration_since(conn.born) >= MAX_AGE {
             return;
         }
-        // Idle, it keeps its TLS state but not its 2 × 64 KiB of read buffers.
+        // Idle, it keeps its TLS state but not its read buffers.
         conn.framed.release();
         conn.framed.get_mut().get_mut().0.release();
         let mut idle = self.lock();

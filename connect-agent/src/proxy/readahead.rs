@@ -18,8 +18,9 @@ use std::{
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes read from the socket at once: four full TLS records.
-pub const READ_AHEAD: usize = 64 * 1024;
+/// Bytes read from the socket at once: sixteen full TLS records (see
+/// [`super::splice::BUF_SIZE`] for why large).
+pub const READ_AHEAD: usize = 256 * 1024;
 
 /// `inner` with reads buffered [`READ_AHEAD`] bytes at a time.
 #[derive(Debug)]
@@ -151,8 +152,8 @@ mod tests {
 
     #[tokio::test]
     async fn small_reads_are_served_from_one_large_read_and_eof_passes() {
-        let (mut peer, ours) = tokio::io::duplex(256 * 1024);
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut peer, ours) = tokio::io::duplex(1024 * 1024);
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
         peer.write_all(&data).await.expect("write");
         peer.shutdown().await.expect("eof");
         let mut s = ReadAhead::new(Counting {
@@ -169,8 +170,8 @@ mod tests {
             got.extend_from_slice(&chunk[..n]);
         }
         assert_eq!(got, data, "every byte, in order");
-        // 100,000 bytes in 4 KiB reads would be 25 reads; through 64 KiB, 2.
-        assert_eq!(s.get_ref().reads, 2);
+        // 600,000 bytes in 4 KiB reads would be 147 reads; through 256 KiB, 3.
+        assert_eq!(s.get_ref().reads, 3);
     }
 
     #[tokio::test]

@@ -105,7 +105,7 @@ impl<S> Framed<S> {
     }
 
     /// Frees the read buffer if it holds nothing, for a connection about to
-    /// idle: an idle connection then holds its TLS state only, not 64 KiB.
+    /// idle: an idle connection then holds its TLS state only.
     pub fn release(&mut self) {
         if self.read.is_empty() {
             self.read = BytesMut::new();
@@ -334,6 +334,7 @@ where
                     if fill(r, read, 1).await? == Fill::Eof {
                         return Err(FrameError::Truncated);
                     }
+                    gather(r, read, left).await?;
                     let take = left.min(read.len());
                     w.write_all(&read[..take]).await?;
                     read.advance(take);
@@ -385,6 +386,29 @@ async fn fill<R: AsyncRead + Unpin>(
         }
     }
     Ok(Fill::Ready)
+}
+
+/// Reads what `r` has ready now, without waiting, until `read` holds `want`
+/// bytes or its room is used up. rustls hands out one decrypted record (at most
+/// 16 KiB) per read, and the read-ahead under it usually holds several: gathered,
+/// they leave in one write instead of one write per record.
+async fn gather<R: AsyncRead + Unpin>(
+    r: &mut R,
+    read: &mut BytesMut,
+    want: usize,
+) -> io::Result<()> {
+    while read.len() < want && read.capacity() > read.len() {
+        // `read_buf` reads nothing if it is not ready, so dropping it loses nothing.
+        let ready = tokio::select! {
+            biased;
+            n = r.read_buf(read) => Some(n?),
+            () = std::future::ready(()) => None,
+        };
+        if !matches!(ready, Some(n) if n > 0) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn header(read: &[u8]) -> (u8, usize) {
@@ -635,6 +659,63 @@ mod tests {
         let stream = splice_stream(app_proxy, &mut client, true, Limits::default(), &cancel);
         let _ = tokio::time::timeout(Duration::from_millis(200), stream).await;
         assert_eq!(client.get_ref().1, vec![vec![OPEN, 0, 0, 0]]);
+    }
+
+    /// Hands out at most one 16 KiB "record" per read, as a TLS stream does.
+    struct Records(Vec<u8>);
+
+    impl AsyncRead for Records {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = self.0.len().min(16 * 1024).min(buf.remaining());
+            buf.put_slice(&self.0[..n]);
+            self.0.drain(..n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Accepts every write whole and notes its size.
+    #[derive(Default)]
+    struct Sink(Vec<usize>);
+
+    impl AsyncWrite for Sink {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_arriving_as_many_records_leaves_in_one_write() {
+        let mut wire = vec![DATA, 0x01, 0x86, 0xa0]; // 100,000 bytes
+        wire.extend(std::iter::repeat_n(5u8, 100_000));
+        wire.extend([FIN, 0, 0, 0]);
+        let mut w = Sink::default();
+        let mut read = BytesMut::new();
+        let (count, last) = (AtomicU64::new(0), AtomicU64::new(0));
+        let clock = Clock {
+            last: &last,
+            started: Instant::now(),
+        };
+        receive(&mut Records(wire), &mut read, &mut w, &count, clock)
+            .await
+            .expect("frame and FIN");
+        // Seven reads of at most 16 KiB, one write.
+        assert_eq!(w.0, vec![100_000]);
+        assert_eq!(count.load(Ordering::Relaxed), 100_000);
     }
 
     #[tokio::test]
