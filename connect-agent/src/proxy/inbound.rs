@@ -296,13 +296,10 @@ async fn serve_streams<'m>(
         let run = async {
             // The certificate was verified at the handshake; the bundle of now
             // decides whether it is still good (expired, or its root removed).
-            let client = if reused {
-                let client = peer_identity(framed.get_ref().get_ref().1, &shared.tls.bundle())?;
+            let client = peer_identity(framed.get_ref().get_ref().1, &shared.tls.bundle())?;
+            if reused {
                 tracing::Span::current().record("src", field::display(&client.service));
-                client
-            } else {
-                peer_identity(framed.get_ref().get_ref().1, &shared.tls.bundle())?
-            };
+            }
             let (backend, guard) =
                 admit(shared, id, this_slot, &client, &local, framed.get_mut()).await?;
             let out =

@@ -236,7 +236,8 @@ enum Dialed {
     /// A TLS connection of its own: the server does not take streams, or reuse
     /// is off.
     Dedicated(ClientTls),
-    /// A stream, already opened, on a pooled or a new connection to `addr`.
+    /// A stream to open (`streams::splice_stream` sends its `OPEN`) on a pooled
+    /// or a new connection to `addr`.
     Stream { conn: Conn, addr: SocketAddr },
 }
 
@@ -281,23 +282,22 @@ async fn dial(shared: &Shared, src: &ServiceName, dst: &ServiceName) -> Result<D
             shared.metrics.count_stream(Side::Outbound, true);
             return Ok(Dialed::Stream { conn, addr });
         }
-        let result = match attempt(&TlsConnector::from(config), name.clone(), addr, shared).await {
-            Ok(tls) => {
+        let result = attempt(&TlsConnector::from(config), name.clone(), addr, shared)
+            .await
+            .map(|tls| {
                 shared
                     .metrics
                     .count_handshake(Side::Outbound, tls.get_ref().1.handshake_kind());
                 if tls.get_ref().1.alpn_protocol() == Some(streams::ALPN) {
                     shared.metrics.count_stream(Side::Outbound, false);
-                    Ok(Dialed::Stream {
+                    Dialed::Stream {
                         conn: Conn::new(tls, bundle.clone(), leaf),
                         addr,
-                    })
+                    }
                 } else {
-                    Ok(Dialed::Dedicated(tls))
+                    Dialed::Dedicated(tls)
                 }
-            }
-            Err(e) => Err(e),
-        };
+            });
         match result {
             Ok(dialed) => {
                 shared.outbound_lb.succeeded(addr);
