@@ -1338,7 +1338,7 @@ async fn a_pooled_connection_the_server_closed_is_not_reused() {
         })
         .await;
         // Its close_notify and FIN reach the client's socket.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let m = n.metrics();
     use metrics::Side::Outbound;
