@@ -49,6 +49,8 @@ pub mod tickets;
 pub mod tls;
 
 #[cfg(test)]
+mod testio;
+#[cfg(test)]
 mod tests;
 
 use std::{

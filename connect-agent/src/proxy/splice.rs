@@ -7,10 +7,13 @@
 //! direction, so memory per connection is bounded.
 
 use std::{
+    future::Future,
+    io,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
+use bytes::BufMut;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     time::Instant,
@@ -73,12 +76,9 @@ where
     let (mut br, mut bw) = tokio::io::split(b);
     let a_to_b = AtomicU64::new(0);
     let b_to_a = AtomicU64::new(0);
-    let started = Instant::now();
-    // Milliseconds since `started` of the last byte moved.
-    let last = AtomicU64::new(0);
-
-    let forward = pump(&mut ar, &mut bw, &a_to_b, &last, started);
-    let backward = pump(&mut br, &mut aw, &b_to_a, &last, started);
+    let activity = Activity::new();
+    let forward = pump(&mut ar, &mut bw, &a_to_b, &activity);
+    let backward = pump(&mut br, &mut aw, &b_to_a, &activity);
     // A failed direction ends both: after a reset or a truncated TLS stream the
     // other direction has no one to deliver to, and waiting for it would hold the
     // connection until the idle timeout.
@@ -88,21 +88,7 @@ where
             Err(_) => End::Error,
         }
     };
-    let idle = async {
-        loop {
-            let since = Duration::from_millis(last.load(Ordering::Relaxed));
-            let idle_for = started.elapsed().saturating_sub(since);
-            if idle_for >= limits.idle_timeout {
-                return;
-            }
-            tokio::time::sleep(limits.idle_timeout - idle_for).await;
-        }
-    };
-    let end = tokio::select! {
-        end = both => end,
-        () = idle => End::Idle,
-        () = cancel.cancelled() => End::Cancelled,
-    };
+    let end = drive(both, &activity, limits, cancel).await;
     Outcome {
         a_to_b: a_to_b.load(Ordering::Relaxed),
         b_to_a: b_to_a.load(Ordering::Relaxed),
@@ -110,15 +96,96 @@ where
     }
 }
 
+/// When a splice last moved a byte (either direction), for its idle timeout.
+#[derive(Debug)]
+pub(super) struct Activity {
+    started: Instant,
+    /// Milliseconds since `started` of the last byte moved.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub(super) fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes moved just now.
+    pub(super) fn moved(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Returns once no byte moved for `timeout`.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let since = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let idle_for = self.started.elapsed().saturating_sub(since);
+            if idle_for >= timeout {
+                return;
+            }
+            tokio::time::sleep(timeout - idle_for).await;
+        }
+    }
+}
+
+/// Runs `both` (a splice's two directions) until it ends, nothing moved for the
+/// idle timeout, or `cancel` fires.
+pub(super) async fn drive(
+    both: impl Future<Output = End>,
+    activity: &Activity,
+    limits: Limits,
+    cancel: &CancellationToken,
+) -> End {
+    tokio::select! {
+        end = both => end,
+        () = activity.idle(limits.idle_timeout) => End::Idle,
+        () = cancel.cancelled() => End::Cancelled,
+    }
+}
+
+/// Reads into `buf` only if `r` has bytes (or EOF) ready now: `None` when it
+/// would wait. `read_buf` reads nothing if it is not ready, so giving up on it
+/// loses nothing.
+pub(super) async fn read_ready<R, B>(r: &mut R, buf: &mut B) -> io::Result<Option<usize>>
+where
+    R: AsyncRead + Unpin,
+    B: BufMut,
+{
+    tokio::select! {
+        biased;
+        n = r.read_buf(buf) => n.map(Some),
+        () = std::future::ready(()) => Ok(None),
+    }
+}
+
+/// After a read, reads whatever else `r` has ready now while `room(buf)` holds:
+/// a TLS stream hands out one record (at most 16 KiB) per read and the
+/// read-ahead under it usually holds several; gathered, they leave in one write
+/// instead of one per record. On a TCP socket the extra attempt costs no syscall
+/// (tokio knows the socket is drained).
+pub(super) async fn gather<R, B>(
+    r: &mut R,
+    buf: &mut B,
+    room: impl Fn(&B) -> bool,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    B: BufMut,
+{
+    while room(buf) {
+        if !matches!(read_ready(r, buf).await?, Some(n) if n > 0) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// One direction: read into a fixed buffer, write it all, count; on EOF shut down the
 /// writer so the peer sees the half-close.
-async fn pump<R, W>(
-    r: &mut R,
-    w: &mut W,
-    count: &AtomicU64,
-    last: &AtomicU64,
-    started: Instant,
-) -> std::io::Result<()>
+async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64, activity: &Activity) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -129,20 +196,8 @@ where
     let mut buf = Vec::with_capacity(BUF_SIZE);
     loop {
         buf.clear();
-        let n = r.read_buf(&mut buf).await?;
-        // Then whatever else is ready now: a TLS stream hands out one record
-        // (at most 16 KiB) per read, and gathered they leave in one write. On a
-        // TCP socket the extra attempt costs no syscall (tokio knows it drained
-        // it).
-        while n > 0 && buf.capacity() > buf.len() {
-            let ready = tokio::select! {
-                biased;
-                more = r.read_buf(&mut buf) => Some(more?),
-                () = std::future::ready(()) => None,
-            };
-            if !matches!(ready, Some(more) if more > 0) {
-                break;
-            }
+        if r.read_buf(&mut buf).await? > 0 {
+            gather(r, &mut buf, |b| b.capacity() > b.len()).await?;
         }
         let n = buf.len();
         if n == 0 {
@@ -153,13 +208,14 @@ where
         w.write_all(&buf).await?;
         w.flush().await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
-        last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.moved();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::testio::{Records, Sink};
 
     #[tokio::test]
     async fn copies_both_ways_and_honours_half_close() {
@@ -251,55 +307,12 @@ mod tests {
         }
     }
 
-    /// Hands out at most one 16 KiB "record" per read, as a TLS stream does.
-    struct Records(Vec<u8>);
-
-    impl AsyncRead for Records {
-        fn poll_read(
-            mut self: std::pin::Pin<&mut Self>,
-            _cx: &mut std::task::Context<'_>,
-            buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            let n = self.0.len().min(16 * 1024).min(buf.remaining());
-            buf.put_slice(&self.0[..n]);
-            self.0.drain(..n);
-            std::task::Poll::Ready(Ok(()))
-        }
-    }
-
-    /// Counts writes.
-    #[derive(Default)]
-    struct Sink(Vec<usize>);
-
-    impl AsyncWrite for Sink {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            _cx: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            self.0.push(buf.len());
-            std::task::Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(
-            self: std::pin::Pin<&mut Self>,
-            _cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(
-            self: std::pin::Pin<&mut Self>,
-            _cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-    }
-
     #[tokio::test]
     async fn records_ready_together_leave_in_one_write() {
         let mut r = Records(vec![1u8; 100_000]);
         let mut w = Sink::default();
-        let (count, last) = (AtomicU64::new(0), AtomicU64::new(0));
-        pump(&mut r, &mut w, &count, &last, Instant::now())
+        let count = AtomicU64::new(0);
+        pump(&mut r, &mut w, &count, &Activity::new())
             .await
             .expect("pump");
         // Seven reads of at most 16 KiB, one write.

@@ -39,17 +39,13 @@ use std::{
     pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll, Waker},
-    time::Duration,
 };
 
 use bytes::{Buf, BytesMut};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
-    time::Instant,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use super::splice::{self, BUF_SIZE, End, Limits, Outcome};
+use super::splice::{self, Activity, BUF_SIZE, End, Limits, Outcome, gather, read_ready};
 
 /// The ALPN protocol name of connections that carry streams.
 pub const ALPN: &[u8] = b"connect-streams/1";
@@ -180,19 +176,13 @@ where
     let (mut fr, mut fw) = tokio::io::split(io);
     let to_framed = AtomicU64::new(0);
     let to_plain = AtomicU64::new(0);
-    let started = Instant::now();
-    let last = AtomicU64::new(0);
-    let clock = Clock {
-        last: &last,
-        started,
-    };
-
+    let activity = Activity::new();
     let up = async {
-        send(&mut pr, &mut fw, open, &to_framed, clock)
+        send(&mut pr, &mut fw, open, &to_framed, &activity)
             .await
             .map_err(FrameError::Io)
     };
-    let down = receive(&mut fr, read, &mut pw, &to_plain, clock);
+    let down = receive(&mut fr, read, &mut pw, &to_plain, &activity);
     let both = async {
         match tokio::try_join!(up, down) {
             Ok(_) => End::Closed,
@@ -202,39 +192,11 @@ where
             }
         }
     };
-    let idle = async {
-        loop {
-            let since = Duration::from_millis(last.load(Ordering::Relaxed));
-            let idle_for = started.elapsed().saturating_sub(since);
-            if idle_for >= limits.idle_timeout {
-                return;
-            }
-            tokio::time::sleep(limits.idle_timeout - idle_for).await;
-        }
-    };
-    let end = tokio::select! {
-        end = both => end,
-        () = idle => End::Idle,
-        () = cancel.cancelled() => End::Cancelled,
-    };
+    let end = splice::drive(both, &activity, limits, cancel).await;
     splice::Outcome {
         a_to_b: to_framed.load(Ordering::Relaxed),
         b_to_a: to_plain.load(Ordering::Relaxed),
         end,
-    }
-}
-
-/// When the last byte of a stream moved.
-#[derive(Clone, Copy)]
-struct Clock<'a> {
-    last: &'a AtomicU64,
-    started: Instant,
-}
-
-impl Clock<'_> {
-    fn moved(&self) {
-        self.last
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -252,7 +214,7 @@ async fn send<R, W>(
     w: &mut W,
     mut open: bool,
     count: &AtomicU64,
-    clock: Clock<'_>,
+    activity: &Activity,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -270,16 +232,8 @@ where
         buf.extend_from_slice(&[DATA, 0, 0, 0]);
         // At most MAX_PAYLOAD (< 2^24) whatever capacity the allocator gave.
         let mut limited = (&mut *r).take(MAX_PAYLOAD as u64);
-        let read = limited.read_buf(&mut buf);
         let n = if open {
-            // `read_buf` reads nothing if it is not ready, so dropping it here
-            // loses nothing.
-            let ready = tokio::select! {
-                biased;
-                n = read => Some(n?),
-                () = std::future::ready(()) => None,
-            };
-            match ready {
+            match read_ready(&mut limited, &mut buf).await? {
                 Some(n) => n,
                 None => {
                     w.write_all(&[OPEN, 0, 0, 0]).await?;
@@ -289,7 +243,7 @@ where
                 }
             }
         } else {
-            read.await?
+            limited.read_buf(&mut buf).await?
         };
         if n == 0 {
             buf.truncate(data);
@@ -303,7 +257,7 @@ where
         w.write_all(&buf).await?;
         w.flush().await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
-        clock.moved();
+        activity.moved();
     }
 }
 
@@ -315,7 +269,7 @@ async fn receive<R, W>(
     read: &mut BytesMut,
     w: &mut W,
     count: &AtomicU64,
-    clock: Clock<'_>,
+    activity: &Activity,
 ) -> Result<(), FrameError>
 where
     R: AsyncRead + Unpin,
@@ -334,7 +288,7 @@ where
                     if fill(r, read, 1).await? == Fill::Eof {
                         return Err(FrameError::Truncated);
                     }
-                    gather(r, read, left).await?;
+                    gather(r, read, |b| b.len() < left && b.capacity() > b.len()).await?;
                     let take = left.min(read.len());
                     w.write_all(&read[..take]).await?;
                     read.advance(take);
@@ -342,7 +296,7 @@ where
                     count.fetch_add(take as u64, Ordering::Relaxed);
                 }
                 w.flush().await?;
-                clock.moved();
+                activity.moved();
             }
             FIN if len == 0 => {
                 read.advance(HEADER);
@@ -388,29 +342,6 @@ async fn fill<R: AsyncRead + Unpin>(
     Ok(Fill::Ready)
 }
 
-/// Reads what `r` has ready now, without waiting, until `read` holds `want`
-/// bytes or its room is used up. rustls hands out one decrypted record (at most
-/// 16 KiB) per read, and the read-ahead under it usually holds several: gathered,
-/// they leave in one write instead of one write per record.
-async fn gather<R: AsyncRead + Unpin>(
-    r: &mut R,
-    read: &mut BytesMut,
-    want: usize,
-) -> io::Result<()> {
-    while read.len() < want && read.capacity() > read.len() {
-        // `read_buf` reads nothing if it is not ready, so dropping it loses nothing.
-        let ready = tokio::select! {
-            biased;
-            n = r.read_buf(read) => Some(n?),
-            () = std::future::ready(()) => None,
-        };
-        if !matches!(ready, Some(n) if n > 0) {
-            break;
-        }
-    }
-    Ok(())
-}
-
 fn header(read: &[u8]) -> (u8, usize) {
     let len = u32::from_be_bytes([0, read[1], read[2], read[3]]);
     (read[0], len as usize)
@@ -418,9 +349,12 @@ fn header(read: &[u8]) -> (u8, usize) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio::io::{DuplexStream, duplex};
 
     use super::*;
+    use crate::proxy::testio::{Records, Sink};
 
     /// Runs a stream on both ends of a duplex "TLS connection": the client's
     /// application on `app`, the server's local service on `service`.
@@ -661,43 +595,6 @@ mod tests {
         assert_eq!(client.get_ref().1, vec![vec![OPEN, 0, 0, 0]]);
     }
 
-    /// Hands out at most one 16 KiB "record" per read, as a TLS stream does.
-    struct Records(Vec<u8>);
-
-    impl AsyncRead for Records {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            let n = self.0.len().min(16 * 1024).min(buf.remaining());
-            buf.put_slice(&self.0[..n]);
-            self.0.drain(..n);
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    /// Accepts every write whole and notes its size.
-    #[derive(Default)]
-    struct Sink(Vec<usize>);
-
-    impl AsyncWrite for Sink {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.0.push(buf.len());
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     #[tokio::test]
     async fn a_frame_arriving_as_many_records_leaves_in_one_write() {
         let mut wire = vec![DATA, 0x01, 0x86, 0xa0]; // 100,000 bytes
@@ -705,14 +602,16 @@ mod tests {
         wire.extend([FIN, 0, 0, 0]);
         let mut w = Sink::default();
         let mut read = BytesMut::new();
-        let (count, last) = (AtomicU64::new(0), AtomicU64::new(0));
-        let clock = Clock {
-            last: &last,
-            started: Instant::now(),
-        };
-        receive(&mut Records(wire), &mut read, &mut w, &count, clock)
-            .await
-            .expect("frame and FIN");
+        let count = AtomicU64::new(0);
+        receive(
+            &mut Records(wire),
+            &mut read,
+            &mut w,
+            &count,
+            &Activity::new(),
+        )
+        .await
+        .expect("frame and FIN");
         // Seven reads of at most 16 KiB, one write.
         assert_eq!(w.0, vec![100_000]);
         assert_eq!(count.load(Ordering::Relaxed), 100_000);
