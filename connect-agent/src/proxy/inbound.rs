@@ -220,7 +220,12 @@ async fn serve_streams<'m>(
     slot: OwnedSemaphorePermit,
     first: Stream<'m>,
 ) {
-    let Handshaken { tls, local, .. } = shaken;
+    let Handshaken {
+        tls, local, client, ..
+    } = shaken;
+    // The handshake verified the client for the first stream; later ones check
+    // it again against the bundle of their time.
+    let mut verified = Some(client);
     let born = Instant::now();
     let conn_span = first.span.clone();
     let mut framed = Framed::new(tls);
@@ -248,26 +253,22 @@ async fn serve_streams<'m>(
             r = timeout(pool::SERVER_IDLE_TIMEOUT, framed.read_open()) => Some(r),
         };
         drop(idle);
-        let why = match opened {
+        let closed = match opened {
             Some(Ok(Ok(true))) => None,
-            Some(Ok(Ok(false))) => Some("closed by the client"),
+            Some(Ok(Ok(false))) => Some(("closed by the client", Outcome::Closed)),
             Some(Ok(Err(error))) => {
                 tracing::debug!(parent: &conn_span, %error, "node-to-node connection failed between streams");
-                Some("failed")
+                Some(("failed", Outcome::Reset))
             }
-            Some(Err(_)) => Some("idle"),
-            None => Some("shutdown"),
+            Some(Err(_)) => Some(("idle", Outcome::Closed)),
+            None => Some(("shutdown", Outcome::Closed)),
         };
-        if let Some(why) = why {
+        if let Some((why, outcome)) = closed {
             tracing::debug!(parent: &conn_span, why, "node-to-node connection closed between streams");
             if let Some(mut unused) = first.take() {
                 // The handshake's record, for a connection that never carried a
                 // stream.
-                unused.rec.finish(if why == "failed" {
-                    Outcome::Reset
-                } else {
-                    Outcome::Closed
-                });
+                unused.rec.finish(outcome);
             }
             return;
         }
@@ -296,10 +297,14 @@ async fn serve_streams<'m>(
         let run = async {
             // The certificate was verified at the handshake; the bundle of now
             // decides whether it is still good (expired, or its root removed).
-            let client = peer_identity(framed.get_ref().get_ref().1, &shared.tls.bundle())?;
-            if reused {
-                tracing::Span::current().record("src", field::display(&client.service));
-            }
+            let client = match verified.take() {
+                Some(client) => client,
+                None => {
+                    let client = peer_identity(framed.get_ref().get_ref().1, &shared.tls.bundle())?;
+                    tracing::Span::current().record("src", field::display(&client.service));
+                    client
+                }
+            };
             let (backend, guard) =
                 admit(shared, id, this_slot, &client, &local, framed.get_mut()).await?;
             let out =

@@ -55,6 +55,7 @@ impl<S> ReadAhead<S> {
     }
 
     /// Bytes of buffer held now.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
     }

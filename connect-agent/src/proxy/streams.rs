@@ -109,6 +109,7 @@ impl<S> Framed<S> {
     }
 
     /// Bytes of read buffer held now.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.read.capacity()
     }
