@@ -224,38 +224,20 @@ impl Metrics {
                 self.handshake_failures(side),
             );
         }
-        header(
+        per_side_pair(
             out,
             "connect_proxy_handshakes_total",
-            "counter",
             "TLS handshakes completed, full or resumed from a session ticket.",
+            ("kind", ["full", "resumed"]),
+            &self.handshakes,
         );
-        for side in Side::ALL {
-            for (kind, resumed) in [("full", false), ("resumed", true)] {
-                sample(
-                    out,
-                    "connect_proxy_handshakes_total",
-                    &[("side", side.label()), ("kind", kind)],
-                    self.handshakes(side, resumed),
-                );
-            }
-        }
-        header(
+        per_side_pair(
             out,
             "connect_proxy_streams_total",
-            "counter",
             "Application connections carried as streams over node-to-node connections, on a new one or one reused.",
+            ("connection", ["new", "reused"]),
+            &self.streams,
         );
-        for side in Side::ALL {
-            for (connection, reused) in [("new", false), ("reused", true)] {
-                sample(
-                    out,
-                    "connect_proxy_streams_total",
-                    &[("side", side.label()), ("connection", connection)],
-                    self.streams(side, reused),
-                );
-            }
-        }
         header(
             out,
             "connect_proxy_authorizations_total",
@@ -327,6 +309,28 @@ impl Metrics {
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A counter family by side and a label of two values, kept as
+/// `counters[side][value]`.
+fn per_side_pair(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    (label, values): (&str, [&str; 2]),
+    counters: &[[AtomicU64; 2]; 2],
+) {
+    header(out, name, "counter", help);
+    for side in Side::ALL {
+        for (value, counter) in values.iter().zip(&counters[side as usize]) {
+            sample(
+                out,
+                name,
+                &[("side", side.label()), (label, value)],
+                counter.load(Ordering::Relaxed),
+            );
+        }
+    }
 }
 
 fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
