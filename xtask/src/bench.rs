@@ -19,6 +19,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::{
+    loadgen::Handshakes,
     netns::{self, Netns, Proc},
     util::{self, output},
 };
@@ -253,18 +254,13 @@ fn measure(me: &Path, client: &Netns, t: &Target, args: &BenchArgs) -> Result<Fi
         std::thread::sleep(Duration::from_secs(args.pause));
     }
     let me_s = me.to_string_lossy().into_owned();
-    let handshakes = |api: &str| -> Result<(u64, u64, u64)> {
-        let v: serde_json::Value = serde_json::from_str(&output(client.command(me).args([
-            "bench-client",
-            "handshakes",
-            "--addr",
-            api,
-        ]))?)?;
-        Ok((
-            v["full"].as_u64().unwrap_or(0),
-            v["resumed"].as_u64().unwrap_or(0),
-            v["reused"].as_u64().unwrap_or(0),
-        ))
+    let handshakes = |api: &str| -> Result<Handshakes> {
+        let out = output(
+            client
+                .command(me)
+                .args(["bench-client", "handshakes", "--addr", api]),
+        )?;
+        serde_json::from_str(&out).context("bench-client handshakes printed no counters")
     };
     let hs_before = t.agent_api.as_deref().map(handshakes).transpose()?;
     let cpu_before: f64 = t
@@ -335,11 +331,11 @@ fn measure(me: &Path, client: &Netns, t: &Target, args: &BenchArgs) -> Result<Fi
         .map(|k| k as f64 / 1024.0);
     let hs_after = t.agent_api.as_deref().map(handshakes).transpose()?;
     let (resumed_share, reused_share) = match (hs_before, hs_after) {
-        (Some((f0, r0, u0)), Some((f1, r1, u1))) => {
+        (Some(before), Some(after)) => {
             let (full, resumed, reused) = (
-                f1.saturating_sub(f0),
-                r1.saturating_sub(r0),
-                u1.saturating_sub(u0),
+                after.full.saturating_sub(before.full),
+                after.resumed.saturating_sub(before.resumed),
+                after.reused.saturating_sub(before.reused),
             );
             println!(
                 "    client proxy: {full} full handshakes, {resumed} resumed, {reused} connections on a reused node-to-node connection"

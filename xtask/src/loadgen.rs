@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Accepting threads of the echo server: enough for 16 concurrent clients plus the
 /// round-trip connection without spawning per connection.
@@ -199,7 +199,7 @@ fn cps(addr: SocketAddr, concurrency: usize, duration: Duration) -> Result<CpsRe
     })
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Handshakes {
     pub full: u64,
     pub resumed: u64,
