@@ -314,14 +314,21 @@ async fn expect_closed<S: AsyncRead + Unpin>(s: &mut S, within: Duration) {
     }
 }
 
-// ───────────────────────────── tests ─────────────────────────────
-
-#[tokio::test]
-async fn echo_through_an_upstream_listener_and_the_inbound_side() {
+/// A node serving socat on an echo backend, with an upstream listener web →
+/// socat: the node, the backend and the listener's address.
+async fn socat_behind_upstream() -> (Node, Backend, SocketAddr) {
     let n = node().await;
     let backend = echo_backend().await;
     n.serve("socat", &backend);
     let up = n.upstream("web", "socat").await;
+    (n, backend, up)
+}
+
+// ───────────────────────────── tests ─────────────────────────────
+
+#[tokio::test]
+async fn echo_through_an_upstream_listener_and_the_inbound_side() {
+    let (n, _backend, up) = socat_behind_upstream().await;
 
     let mut c = TcpStream::connect(up).await.expect("connect upstream");
     expect_echo(&mut c, b"hello mesh\n").await;
@@ -380,10 +387,7 @@ async fn half_close_travels_through_both_proxies() {
 
 #[tokio::test]
 async fn a_denied_connection_closes_before_any_byte_passes() {
-    let n = node().await;
-    let backend = echo_backend().await;
-    n.serve("socat", &backend);
-    let up = n.upstream("web", "socat").await;
+    let (n, backend, up) = socat_behind_upstream().await;
     n.intention("web", "socat", Action::Deny).await;
 
     let mut c = TcpStream::connect(up).await.expect("connect");
@@ -409,10 +413,7 @@ async fn a_denied_connection_closes_before_any_byte_passes() {
 
 #[tokio::test]
 async fn a_live_connection_closes_within_a_second_of_a_deny() {
-    let n = node().await;
-    let backend = echo_backend().await;
-    n.serve("socat", &backend);
-    let up = n.upstream("web", "socat").await;
+    let (n, backend, up) = socat_behind_upstream().await;
     let mut live = TcpStream::connect(up).await.expect("connect");
     expect_echo(&mut live, b"before").await;
     // Another pair's connection must survive the re-check.
@@ -877,10 +878,7 @@ async fn the_transparent_listener_routes_by_cgroup_and_original_destination() {
 
 #[tokio::test]
 async fn upstream_listeners_follow_the_directory() {
-    let n = node().await;
-    let backend = echo_backend().await;
-    n.serve("socat", &backend);
-    let up = n.upstream("web", "socat").await;
+    let (n, _backend, up) = socat_behind_upstream().await;
     let mut live = TcpStream::connect(up).await.expect("connect");
     expect_echo(&mut live, b"up").await;
     assert_eq!(n.proxy.upstream_addrs().len(), 1);
@@ -1141,10 +1139,7 @@ async fn pooled(n: &Node, count: usize) {
 /// handshake, then one stream each, every one authorized and counted.
 #[tokio::test]
 async fn sequential_connections_reuse_one_node_to_node_connection() {
-    let n = node().await;
-    let backend = echo_backend().await;
-    n.serve("socat", &backend);
-    let up = n.upstream("web", "socat").await;
+    let (n, backend, up) = socat_behind_upstream().await;
     for i in 0..10 {
         echo_once(up, format!("hello {i}").as_bytes()).await;
         pooled(&n, 1).await;
@@ -1178,10 +1173,7 @@ async fn sequential_connections_reuse_one_node_to_node_connection() {
 /// once allowed again a new one is made.
 #[tokio::test]
 async fn each_stream_is_authorized_when_it_opens() {
-    let n = node().await;
-    let backend = echo_backend().await;
-    n.serve("socat", &backend);
-    let up = n.upstream("web", "socat").await;
+    let (n, backend, up) = socat_behind_upstream().await;
     echo_once(up, b"allowed").await;
     pooled(&n, 1).await;
 
@@ -1258,10 +1250,7 @@ async fn round_robin_over_two_nodes_reuses_one_connection_per_node() {
 /// connection made under the new bundle.
 #[tokio::test]
 async fn a_root_rotation_retires_pooled_connections() {
-    let n = node().await;
-    let backend = echo_backend().await;
-    n.serve("socat", &backend);
-    let up = n.upstream("web", "socat").await;
+    let (n, _backend, up) = socat_behind_upstream().await;
     echo_once(up, b"before").await;
     pooled(&n, 1).await;
     let bundle = n.agent.ca.bundle();
@@ -1354,10 +1343,7 @@ async fn a_pooled_connection_the_server_closed_is_not_reused() {
 /// live connections only.
 #[tokio::test]
 async fn idle_pooled_connections_do_not_hold_up_a_graceful_shutdown() {
-    let n = node().await;
-    let backend = echo_backend().await;
-    n.serve("socat", &backend);
-    let up = n.upstream("web", "socat").await;
+    let (n, _backend, up) = socat_behind_upstream().await;
     echo_once(up, b"once").await;
     pooled(&n, 1).await;
     let started = Instant::now();
