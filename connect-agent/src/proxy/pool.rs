@@ -110,11 +110,11 @@ type ByEndpoint = HashMap<SocketAddr, Vec<Idle>>;
 #[derive(Debug)]
 pub(crate) struct Pool {
     limits: PoolLimits,
-    idle: Mutex<Idle3>,
+    idle: Mutex<Parked>,
 }
 
 #[derive(Debug, Default)]
-struct Idle3 {
+struct Parked {
     by_source: HashMap<ServiceName, HashMap<ServiceName, ByEndpoint>>,
     count: usize,
 }
@@ -126,7 +126,7 @@ impl Pool {
             .min(SERVER_IDLE_TIMEOUT.saturating_sub(Duration::from_secs(30)));
         Self {
             limits,
-            idle: Mutex::new(Idle3::default()),
+            idle: Mutex::new(Parked::default()),
         }
     }
 
@@ -154,7 +154,7 @@ impl Pool {
         let mut unusable = Vec::new();
         let found = {
             let mut idle = self.lock();
-            let Idle3 { by_source, count } = &mut *idle;
+            let Parked { by_source, count } = &mut *idle;
             let list = by_source.get_mut(src)?.get_mut(dst)?.get_mut(&addr)?;
             let mut found = None;
             while let Some(mut i) = list.pop() {
@@ -213,7 +213,7 @@ impl Pool {
         let mut expired = Vec::new();
         {
             let mut idle = self.lock();
-            let Idle3 { by_source, count } = &mut *idle;
+            let Parked { by_source, count } = &mut *idle;
             by_source.retain(|_, by_dst| {
                 by_dst.retain(|_, by_ep| {
                     by_ep.retain(|_, list| {
@@ -248,7 +248,7 @@ impl Pool {
             && now.duration_since(i.conn.born) < MAX_AGE
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Idle3> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Parked> {
         // Plain inserts and removes: a poisoned pool is still consistent.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
