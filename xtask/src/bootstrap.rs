@@ -1,12 +1,20 @@
 //! Installs what building and testing need, idempotently and quickly when done.
 //!
-//! - Debian packages the build and the tests use (only those missing; `apt-get update`
-//!   once), among them `protobuf-compiler`: etcd-client's build script runs `protoc`.
+//! - Debian packages the tests use (only those missing; `apt-get update` once).
+//! - `protoc` and google/protobuf's well-known `.proto` files, which etcd-client's build
+//!   script needs: copied from the protoc-bin-vendored crate (crates.io) into
+//!   `target/tools/protoc`, where `.cargo/config.toml` points `PROTOC` and
+//!   `PROTOC_INCLUDE`. No Debian package is involved, so a missing include file can no
+//!   longer hide behind a package installed on one machine and not another.
 //! - `rust-src` on the nightly toolchain (for `-Z build-std=core`).
 //! - bpf-linker, built against the LLVM shared library inside the nightly toolchain
 //!   (no LLVM development package matches the nightly's LLVM on Debian bookworm, and
 //!   prebuilt downloads are not available here; see shared/TOOLCHAIN.md). It is cached
 //!   under ~/.cache/connect, keyed by its version and the LLVM major version.
+//!
+//! [`check`] lists every prerequisite, whether it is there and what installs it;
+//! `cargo xtask test` runs it first, so a machine that cannot install what is missing
+//! fails in its first second, naming it.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,12 +23,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{describe, is_root, output, run_status};
+use crate::util::{self, describe, is_root, output, run_status};
 
 /// bpf-linker's version; must support the nightly's LLVM major version.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the build and the tests use, with the command each provides.
+/// Debian packages the tests, the lab and the bench use, with the command each
+/// provides (empty: checked by package only).
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("socat", "socat"),
     ("netcat-openbsd", "nc"),
@@ -28,8 +37,6 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("etcd-server", "etcd"),
     ("etcd-client", "etcdctl"),
-    // The agent's build: etcd-client's build script compiles etcd's protos with protoc.
-    ("protobuf-compiler", "protoc"),
     ("dnsutils", "dig"),
     ("iperf3", "iperf3"),
     ("stunnel4", "stunnel4"),
@@ -39,6 +46,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("python3-venv", ""),
     ("vagrant", "vagrant"),
 ];
+
+/// Where bootstrap puts protoc and its include files (see `.cargo/config.toml`).
+const PROTOC_DIR: &str = "target/tools/protoc";
 
 /// What the eBPF build needs: where bpf-linker lives.
 #[derive(Debug, Clone)]
@@ -50,26 +60,179 @@ pub fn run(with_apt: bool) -> Result<Toolchain> {
     if with_apt {
         apt_packages()?;
     }
+    protoc()?;
     rust_src()?;
     let bpf_linker_bin = bpf_linker()?;
     Ok(Toolchain { bpf_linker_bin })
 }
 
-/// Fails with the package to install when `protoc`, which building the agent needs, is
-/// missing: for the commands that build without installing Debian packages.
-pub fn require_protoc() -> Result<()> {
-    // prost-build honours PROTOC, so a protoc elsewhere is fine too.
-    if std::env::var_os("PROTOC").is_some() || on_path("protoc") {
-        return Ok(());
-    }
-    bail!(
-        "building connect-agent needs `protoc` (etcd-client's build script runs it): install Debian's protobuf-compiler (`sudo apt-get install protobuf-compiler`) or run `sudo cargo xtask bootstrap`"
-    )
+/// One prerequisite: what it is, whether it is there, and what installs it.
+#[derive(Debug)]
+pub struct Prerequisite {
+    pub name: String,
+    pub present: bool,
+    pub installed_by: String,
 }
 
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+/// Every prerequisite of building and testing, checked without installing anything.
+pub fn prerequisites(with_apt: bool) -> Vec<Prerequisite> {
+    let mut list = Vec::new();
+    if with_apt {
+        for (pkg, _) in APT_PACKAGES {
+            list.push(Prerequisite {
+                name: format!("Debian package {pkg}"),
+                present: dpkg_installed(pkg),
+                installed_by: format!("apt-get install {pkg}"),
+            });
+        }
+    }
+    let sysroot = nightly_sysroot().ok();
+    list.push(Prerequisite {
+        name: "nightly toolchain".to_owned(),
+        present: sysroot.is_some(),
+        installed_by: "rustup toolchain install nightly (not installed by bootstrap)".to_owned(),
+    });
+    list.push(Prerequisite {
+        name: "rust-src on the nightly".to_owned(),
+        present: sysroot
+            .as_ref()
+            .is_some_and(|s| s.join("lib/rustlib/src/rust/library/core").is_dir()),
+        installed_by: "rustup component add rust-src --toolchain nightly".to_owned(),
+    });
+    list.push(Prerequisite {
+        name: format!("bpf-linker {BPF_LINKER_VERSION}"),
+        present: bpf_linker_prefix().is_ok_and(|p| works(&p.join("bin/bpf-linker"))),
+        installed_by: "cargo install bpf-linker (built against the nightly's libLLVM, cached under ~/.cache/connect)".to_owned(),
+    });
+    let protoc_dir = util::workspace_root().join(PROTOC_DIR);
+    list.push(Prerequisite {
+        name: "protoc with well-known types".to_owned(),
+        present: protoc_dir.join("bin/protoc").is_file()
+            && protoc_dir.join("include/google/protobuf/descriptor.proto").is_file(),
+        installed_by: format!("copied from the protoc-bin-vendored crate into {PROTOC_DIR}"),
+    });
+    list
+}
+
+/// `cargo xtask bootstrap --check`: prints every prerequisite; fails if any is missing.
+pub fn check(with_apt: bool) -> Result<()> {
+    let list = prerequisites(with_apt);
+    for p in &list {
+        println!(
+            "  {:<7} {:<34} {}",
+            if p.present { "ok" } else { "MISSING" },
+            p.name,
+            p.installed_by
+        );
+    }
+    let missing: Vec<&str> = list
+        .iter()
+        .filter(|p| !p.present)
+        .map(|p| p.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        bail!("missing: {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+/// What `cargo xtask test` runs first: checks, and if something is missing and this
+/// process cannot install it (not root, no network), fails at once naming it.
+pub fn check_or_install(with_apt: bool) -> Result<Toolchain> {
+    let missing: Vec<Prerequisite> = prerequisites(with_apt)
+        .into_iter()
+        .filter(|p| !p.present)
+        .collect();
+    let apt_missing: Vec<&Prerequisite> = missing
+        .iter()
+        .filter(|p| p.name.starts_with("Debian package"))
+        .collect();
+    if !apt_missing.is_empty() && !is_root() {
+        bail!(
+            "missing, and installing needs root: {} (run `sudo cargo xtask bootstrap`, or install them: `sudo apt-get install {}`)",
+            apt_missing
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            apt_missing
+                .iter()
+                .filter_map(|p| p.name.strip_prefix("Debian package "))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    if let Some(p) = missing.iter().find(|p| p.name == "nightly toolchain") {
+        bail!("missing: {} ({})", p.name, p.installed_by);
+    }
+    if !missing.is_empty() {
+        println!(
+            "xtask: installing {}",
+            missing
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    run(with_apt)
+}
+
+/// Copies protoc and its include files from the protoc-bin-vendored crate into
+/// [`PROTOC_DIR`] (only when they differ), where `.cargo/config.toml` points cargo.
+fn protoc() -> Result<()> {
+    let bin = protoc_bin_vendored::protoc_bin_path()
+        .map_err(|e| anyhow::anyhow!("protoc-bin-vendored has no protoc for this platform: {e}"))?;
+    let include = protoc_bin_vendored::include_path()
+        .map_err(|e| anyhow::anyhow!("protoc-bin-vendored has no include files: {e}"))?;
+    let dest = util::workspace_root().join(PROTOC_DIR);
+    copy_if_changed(&bin, &dest.join("bin/protoc"))?;
+    copy_tree(&include, &dest.join("include"))?;
+    let mut cmd = Command::new(dest.join("bin/protoc"));
+    cmd.arg("--version");
+    output(&mut cmd).context("the vendored protoc does not run on this machine")?;
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+        let entry = entry.with_context(|| format!("cannot read {}", from.display()))?;
+        let path = entry.path();
+        let target = to.join(entry.file_name());
+        if path.is_dir() {
+            copy_tree(&path, &target)?;
+        } else {
+            copy_if_changed(&path, &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_if_changed(from: &Path, to: &Path) -> Result<()> {
+    let new = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+    if std::fs::read(to).ok().as_deref() == Some(new.as_slice()) {
+        return Ok(());
+    }
+    if let Some(dir) = to.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // Write beside and rename, so a build running meanwhile never sees half a file.
+    let tmp = to.with_extension("partial");
+    std::fs::write(&tmp, &new).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mode = std::fs::metadata(from)
+        .with_context(|| format!("cannot stat {}", from.display()))?
+        .permissions();
+    std::fs::set_permissions(&tmp, mode)
+        .with_context(|| format!("cannot set permissions on {}", tmp.display()))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("cannot write {}", to.display()))
+}
+
+fn works(bin: &Path) -> bool {
+    bin.is_file()
+        && Command::new(bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
 }
 
 fn apt_packages() -> Result<()> {
@@ -154,9 +317,14 @@ fn cache_dir() -> PathBuf {
         .join("connect")
 }
 
+fn bpf_linker_prefix() -> Result<PathBuf> {
+    let llvm = nightly_llvm_major()?;
+    Ok(cache_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}-llvm{llvm}")))
+}
+
 fn bpf_linker() -> Result<PathBuf> {
     let llvm = nightly_llvm_major()?;
-    let prefix = cache_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}-llvm{llvm}"));
+    let prefix = bpf_linker_prefix()?;
     let bin = prefix.join("bin/bpf-linker");
     let sysroot = nightly_sysroot()?;
     let lib = find_libllvm(&sysroot)?;
@@ -175,12 +343,7 @@ fn bpf_linker() -> Result<PathBuf> {
         std::os::unix::fs::symlink(&lib, &link)
             .with_context(|| format!("cannot link {} to {}", link.display(), lib.display()))?;
     }
-    if bin.is_file()
-        && Command::new(&bin)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    {
+    if works(&bin) {
         return Ok(prefix.join("bin"));
     }
     println!(

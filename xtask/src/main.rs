@@ -31,9 +31,13 @@ struct Cli {
 enum Command {
     /// Install what building and testing need (apt packages, rust-src, bpf-linker).
     Bootstrap {
-        /// Only the Rust toolchain parts; no apt packages.
+        /// Only the Rust toolchain parts and protoc; no apt packages.
         #[arg(long)]
         no_apt: bool,
+        /// Install nothing: list each prerequisite, whether it is there and what
+        /// installs it; exit non-zero if any is missing.
+        #[arg(long)]
+        check: bool,
     },
     /// Build the eBPF object into target/bpf/connect-ebpf.o.
     BuildEbpf,
@@ -65,7 +69,13 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bootstrap { no_apt } => bootstrap::run(!no_apt).map(|_| ()),
+        Command::Bootstrap { no_apt, check } => {
+            if check {
+                bootstrap::check(!no_apt)
+            } else {
+                bootstrap::run(!no_apt).map(|_| ())
+            }
+        }
         Command::BuildEbpf => bootstrap::run(false).and_then(|tc| ebpf::build(&tc)),
         Command::Build => build().map(|_| ()),
         Command::Run { args } => run(args),
@@ -84,7 +94,6 @@ fn main() {
 
 pub(crate) fn build() -> Result<PathBuf> {
     let tc = bootstrap::run(false)?;
-    bootstrap::require_protoc()?;
     let bin = build_agent(&tc)?;
     println!("xtask: built {}", bin.display());
     Ok(bin)

@@ -45,10 +45,7 @@ pub fn run(args: TestArgs) -> Result<()> {
     let mut steps: Vec<Step> = Vec::new();
 
     let tc = match timed("bootstrap", &mut steps, || {
-        let tc = bootstrap::run(!args.unit_only)?;
-        // Without the apt step nothing installed protoc; say so before cargo fails.
-        bootstrap::require_protoc()?;
-        Ok(tc)
+        bootstrap::check_or_install(!args.unit_only)
     }) {
         Some(tc) => tc,
         None => return finish(&steps, started),
