@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Provisions one lab node: etcd member, the agent built on the host (synced to
-# /vagrant/target/release/connect-agent), and the node's demo service.
+# /vagrant/target/dist/connect-agent), and the node's demo service.
 set -euo pipefail
 : "${NODE_NAME:?}" "${NODE_IP:?}" "${ETCD_INITIAL_CLUSTER:?}" "${CONNECT_STORE:?}" "${DEMO_ROLE:?}"
 
@@ -13,7 +13,7 @@ test -e /sys/kernel/btf/vmlinux || { echo "this kernel has no BTF; use a Debian 
 CG2=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)
 test -n "$CG2" || { echo "no cgroup2 mount" >&2; exit 1; }
 
-install -m 0755 /vagrant/target/release/connect-agent /usr/local/bin/connect-agent
+install -m 0755 /vagrant/target/dist/connect-agent /usr/local/bin/connect-agent
 install -d -m 0700 /var/lib/connect /etc/connect.d
 mkdir -p "$CG2/app/web" "$CG2/app/socat"
 

@@ -43,6 +43,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("tcpdump", "tcpdump"),
     ("util-linux", "nsenter"),
+    // objcopy: `cargo xtask build` ships the agent stripped, its debug info beside it.
+    ("binutils", "objcopy"),
     ("python3-venv", ""),
     ("vagrant", "vagrant"),
 ];
@@ -61,6 +63,7 @@ pub fn run(with_apt: bool) -> Result<Toolchain> {
         apt_packages()?;
     }
     protoc()?;
+    lint_components()?;
     rust_src()?;
     let bpf_linker_bin = bpf_linker()?;
     Ok(Toolchain { bpf_linker_bin })
@@ -86,6 +89,13 @@ pub fn prerequisites(with_apt: bool) -> Vec<Prerequisite> {
             });
         }
     }
+    for (component, tool) in LINT_COMPONENTS {
+        list.push(Prerequisite {
+            name: format!("{tool} on this toolchain"),
+            present: tool_present(tool),
+            installed_by: format!("rustup component add {component}"),
+        });
+    }
     let sysroot = nightly_sysroot().ok();
     list.push(Prerequisite {
         name: "nightly toolchain".to_owned(),
@@ -108,7 +118,9 @@ pub fn prerequisites(with_apt: bool) -> Vec<Prerequisite> {
     list.push(Prerequisite {
         name: "protoc with well-known types".to_owned(),
         present: protoc_dir.join("bin/protoc").is_file()
-            && protoc_dir.join("include/google/protobuf/descriptor.proto").is_file(),
+            && protoc_dir
+                .join("include/google/protobuf/descriptor.proto")
+                .is_file(),
         installed_by: format!("copied from the protoc-bin-vendored crate into {PROTOC_DIR}"),
     });
     list
@@ -195,7 +207,9 @@ fn protoc() -> Result<()> {
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))?
+    {
         let entry = entry.with_context(|| format!("cannot read {}", from.display()))?;
         let path = entry.path();
         let target = to.join(entry.file_name());
@@ -269,6 +283,33 @@ fn dpkg_installed(pkg: &str) -> bool {
                 && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
         })
         .unwrap_or(false)
+}
+
+/// rustup components the fmt and clippy steps run, with the tool each provides.
+const LINT_COMPONENTS: &[(&str, &str)] = &[("rustfmt", "rustfmt"), ("clippy", "clippy-driver")];
+
+/// Whether `tool` runs from the toolchain this cargo belongs to (rustup's proxies
+/// exist even when the component does not, so run it).
+fn tool_present(tool: &str) -> bool {
+    let dir = std::env::var_os("CARGO")
+        .map(PathBuf::from)
+        .and_then(|c| c.parent().map(PathBuf::from));
+    let bin = dir.map(|d| d.join(tool)).filter(|p| p.is_file());
+    let mut cmd = Command::new(bin.unwrap_or_else(|| PathBuf::from(tool)));
+    cmd.arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    cmd.status().is_ok_and(|s| s.success())
+}
+
+fn lint_components() -> Result<()> {
+    for (component, tool) in LINT_COMPONENTS {
+        if !tool_present(tool) {
+            println!("xtask: adding {component} to the toolchain");
+            run_status(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    Ok(())
 }
 
 fn rust_src() -> Result<()> {

@@ -99,8 +99,8 @@ pub(crate) fn build() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// The eBPF object, then the release `connect-agent` with it embedded; returns the
-/// binary's path.
+/// The eBPF object, then the release `connect-agent` with it embedded, stripped into
+/// `target/dist/`; returns the stripped binary's path.
 pub(crate) fn build_agent(tc: &bootstrap::Toolchain) -> Result<PathBuf> {
     ebpf::build(tc)?;
     util::cargo(&[
@@ -111,7 +111,51 @@ pub(crate) fn build_agent(tc: &bootstrap::Toolchain) -> Result<PathBuf> {
         "--bin",
         "connect-agent",
     ])?;
-    Ok(util::workspace_root().join("target/release/connect-agent"))
+    let root = util::workspace_root();
+    dist(
+        &root.join("target/release/connect-agent"),
+        &root.join("target/dist"),
+    )
+}
+
+/// What is installed: `dist/connect-agent` without debug info (about a sixth of the
+/// size), pointing through `.gnu_debuglink` at `dist/connect-agent.debug`, which keeps
+/// the debug info for `perf report` and gdb (both find it beside the binary, or under
+/// /usr/lib/debug). Redone only when the release binary changed.
+fn dist(built: &std::path::Path, dir: &std::path::Path) -> Result<PathBuf> {
+    use anyhow::Context;
+    let bin = dir.join("connect-agent");
+    let debug = dir.join("connect-agent.debug");
+    let newer = |a: &std::path::Path, b: &std::path::Path| -> bool {
+        let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        match (m(a), m(b)) {
+            (Some(a), Some(b)) => a > b,
+            _ => true,
+        }
+    };
+    if !newer(built, &bin) && debug.is_file() {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join("connect-agent.partial");
+    util::run_status(
+        std::process::Command::new("objcopy")
+            .arg("--only-keep-debug")
+            .arg(built)
+            .arg(&debug),
+    )?;
+    // --add-gnu-debuglink names the file only (no directory); debuggers look beside
+    // the binary first.
+    util::run_status(
+        std::process::Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg("--strip-unneeded")
+            .arg(format!("--add-gnu-debuglink={}", debug.display()))
+            .arg(built)
+            .arg(&tmp),
+    )?;
+    std::fs::rename(&tmp, &bin).with_context(|| format!("cannot write {}", bin.display()))?;
+    Ok(bin)
 }
 
 fn run(args: Vec<String>) -> Result<()> {

@@ -25,6 +25,11 @@ pub struct TestArgs {
     /// Only fmt, clippy and unit tests (a quick loop while developing; CI runs all).
     #[arg(long)]
     unit_only: bool,
+    /// How many test executables run at once (each runs its own tests in parallel
+    /// threads too). Integration tests mostly wait on processes and timers, so three
+    /// at once on two cores finish well before one after another.
+    #[arg(long, default_value_t = 3)]
+    jobs: usize,
     /// Extra arguments for the integration test binaries (e.g. a test name filter).
     #[arg(last = true)]
     filter: Vec<String>,
@@ -61,59 +66,69 @@ pub fn run(args: TestArgs) -> Result<()> {
             .current_dir(util::workspace_root().join("connect-ebpf"));
         util::run_status(&mut cmd)
     });
-    timed("clippy", &mut steps, || {
-        util::cargo(&[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ])?;
+    timed("clippy (eBPF programs)", &mut steps, || {
         let mut cmd = ebpf::nightly_cargo(&tc);
         cmd.args(["clippy", "--release", "--", "-D", "warnings"])
             .current_dir(util::workspace_root().join("connect-ebpf"));
         util::run_status(&mut cmd)
     });
-    cargo_tests(
-        "unit tests",
-        &mut steps,
-        &[
-            "test",
-            "--workspace",
-            "--exclude",
-            "connect-tests",
-            "--no-fail-fast",
-        ],
-        &[],
-    );
-
-    if !args.unit_only {
-        timed("vagrant validate", &mut steps, || {
-            let mut cmd = Command::new("vagrant");
-            cmd.args(["validate", "--ignore-provider"])
-                .current_dir(util::workspace_root().join("vagrant"))
-                // Keep vagrant's state out of the user's home.
-                .env(
-                    "VAGRANT_HOME",
-                    util::workspace_root().join("target/vagrant-home"),
-                )
-                .env("CONNECT_BOX", "connect/debian12");
-            util::run_status(&mut cmd)
+    // One compilation of the workspace serves clippy, the unit tests, the agent binary
+    // and the integration tests: clippy-driver is rustc plus clippy's lints, so running
+    // it as the workspace's compiler in `cargo test --no-run --all-targets` lints every
+    // target while building it, with the workspace's features unified (connect-tests
+    // turns on connect-agent's `testing`). Dependencies are built by plain rustc, and
+    // cargo replays the lints of unchanged crates, so a warm run still reports them.
+    let built = timed("build and lint all targets", &mut steps, || {
+        build_test_executables(&["--workspace", "--all-targets"])
+    });
+    if let Some(built) = &built {
+        // clippy's `-D warnings`, counted instead of failing the build, so the tests
+        // still run and one run shows every problem.
+        steps.push(Step {
+            name: "clippy",
+            ok: built.warnings == 0,
+            elapsed: Duration::ZERO,
+            passed: 0,
+            failed: 0,
+            note: if built.warnings == 0 {
+                String::new()
+            } else {
+                format!("{} warnings (printed above)", built.warnings)
+            },
         });
-        let built = timed("build agent binary", &mut steps, || {
-            util::cargo(&["build", "-p", "connect-agent", "--bin", "connect-agent"])
-        });
-        let venv = timed("python venv (py-consul, sslyze)", &mut steps, python_venv);
-        if built.is_some() && venv.is_some() {
-            let mut extra: Vec<&str> = vec!["--"];
-            extra.extend(args.filter.iter().map(String::as_str));
-            cargo_tests(
-                "integration tests (privileged)",
-                &mut steps,
-                &["test", "-p", "connect-tests", "--no-fail-fast"],
-                &extra,
-            );
+    }
+    let tests = built.map(|b| b.exes);
+    if let Some(tests) = &tests {
+        let (unit, integration): (Vec<_>, Vec<_>) = tests
+            .iter()
+            .cloned()
+            .partition(|t| t.package != "connect-tests");
+        run_test_executables("unit tests", &mut steps, &unit, &[], args.jobs);
+        if !args.unit_only {
+            timed("vagrant validate", &mut steps, || {
+                let mut cmd = Command::new("vagrant");
+                cmd.args(["validate", "--ignore-provider"])
+                    .current_dir(util::workspace_root().join("vagrant"))
+                    // Keep vagrant's state out of the user's home.
+                    .env(
+                        "VAGRANT_HOME",
+                        util::workspace_root().join("target/vagrant-home"),
+                    )
+                    .env("CONNECT_BOX", "connect/debian12");
+                util::run_status(&mut cmd)
+            });
+            // `target/debug/connect-agent`, which the integration tests start, came
+            // out of the build above.
+            let venv = timed("python venv (py-consul, sslyze)", &mut steps, python_venv);
+            if venv.is_some() {
+                run_test_executables(
+                    "integration tests (privileged)",
+                    &mut steps,
+                    &integration,
+                    &args.filter,
+                    args.jobs,
+                );
+            }
         }
     }
     finish(&steps, started)
@@ -142,41 +157,217 @@ fn timed<T>(name: &'static str, steps: &mut Vec<Step>, f: impl FnOnce() -> Resul
     r.ok()
 }
 
-/// Runs `cargo test`, streaming its output and counting passed and failed tests.
-fn cargo_tests(name: &'static str, steps: &mut Vec<Step>, args: &[&str], extra: &[&str]) {
-    println!("\n==> {name}");
-    let t = Instant::now();
+/// One test executable `cargo test --no-run` built.
+#[derive(Debug, Clone)]
+struct TestExe {
+    package: String,
+    /// `<package>::<target>` for the log.
+    name: String,
+    path: std::path::PathBuf,
+}
+
+/// What the lint-and-build step produced.
+#[derive(Debug)]
+struct Built {
+    /// The test executables to run (benches are built and linted, not run).
+    exes: Vec<TestExe>,
+    /// Warnings rustc and clippy reported on workspace crates.
+    warnings: usize,
+}
+
+/// `cargo test --no-run ARGS` with clippy-driver compiling the workspace's crates;
+/// prints every diagnostic and returns the executables built and the warning count.
+fn build_test_executables(args: &[&str]) -> Result<Built> {
+    let driver = clippy_driver()?;
     let mut cmd = util::cargo_cmd();
-    cmd.args(args).args(extra).stdout(Stdio::piped());
-    let (mut passed, mut failed) = (0, 0);
-    let result: Result<bool> = (|| {
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot run `{}`", util::describe(&cmd)))?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        for line in BufReader::new(stdout).lines() {
-            let line = line.context("reading cargo test output")?;
+    cmd.args(["test", "--no-run", "--message-format=json"])
+        .args(args)
+        .env("RUSTC_WORKSPACE_WRAPPER", &driver)
+        .stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run `{}`", util::describe(&cmd)))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut exes = Vec::new();
+    let mut warnings = 0;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo's messages")?;
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            // Build scripts' and cargo's own non-JSON output.
             println!("{line}");
-            if let Some((p, f)) = parse_result_line(&line) {
-                passed += p;
-                failed += f;
+            continue;
+        };
+        match msg["reason"].as_str() {
+            Some("compiler-message") => {
+                let level = msg["message"]["level"].as_str().unwrap_or("");
+                if level == "warning" {
+                    warnings += 1;
+                }
+                if let Some(text) = msg["message"]["rendered"].as_str() {
+                    eprint!("{text}");
+                }
             }
+            Some("compiler-artifact") if msg["profile"]["test"] == true => {
+                let is_bench = msg["target"]["kind"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|k| k == "bench"));
+                let Some(path) = msg["executable"].as_str() else {
+                    continue;
+                };
+                if is_bench {
+                    continue;
+                }
+                let package = package_name(msg["package_id"].as_str().unwrap_or(""));
+                let target = msg["target"]["name"].as_str().unwrap_or("?");
+                exes.push(TestExe {
+                    name: format!("{package}::{target}"),
+                    package,
+                    path: std::path::PathBuf::from(path),
+                });
+            }
+            _ => {}
         }
-        Ok(child.wait().context("waiting for cargo test")?.success())
-    })();
-    let (ok, note) = match result {
-        Ok(true) => (true, String::new()),
-        Ok(false) => (false, "cargo test failed".to_owned()),
-        Err(e) => (false, format!("{e:#}")),
-    };
+    }
+    if !child.wait().context("waiting for cargo")?.success() {
+        bail!("`{}` failed", util::describe(&cmd));
+    }
+    exes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Built { exes, warnings })
+}
+
+/// A package's name from cargo's package ID: `path+file:///…/connect-agent#0.1.0`
+/// or `path+file:///…/tests#connect-tests@0.1.0`.
+fn package_name(id: &str) -> String {
+    let tail = id.rsplit('/').next().unwrap_or(id);
+    match tail.split_once('#') {
+        Some((dir, rest)) => match rest.split_once('@') {
+            Some((name, _)) => name.to_owned(),
+            None => dir.to_owned(),
+        },
+        None => tail.to_owned(),
+    }
+}
+
+/// clippy-driver of the toolchain running this cargo (rustup's `clippy` component).
+fn clippy_driver() -> Result<std::path::PathBuf> {
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let beside = std::path::Path::new(&cargo).with_file_name("clippy-driver");
+        if beside.is_file() {
+            return Ok(beside);
+        }
+    }
+    let which = util::output(Command::new("rustup").args(["which", "clippy-driver"]))
+        .context("clippy-driver not found (install it with `rustup component add clippy`)")?;
+    Ok(std::path::PathBuf::from(which.trim()))
+}
+
+/// Runs test executables, up to `jobs` at once, each with its output collected and
+/// printed whole when it ends (so logs of parallel runs do not interleave), counting
+/// passed and failed tests from their `test result:` lines.
+fn run_test_executables(
+    name: &'static str,
+    steps: &mut Vec<Step>,
+    exes: &[TestExe],
+    extra: &[String],
+    jobs: usize,
+) {
+    println!(
+        "\n==> {name} ({} executables, {} at once)",
+        exes.len(),
+        jobs.max(1)
+    );
+    let t = Instant::now();
+    let queue = std::sync::Mutex::new(exes.iter());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().map(|mut q| q.next()).unwrap_or(None);
+                    let Some(exe) = next else { break };
+                    let r = run_one(exe, extra);
+                    if let Ok(mut all) = results.lock() {
+                        all.push(r);
+                    }
+                }
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_default();
+    let (mut passed, mut failed) = (0, 0);
+    let mut broken = Vec::new();
+    for r in &results {
+        passed += r.passed;
+        failed += r.failed;
+        if !r.ok {
+            broken.push(r.name.clone());
+        }
+    }
+    let ok = broken.is_empty() && results.len() == exes.len();
     steps.push(Step {
         name,
         ok,
         elapsed: t.elapsed(),
         passed,
         failed,
-        note,
+        note: if ok {
+            String::new()
+        } else {
+            format!("failed: {}", broken.join(", "))
+        },
     });
+}
+
+#[derive(Debug)]
+struct ExeResult {
+    name: String,
+    ok: bool,
+    passed: u64,
+    failed: u64,
+}
+
+fn run_one(exe: &TestExe, extra: &[String]) -> ExeResult {
+    let t = Instant::now();
+    let mut cmd = Command::new(&exe.path);
+    // What `cargo test` gives a test executable, which the tests rely on.
+    let manifest = util::workspace_root().join(match exe.package.as_str() {
+        "connect-tests" => "tests",
+        other => other,
+    });
+    cmd.args(extra)
+        .current_dir(&manifest)
+        .env("CARGO_MANIFEST_DIR", &manifest)
+        .stdin(Stdio::null());
+    let out = cmd.output();
+    let (ok, text) = match out {
+        Ok(o) => {
+            let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&o.stderr));
+            (o.status.success(), text)
+        }
+        Err(e) => (false, format!("cannot run {}: {e}", exe.path.display())),
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for line in text.lines() {
+        if let Some((p, f)) = parse_result_line(line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    // One block per executable, written at once.
+    println!(
+        "\n--- {} ({:.1}s, {})\n{}",
+        exe.name,
+        t.elapsed().as_secs_f64(),
+        if ok { "ok" } else { "FAILED" },
+        text.trim_end()
+    );
+    ExeResult {
+        name: exe.name.clone(),
+        ok,
+        passed,
+        failed,
+    }
 }
 
 /// `test result: ok. 19 passed; 0 failed; 0 ignored; ...` -> (19, 0).
@@ -266,7 +457,19 @@ fn first_line(s: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_result_line;
+    use super::{package_name, parse_result_line};
+
+    #[test]
+    fn names_packages_from_their_ids() {
+        assert_eq!(
+            package_name("path+file:///work/main/connect-agent#0.1.0"),
+            "connect-agent"
+        );
+        assert_eq!(
+            package_name("path+file:///work/main/tests#connect-tests@0.1.0"),
+            "connect-tests"
+        );
+    }
 
     #[test]
     fn parses_cargo_test_result_lines() {
