@@ -67,6 +67,9 @@ pub enum Error {
     Https(#[from] api::https::Error),
     #[error("cannot load the catalog: {0}")]
     Catalog(#[from] catalog::Error),
+    /// Another agent holds this node name (already a whole sentence with its fix).
+    #[error(transparent)]
+    NodeName(catalog::Error),
     #[error(transparent)]
     Proxy(#[from] proxy::Error),
     #[error(transparent)]
@@ -127,7 +130,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
 
     let shutdown = Shutdown::new();
-    let agent = build(config, store, redirect, shutdown.clone()).await?;
+    let agent = build_node(config, &opened.node_id, store, redirect, shutdown.clone()).await?;
 
     let stop = shutdown.stop.clone();
     let server = tokio::spawn(api::serve(http, agent.clone(), async move {
@@ -214,10 +217,29 @@ pub async fn run(config: Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// Builds every component on top of an opened store. Tests call this with a
+/// [`build_node`] with a fixed node ID ([`catalog::NodeId::for_tests`]): tests
+/// (ours and `acl::testing`'s users) call this with a
 /// [`crate::store::memory::MemStore`] and [`Config::for_tests`].
 pub async fn build(
     config: Config,
+    store: Arc<dyn Store>,
+    redirect: Option<Arc<Redirector>>,
+    shutdown: Shutdown,
+) -> Result<Arc<Agent>, Error> {
+    build_node(
+        config,
+        &catalog::NodeId::for_tests(),
+        store,
+        redirect,
+        shutdown,
+    )
+    .await
+}
+
+/// Builds every component on top of an opened store, as node `node_id`.
+pub async fn build_node(
+    config: Config,
+    node_id: &catalog::NodeId,
     store: Arc<dyn Store>,
     redirect: Option<Arc<Redirector>>,
     shutdown: Shutdown,
@@ -234,7 +256,12 @@ pub async fn build(
     .await?;
     // The catalog writes (its node record, --config-dir) before intentions start, so
     // those writes cannot race the intentions follower's first watch.
-    let catalog = catalog::Catalog::start(&config, store.clone()).await?;
+    let catalog = catalog::Catalog::start(&config, node_id, store.clone())
+        .await
+        .map_err(|e| match e {
+            e @ catalog::Error::NodeNameTaken { .. } => Error::NodeName(e),
+            e => Error::Catalog(e),
+        })?;
     // No matching intention: ACLs off or default allow ⇒ allow (reference §3);
     // `Config` derives `default_allow` from the ACL settings.
     let intentions = Intentions::start(store.clone(), config.default_allow).await?;
@@ -253,16 +280,30 @@ pub async fn build(
     }))
 }
 
-/// The opened store, and the temporary directory holding it in `--dev` (removed when
-/// this value is dropped, so it must live as long as the agent).
+/// The opened store, this node's ID, and the temporary directory holding both in
+/// `--dev` (removed when this value is dropped, so it must live as long as the
+/// agent).
 #[derive(Debug)]
 pub struct OpenedStore {
     pub store: Arc<dyn Store>,
+    pub node_id: catalog::NodeId,
     pub dev_dir: Option<tempfile::TempDir>,
 }
 
+/// Reads (or on first start creates) the node ID kept in `dir`.
+fn node_id_in(dir: &std::path::Path) -> Result<catalog::NodeId, Error> {
+    let id = datadir::node_id(dir)?;
+    tracing::info!(node_id = %id, "node ID");
+    Ok(catalog::NodeId {
+        id,
+        file: dir.join(datadir::NODE_ID_FILE),
+    })
+}
+
 /// Opens the configured store: `<data-dir>/connect.redb` (the directory created with
-/// mode 0700, as it holds CA keys), or a throw-away directory in `--dev`.
+/// mode 0700, as it holds CA keys), or a throw-away directory in `--dev`. The node
+/// ID lives beside it; with etcd the data directory holds the node ID only, and is
+/// used even in `--dev`: the ID must live as long as the store that records it.
 pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
     use std::os::unix::fs::PermissionsExt;
     match &config.store {
@@ -287,9 +328,11 @@ pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
                 datadir::prepare(&config.data_dir)?;
                 (config.data_dir.clone(), None)
             };
+            let node_id = node_id_in(&dir)?;
             let store = store::open(&dir).await?;
             Ok(OpenedStore {
                 store: Arc::new(store),
+                node_id,
                 dev_dir,
             })
         }
@@ -301,9 +344,12 @@ pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
                     .map(|u| (u.name.clone(), u.password.0.clone())),
                 ..store::etcd::EtcdOptions::default()
             };
+            datadir::prepare(&config.data_dir)?;
+            let node_id = node_id_in(&config.data_dir)?;
             let store = store::etcd::EtcdStore::connect(endpoints, opts).await?;
             Ok(OpenedStore {
                 store: Arc::new(store),
+                node_id,
                 dev_dir: None,
             })
         }

@@ -44,7 +44,7 @@ pub use self::{
 use crate::{
     config::Config,
     identity::ServiceName,
-    store::{self, Event, Index, KeyValue, Store, Txn, WatchMessage},
+    store::{self, Compare, Event, Index, KeyValue, Store, Txn, WatchMessage},
 };
 
 /// Prefix of every catalog key.
@@ -99,6 +99,23 @@ pub enum Error {
     UnknownService { id: String },
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// Another agent holds this node name: two agents of one name would overwrite
+    /// each other's services (`--config-dir` replaces the node's file-sourced
+    /// services), so the second is refused.
+    #[error(
+        "refusing to start: the node name {node:?} is held by node ID {held_by}, and this agent's node ID is {ours}; give this agent a name of its own with --node-name, or, if node {held_by} is gone for good and this agent replaces it, write {held_by} into {id_file}"
+    )]
+    NodeNameTaken {
+        node: String,
+        held_by: String,
+        ours: String,
+        id_file: PathBuf,
+    },
+    /// The node record kept changing under the claim (agents starting at once).
+    #[error(
+        "could not claim the node name {node:?}: its record changed {attempts} times while this agent tried"
+    )]
+    ClaimContended { node: String, attempts: usize },
     #[error("the store holds a corrupt catalog record at {key}: {source}")]
     Corrupt {
         key: String,
@@ -110,7 +127,10 @@ pub enum Error {
 impl Error {
     /// Whether the caller (client, operator) is at fault rather than the agent.
     pub fn is_user_error(&self) -> bool {
-        !matches!(self, Error::Store(_) | Error::Corrupt { .. })
+        !matches!(
+            self,
+            Error::Store(_) | Error::Corrupt { .. } | Error::ClaimContended { .. }
+        )
     }
 }
 
@@ -137,21 +157,22 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Records this node, loads the catalog, starts following the store and applies
-    /// `--config-dir` (a bad file fails startup, naming path and field).
-    pub async fn start(config: &Config, store: Arc<dyn Store>) -> Result<Arc<Self>, Error> {
+    /// Claims this node's name for `node_id` ([`claim`]), loads the catalog, starts
+    /// following the store and applies `--config-dir` (a bad file fails startup,
+    /// naming path and field).
+    pub async fn start(
+        config: &Config,
+        node_id: &NodeId,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<Self>, Error> {
         let node = Node {
+            id: node_id.id.hyphenated().to_string(),
             node: config.node_name.clone(),
             address: config.advertise_addr,
             datacenter: config.datacenter.to_string(),
             inbound_addr: config.inbound_addr,
         };
-        let node_key = format!("{NODES}{}", node.node);
-        let encoded = encode(&node)?;
-        let current = store.get(&node_key).await?;
-        if current.as_ref().map(|kv| &kv.value) != Some(&encoded) {
-            store.put(&node_key, encoded).await?;
-        }
+        claim(store.as_ref(), &node, &node_id.file).await?;
         let listing = store.list(PREFIX).await?;
         let mut records: BTreeMap<String, KeyValue> = listing
             .items
@@ -502,6 +523,72 @@ fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, serde_json::Value)>, Error> {
         out.push((path, doc));
     }
     Ok(out)
+}
+
+/// This node's ID and the file it came from (named in errors, as the fix may be
+/// to edit it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeId {
+    pub id: uuid::Uuid,
+    pub file: PathBuf,
+}
+
+impl NodeId {
+    /// A fixed ID for in-process tests (also `app::build`'s, which
+    /// `acl::testing` serves to other crates' tests).
+    pub fn for_tests() -> Self {
+        Self {
+            id: uuid::Uuid::from_u128(0x1111_2222_3333_4444_5555_6666_7777_8888),
+            file: PathBuf::from("/nonexistent/node-id"),
+        }
+    }
+}
+
+/// Times [`claim`] re-reads a node record that changed under it.
+const CLAIM_ATTEMPTS: usize = 5;
+
+/// Writes this node's record, `catalog/nodes/<name>`, unless another node ID holds
+/// the name ([`Error::NodeNameTaken`]). Check and write are one transaction
+/// (absent, or unchanged since read), so of two agents starting at once on one
+/// store with one name, exactly one gets it. A record without an ID (written before
+/// node IDs existed) is taken over.
+async fn claim(store: &dyn Store, node: &Node, id_file: &Path) -> Result<(), Error> {
+    let key = format!("{NODES}{}", node.node);
+    let encoded = encode(node)?;
+    for _ in 0..CLAIM_ATTEMPTS {
+        let txn = match store.get(&key).await? {
+            None => Txn::new()
+                .when(Compare::Absent(key.clone()))
+                .put(key.clone(), encoded.clone()),
+            Some(kv) => {
+                let held: Node = decode(&kv)?;
+                if !held.id.is_empty() && held.id != node.id {
+                    return Err(Error::NodeNameTaken {
+                        node: node.node.clone(),
+                        held_by: held.id,
+                        ours: node.id.clone(),
+                        id_file: id_file.to_owned(),
+                    });
+                }
+                if kv.value == encoded {
+                    return Ok(());
+                }
+                if held.id.is_empty() {
+                    tracing::info!(node = %node.node, node_id = %node.id, "node record without an ID taken over");
+                }
+                Txn::new()
+                    .when(Compare::ModIndex(key.clone(), kv.mod_index))
+                    .put(key.clone(), encoded.clone())
+            }
+        };
+        if store.txn(txn).await?.is_committed() {
+            return Ok(());
+        }
+    }
+    Err(Error::ClaimContended {
+        node: node.node.clone(),
+        attempts: CLAIM_ATTEMPTS,
+    })
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Error> {

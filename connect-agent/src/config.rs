@@ -31,7 +31,8 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
 
-    /// Where durable state lives (the embedded store).
+    /// Where durable state lives: the node ID, and the embedded store unless
+    /// `--store` names etcd.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/connect")]
     pub data_dir: PathBuf,
 

@@ -7,11 +7,12 @@
 //! directory belongs to another user: the store holds the CA's private keys and the
 //! ACL system's state. Operator-supplied key files (`--key-file`) get the same
 //! check. [`inspect`] reports the same facts to `connect-agent doctor`.
-//! This module does not open the store; it only guards where the store lives.
+//! This module does not open the store; it only guards where the store lives, and
+//! keeps the node's ID there ([`node_id`]).
 
 use std::{
     fs,
-    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -57,6 +58,102 @@ pub enum Error {
         "the data directory {path} holds more than {MAX_ENTRIES} entries; it is not a Connect data directory"
     )]
     TooManyEntries { path: PathBuf },
+    #[error("cannot read the node ID file {path}: {source}")]
+    NodeIdRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "refusing to start: the node ID file {path} does not hold a UUID (it holds {found:?}); restore it from a backup, or remove it to give this node a new ID"
+    )]
+    NodeIdCorrupt { path: PathBuf, found: String },
+    #[error("cannot write the node ID file {path}: {source}")]
+    NodeIdWrite {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The file in the data directory that holds the node's ID (as Consul's
+/// `node-id`: the UUID as text).
+pub const NODE_ID_FILE: &str = "node-id";
+
+/// Largest node ID file read: a UUID is 36 characters; anything much larger is not
+/// one, and is not read into memory whole.
+const NODE_ID_MAX_BYTES: u64 = 256;
+
+/// The node's ID: read from [`NODE_ID_FILE`] in `dir`, or, on first start, a new
+/// random UUID written there. Why it exists: node names are chosen by people and
+/// collide (agents in network namespaces share the host name); the ID tells two
+/// agents of one name apart, so that the second can be refused instead of taking
+/// over the first one's catalog entries (see `catalog::Catalog::start`).
+///
+/// The file is written whole or not at all (a temporary file, fsync, rename, fsync
+/// of the directory): a crash leaves either no ID or the ID. A file that does not
+/// hold a UUID is an error naming the file, never silently replaced, since a new
+/// ID would make the node a stranger to the catalog that knows it.
+pub fn node_id(dir: &Path) -> Result<uuid::Uuid, Error> {
+    use std::io::{Read, Write};
+    let path = dir.join(NODE_ID_FILE);
+    match fs::File::open(&path) {
+        Ok(f) => {
+            let mut text = String::new();
+            f.take(NODE_ID_MAX_BYTES)
+                .read_to_string(&mut text)
+                .map_err(|source| match source.kind() {
+                    std::io::ErrorKind::InvalidData => Error::NodeIdCorrupt {
+                        path: path.clone(),
+                        found: "bytes that are not UTF-8".into(),
+                    },
+                    _ => Error::NodeIdRead {
+                        path: path.clone(),
+                        source,
+                    },
+                })?;
+            let trimmed = text.trim();
+            // Hyphenated form only: what we write, and what Consul writes.
+            match uuid::Uuid::try_parse(trimmed) {
+                Ok(id) if trimmed.len() == 36 && !id.is_nil() => Ok(id),
+                _ => Err(Error::NodeIdCorrupt {
+                    path,
+                    found: trimmed.chars().take(64).collect(),
+                }),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4();
+            let write_err = |source| Error::NodeIdWrite {
+                path: path.clone(),
+                source,
+            };
+            let tmp = dir.join(format!("{NODE_ID_FILE}.tmp"));
+            // A temporary file left by a crash during an earlier first start.
+            match fs::remove_file(&tmp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(write_err(e)),
+            }
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(write_err)?;
+            f.write_all(id.hyphenated().to_string().as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(write_err)?;
+            drop(f);
+            fs::rename(&tmp, &path).map_err(write_err)?;
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(write_err)?;
+            tracing::info!(node_id = %id, path = %path.display(), "node ID created");
+            Ok(id)
+        }
+        Err(source) => Err(Error::NodeIdRead { path, source }),
+    }
 }
 
 /// Makes the data directory private and checks it; call before opening the store.
@@ -297,6 +394,59 @@ mod tests {
         let e = check_key_file(&key).expect_err("readable key").to_string();
         assert!(e.contains("key file") && e.contains("chmod 600"), "{e}");
         assert!(check_key_file(&tmp.path().join("none")).is_err());
+    }
+
+    #[test]
+    fn the_node_id_is_created_once_and_kept() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path();
+        let first = node_id(dir).expect("created");
+        let file = dir.join(NODE_ID_FILE);
+        assert_eq!(
+            fs::read_to_string(&file).expect("read"),
+            first.hyphenated().to_string()
+        );
+        assert_eq!(
+            fs::metadata(&file).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(node_id(dir).expect("kept"), first, "a restart keeps the ID");
+        assert!(!dir.join("node-id.tmp").exists());
+
+        // Consul's file (or one edited by hand) may end with a newline.
+        fs::write(&file, format!("{first}\n")).expect("write");
+        assert_eq!(node_id(dir).expect("trailing newline"), first);
+
+        // A crash during the first start may leave the temporary file behind.
+        let other = tempfile::tempdir().expect("tmp");
+        fs::write(other.path().join("node-id.tmp"), b"half").expect("write");
+        let fresh = node_id(other.path()).expect("created over a stale temporary");
+        assert_ne!(fresh, first, "IDs are random");
+        assert_eq!(node_id(other.path()).expect("kept"), fresh);
+    }
+
+    #[test]
+    fn a_corrupt_node_id_is_refused_and_kept() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let file = tmp.path().join(NODE_ID_FILE);
+        for bad in [
+            &b""[..],
+            b"not-a-uuid",
+            b"00000000-0000-0000-0000-000000000000",
+            b"0123456789abcdef0123456789abcdef",
+            b"\xff\xfe",
+            &[b'7'; 4096],
+        ] {
+            fs::write(&file, bad).expect("write");
+            let e = node_id(tmp.path()).expect_err("corrupt");
+            assert!(matches!(e, Error::NodeIdCorrupt { .. }), "{bad:?}: {e}");
+            let text = e.to_string();
+            assert!(
+                text.contains(&file.display().to_string()) && text.contains("remove it"),
+                "{text}"
+            );
+            assert_eq!(fs::read(&file).expect("read"), bad, "left as it was");
+        }
     }
 
     #[test]

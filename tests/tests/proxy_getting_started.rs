@@ -11,15 +11,49 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
 use connect_tests::{
     agent::{AgentProcess, free_port},
-    mesh::{cli, explicit_proxy, nc, register, socat_echo, wait_listening},
+    mesh::{Spawned, cli, explicit_proxy, nc, register, socat_echo, wait_listening},
 };
 use serde_json::json;
+
+/// How soon the application must see a denied connection closed: the server
+/// refuses within milliseconds; the bound leaves room for a loaded machine and is
+/// far below an application's own timeouts.
+const REFUSED_WITHIN: Duration = Duration::from_secs(1);
+
+/// Connects to the upstream as an application would, writes a line or not, and
+/// waits (at most 5 s) for its socket to report the connection's end: it must be
+/// a reset (a refused connection, told apart from a server that answered nothing
+/// with a clean EOF), within [`REFUSED_WITHIN`] of the connect, with no byte back.
+fn expect_reset(port: u16, speak: bool) -> Result<Duration> {
+    let started = Instant::now();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    if speak {
+        // May fail already if the reset came first.
+        let _ = c.write_all(b"hello world\n");
+    }
+    let mut buf = [0u8; 64];
+    let read = c.read(&mut buf);
+    let took = started.elapsed();
+    match read {
+        Ok(0) => anyhow::bail!("a clean EOF {took:?} after connect, not a reset"),
+        Ok(n) => anyhow::bail!("received {:?} on a denied connection", &buf[..n]),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => anyhow::bail!("not closed {took:?} after connect: {e}"),
+    }
+    ensure!(
+        took < REFUSED_WITHIN,
+        "the reset came {took:?} after connect"
+    );
+    Ok(took)
+}
 
 /// Everything the guide sets up: agent, socat registered with a Connect proxy,
 /// and `connect-agent proxy` for `web` with an upstream to socat.
@@ -106,6 +140,32 @@ fn getting_started_guide() -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         g.logs()
     );
+    // The guide's reader types into nc: its input stays open, so only a reset
+    // ends it; the denied connection must not sit open until nc gives up.
+    let started = Instant::now();
+    let mut typing = Spawned::start(
+        "nc (interactive)",
+        Command::new("nc").args(["127.0.0.1", &g.upstream.to_string()]),
+    )?;
+    let exited = typing.wait_exit(Duration::from_secs(5))?;
+    let took = started.elapsed();
+    ensure!(
+        exited.is_some(),
+        "an interactive nc was still connected 5 s after its denied connect\n{}",
+        g.logs()
+    );
+    println!("interactive nc exited {took:?} after its denied connect");
+    ensure!(
+        took < REFUSED_WITHIN,
+        "an interactive nc took {took:?} to see its denied connection closed"
+    );
+    // The application's own socket: reset, silent or speaking first, within
+    // REFUSED_WITHIN of its connect (the first one rides the pooled node-to-node
+    // connection the echo above left, the later ones are new).
+    for speak in [false, false, true] {
+        let took = expect_reset(g.upstream, speak).with_context(|| g.logs())?;
+        println!("denied connection (speaking first: {speak}) reset {took:?} after connect");
+    }
 
     let out = cli(&g.agent, &["intention", "delete", "web", "socat"])?;
     ensure!(

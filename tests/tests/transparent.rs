@@ -60,6 +60,29 @@ if len(sys.argv) > 2:
         f.write("eof %f\n" % time.time())
 "#;
 
+/// A client whose connection is to be refused: connects to 127.0.0.1:<port>,
+/// sends a line if told to `speak`, and prints how its socket reported the end
+/// (`reset`, `eof`, `data …` or `open` after 5 s) and how long after its connect.
+const REFUSED: &str = r#"
+import socket, sys, time
+port, mode = int(sys.argv[1]), sys.argv[2]
+start = time.monotonic()
+s = socket.create_connection(("127.0.0.1", port), timeout=5)
+if mode == "speak":
+    try:
+        s.sendall(b"hello mesh\n")
+    except OSError:
+        pass
+try:
+    data = s.recv(100)
+    how = "eof" if not data else "data %r" % data
+except ConnectionResetError:
+    how = "reset"
+except socket.timeout:
+    how = "open"
+print("closed=%s took_ms=%.1f" % (how, (time.monotonic() - start) * 1000))
+"#;
+
 struct Node {
     agent: AgentProcess,
     cg: TestCgroup,
@@ -207,8 +230,28 @@ fn web_reaches_socat_through_the_mesh_until_denied() -> Result<()> {
         String::from_utf8_lossy(&out.stdout).contains("Created: web => socat (deny)"),
         "{out:?}"
     );
-    let (echo, _) = node.dial_from_web(node.socat_port)?;
-    ensure!(echo == "''", "denied, yet the echo came back: {echo}");
+    // From the application's socket: reset within a second of its connect,
+    // silent (the first rides the pooled node-to-node connection) or speaking.
+    for mode in ["silent", "silent", "speak"] {
+        let out = CgroupProc::spawn(
+            &node.web(),
+            "python3",
+            &["-c", REFUSED, &node.socat_port.to_string(), mode],
+        )?
+        .output(Duration::from_secs(20))?;
+        let (code, out, err) = out;
+        ensure!(code == 0, "client failed ({code}): {out}\n{err}");
+        let line = out.trim();
+        let took_ms: f64 = line
+            .strip_prefix("closed=reset took_ms=")
+            .with_context(|| format!("{mode}: not a reset: {line}\n{}", node.agent.log()))?
+            .parse()?;
+        println!("denied transparent connection ({mode}) reset {took_ms:.1} ms after connect");
+        ensure!(
+            took_ms < 1000.0,
+            "{mode}: reset {took_ms:.1} ms after connect (must be within 1 s)"
+        );
+    }
     let out = cli(&node.agent, &["intention", "delete", "web", "socat"])?;
     ensure!(out.status.success(), "{out:?}");
     let (echo, _) = node.dial_from_web(node.socat_port)?;

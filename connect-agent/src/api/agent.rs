@@ -123,7 +123,7 @@ async fn agent_self(State(agent): State<ApiState>, authz: Authz) -> Result<Respo
         "Config": {
             "Datacenter": c.datacenter.to_string(),
             "NodeName": c.node_name,
-            "NodeID": "",
+            "NodeID": node.id,
             "Revision": "",
             "Server": false,
             "Version": env!("CARGO_PKG_VERSION"),

@@ -369,7 +369,9 @@ mod tests {
         let mut config = Config::for_tests();
         config.advertise_addr = "198.18.0.2".parse().expect("ip");
         config.inbound_addr = "198.18.0.2:20000".parse().expect("addr");
-        let c = Catalog::start(&config, store).await.expect("catalog");
+        let c = Catalog::start(&config, &crate::catalog::NodeId::for_tests(), store)
+            .await
+            .expect("catalog");
         (c, dir)
     }
 

@@ -178,6 +178,10 @@ fn proxy_json(p: &Proxy) -> Value {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Node {
+    /// The node's ID (a UUID, from the data directory: `datadir::node_id`). Records
+    /// written before node IDs existed have none (`""`).
+    #[serde(rename = "ID", default)]
+    pub id: String,
     pub node: String,
     pub address: IpAddr,
     pub datacenter: String,
@@ -190,7 +194,7 @@ impl Node {
     /// The `Node` object of a health entry.
     pub fn json(&self, create_index: u64, modify_index: u64) -> Value {
         json!({
-            "ID": "",
+            "ID": self.id,
             "Node": self.node,
             "Address": self.address.to_string(),
             "Datacenter": self.datacenter,

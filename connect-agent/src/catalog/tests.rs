@@ -9,7 +9,9 @@ async fn catalog_with(dir: Option<PathBuf>) -> (Arc<Catalog>, Arc<dyn Store>) {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let mut config = Config::for_tests();
     config.config_dir = dir;
-    let c = Catalog::start(&config, store.clone()).await.expect("start");
+    let c = Catalog::start(&config, &NodeId::for_tests(), store.clone())
+        .await
+        .expect("start");
     (c, store)
 }
 
@@ -107,7 +109,7 @@ async fn a_bad_file_at_startup_fails_loudly() {
     std::fs::write(dir.path().join("x.json"), "{").expect("write");
     let mut config = Config::for_tests();
     config.config_dir = Some(dir.path().to_owned());
-    let e = Catalog::start(&config, Arc::new(MemStore::new()))
+    let e = Catalog::start(&config, &NodeId::for_tests(), Arc::new(MemStore::new()))
         .await
         .expect_err("accepted");
     assert!(e.to_string().contains("x.json"), "{e}");
@@ -133,6 +135,7 @@ async fn changes_move_only_on_catalog_writes() {
 async fn follows_writes_made_by_another_node() {
     let (c, store) = catalog_with(None).await;
     let other = Node {
+        id: "9b0c5a5e-4f43-4c5e-9d4f-2f6a8b1c3d7e".into(),
         node: "n2".into(),
         address: "198.18.0.2".parse().expect("ip"),
         datacenter: "dc1".into(),
@@ -165,4 +168,118 @@ async fn follows_writes_made_by_another_node() {
     assert_eq!(inst.len(), 1);
     assert_eq!(connect_endpoint(&inst[0]), other.inbound_addr);
     assert_eq!(snap.local().count(), 0);
+}
+
+fn node_id(n: u128) -> NodeId {
+    NodeId {
+        id: uuid::Uuid::from_u128(n),
+        file: PathBuf::from(format!("/data-{n}/node-id")),
+    }
+}
+
+#[tokio::test]
+async fn a_node_name_held_by_another_node_id_is_refused() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let config = Config::for_tests();
+    let (a, b) = (node_id(0xa), node_id(0xb));
+    let first = Catalog::start(&config, &a, store.clone())
+        .await
+        .expect("first");
+    first
+        .register(&json!({"name": "web", "port": 8080}))
+        .await
+        .expect("register");
+
+    let e = Catalog::start(&config, &b, store.clone())
+        .await
+        .expect_err("a second agent of the same name started");
+    let text = e.to_string();
+    assert!(matches!(e, Error::NodeNameTaken { .. }), "{text}");
+    for part in [
+        &a.id.to_string(),
+        &b.id.to_string(),
+        "--node-name",
+        "/data-11/node-id",
+    ] {
+        assert!(text.contains(part), "{part:?} missing from: {text}");
+    }
+    assert!(!text.contains('\n'), "one line: {text}");
+    // The first node's record and services are untouched.
+    let kv = store
+        .get(&format!("catalog/nodes/{}", config.node_name))
+        .await
+        .expect("get")
+        .expect("record");
+    let held: Node = serde_json::from_slice(&kv.value).expect("json");
+    assert_eq!(held.id, a.id.to_string());
+    assert_eq!(ids(&first), ["web"]);
+
+    // The same ID again (a restart on its own data directory) is welcome, and the
+    // record carries the ID for the API.
+    drop(first);
+    let again = Catalog::start(&config, &a, store.clone())
+        .await
+        .expect("restart with the same ID");
+    assert_eq!(ids(&again), ["web"]);
+    let (node, ..) = again
+        .snapshot()
+        .nodes()
+        .next()
+        .map(|(n, c, m)| (n.clone(), *c, *m))
+        .expect("node");
+    assert_eq!(node.json(0, 0)["ID"], json!(a.id.to_string()));
+}
+
+#[tokio::test]
+async fn a_record_without_an_id_is_taken_over() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let config = Config::for_tests();
+    let legacy = json!({"Node": config.node_name, "Address": "127.0.0.1", "Datacenter": "dc1",
+        "InboundAddr": "127.0.0.1:20000"});
+    store
+        .put(
+            &format!("catalog/nodes/{}", config.node_name),
+            serde_json::to_vec(&legacy).expect("json"),
+        )
+        .await
+        .expect("put");
+    let c = Catalog::start(&config, &node_id(7), store.clone())
+        .await
+        .expect("legacy record");
+    assert_eq!(c.node().id, node_id(7).id.to_string());
+    Catalog::start(&config, &node_id(8), store)
+        .await
+        .expect_err("now the name is held");
+}
+
+#[tokio::test]
+async fn of_two_agents_claiming_one_name_at_once_exactly_one_wins() {
+    for round in 0..20u128 {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let node = |n: u128| Node {
+            id: uuid::Uuid::from_u128(n).to_string(),
+            node: "n1".into(),
+            address: "198.18.0.1".parse().expect("ip"),
+            datacenter: "dc1".into(),
+            inbound_addr: "198.18.0.1:20000".parse().expect("addr"),
+        };
+        let (a, b) = (node(2 * round + 1), node(2 * round + 2));
+        let file = Path::new("/x/node-id");
+        let (ra, rb) = tokio::join!(
+            claim(store.as_ref(), &a, file),
+            claim(store.as_ref(), &b, file)
+        );
+        assert!(
+            ra.is_ok() != rb.is_ok(),
+            "round {round}: exactly one claim wins: {ra:?} {rb:?}"
+        );
+        let winner = if ra.is_ok() { &a } else { &b };
+        let kv = store
+            .get("catalog/nodes/n1")
+            .await
+            .expect("get")
+            .expect("kv");
+        let held: Node = serde_json::from_slice(&kv.value).expect("json");
+        assert_eq!(&held, winner);
+    }
 }

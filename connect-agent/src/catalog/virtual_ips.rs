@@ -75,9 +75,13 @@ mod tests {
     #[tokio::test]
     async fn every_mesh_service_gets_one_stable_address() {
         let store: Arc<dyn crate::store::Store> = Arc::new(MemStore::new());
-        let catalog = Catalog::start(&Config::for_tests(), store.clone())
-            .await
-            .expect("catalog");
+        let catalog = Catalog::start(
+            &Config::for_tests(),
+            &crate::catalog::NodeId::for_tests(),
+            store.clone(),
+        )
+        .await
+        .expect("catalog");
         let vips = vip::Allocator::start(store.clone()).await.expect("vips");
         let _follower = start(&catalog, vips.clone());
         let mut table = vips.subscribe();

@@ -6,8 +6,8 @@
 //! required, verified client certificate, read the client's SPIFFE ID, register the
 //! connection, authorize it, and only with a [`Permit`] connect to the plaintext
 //! port of one of the service's local instances (round robin, skipping one that
-//! just refused) and splice. A denied connection is closed without reading a byte
-//! of application data.
+//! just refused) and splice. A denied connection is reset ([`reset`]) without
+//! reading a byte of application data.
 //!
 //! A client that offers streams' ALPN ([`super::streams`]) gets a connection that
 //! carries one application connection after another; each goes through the same
@@ -28,7 +28,7 @@ use rustls::{
     server::{Acceptor, ServerConnection},
 };
 use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
     sync::OwnedSemaphorePermit,
     time::{Instant, timeout, timeout_at},
@@ -52,8 +52,23 @@ use crate::{
 /// Distinct instances of a local service tried per connection.
 pub const MAX_LOCAL_ATTEMPTS: usize = 3;
 
-/// How long a denied connection's close_notify may take to go out.
-const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Ends a node-to-node connection that refused its application connection with a
+/// TCP reset (SO_LINGER 0, then the caller drops it), not close_notify: to the
+/// client, close_notify is a server that finished sending, and a client proxy on
+/// a dedicated connection would half-close its application and wait for it; a
+/// reset is a failure on any TLS client (ours resets its application in turn, see
+/// `outbound::refuse`), and a denied connection leaves no FIN_WAIT or TIME_WAIT
+/// state behind on this node, however many an attacker opens.
+fn reset(tcp: &TcpStream) {
+    if let Err(error) = tcp.set_zero_linger() {
+        tracing::debug!(%error, "cannot set SO_LINGER 0 on a refused connection");
+    }
+}
+
+/// Whether `result` is a refusal that [`reset`] must end.
+fn denied(result: &Option<Result<splice::Outcome, ConnError>>) -> bool {
+    matches!(result, Some(Err(ConnError::Denied { .. })))
+}
 
 /// How long, and how many bytes, a failed handshake's socket is drained before it
 /// closes (see [`linger_close`]).
@@ -190,17 +205,20 @@ async fn dedicated(
     } = shaken;
     let Stream { id, mut rec, span } = first;
     let run = async {
-        let (backend, guard) = admit(shared, id, slot, &client, &local, &mut tls).await?;
+        let (backend, guard) = admit(shared, id, slot, &client, &local).await?;
         let limits = splice::Limits {
             idle_timeout: shared.limits.idle_timeout,
         };
-        Ok(splice::splice(tls, backend, limits, guard.cancelled()).await)
+        Ok(splice::splice(&mut tls, backend, limits, guard.cancelled()).await)
     }
     .instrument(span);
     let result = tokio::select! {
         r = run => Some(r),
         () = shared.shutdown.force.cancelled() => None,
     };
+    if denied(&result) {
+        reset(tls.get_ref().0.get_ref());
+    }
     record(shared, &mut rec, result);
 }
 
@@ -305,8 +323,7 @@ async fn serve_streams<'m>(
                     client
                 }
             };
-            let (backend, guard) =
-                admit(shared, id, this_slot, &client, &local, framed.get_mut()).await?;
+            let (backend, guard) = admit(shared, id, this_slot, &client, &local).await?;
             let out =
                 streams::splice_stream(backend, &mut framed, false, limits, guard.cancelled())
                     .await;
@@ -318,6 +335,9 @@ async fn serve_streams<'m>(
             r = run => Some(r),
             () = shared.shutdown.force.cancelled() => None,
         };
+        if denied(&result) {
+            reset(framed.get_ref().get_ref().0.get_ref());
+        }
         let out = match result {
             Some(Ok(out)) => out,
             Some(Err(e)) => return record(shared, &mut rec, Some(Err(e))),
@@ -416,15 +436,15 @@ async fn handshake(shared: &Shared, tcp: TcpStream) -> Result<Handshaken, ConnEr
 }
 
 /// Registers and authorizes one application connection from `client` to `local`
-/// and, if allowed, connects the local service. A denied connection is closed
-/// (close_notify on `tls`) without reading a byte of its data.
-async fn admit<S: AsyncWrite + Unpin>(
+/// and, if allowed, connects the local service. Nothing has been read past the
+/// handshake (or the stream's `OPEN`); the caller resets a denied connection
+/// ([`reset`]) without reading any.
+async fn admit(
     shared: &Shared,
     id: super::conns::ConnId,
     slot: OwnedSemaphorePermit,
     client: &SpiffeId,
     local: &LocalService,
-    tls: &mut S,
 ) -> Result<(TcpStream, super::conns::Guard), ConnError> {
     // Registered before the decision, so that an intention change between the
     // decision and the splice is re-checked against this connection too.
@@ -443,9 +463,6 @@ async fn admit<S: AsyncWrite + Unpin>(
     shared.metrics.count_decision(permit.is_some());
     let Some(permit) = permit else {
         tracing::info!(src = %client, dst = %local.name, reason = %verdict.reason, "connection denied");
-        // Nothing was read past the handshake (or the stream's OPEN); say goodbye
-        // and close.
-        let _ = timeout(CLOSE_NOTIFY_TIMEOUT, tls.shutdown()).await;
         return Err(ConnError::Denied {
             src: client.service.clone(),
             dst: local.name.clone(),

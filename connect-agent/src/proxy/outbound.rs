@@ -113,7 +113,7 @@ pub(super) async fn serve_transparent(
     .await;
 }
 
-async fn handle(shared: Arc<Shared>, app: TcpStream, peer: SocketAddr, route: Route) {
+async fn handle(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAddr, route: Route) {
     let id = shared.registry.next_id();
     let span = tracing::info_span!(
         "outbound",
@@ -129,6 +129,7 @@ async fn handle(shared: Arc<Shared>, app: TcpStream, peer: SocketAddr, route: Ro
         Err(full) => {
             shared.limit_log.refused(full.max);
             rec.finish(Outcome::LimitReached);
+            refuse(&app);
             return;
         }
     };
@@ -149,13 +150,18 @@ async fn handle(shared: Arc<Shared>, app: TcpStream, peer: SocketAddr, route: Ro
         let out = match dialed {
             Dialed::Dedicated(tls) => {
                 tracing::debug!("connected to the destination");
-                splice::splice(app, tls, limits, guard.cancelled()).await
+                splice::splice(&mut app, tls, limits, guard.cancelled()).await
             }
             Dialed::Stream { mut conn, addr } => {
                 tracing::debug!(endpoint = %addr, "stream opened to the destination");
-                let out =
-                    streams::splice_stream(app, &mut conn.framed, true, limits, guard.cancelled())
-                        .await;
+                let out = streams::splice_stream(
+                    &mut app,
+                    &mut conn.framed,
+                    true,
+                    limits,
+                    guard.cancelled(),
+                )
+                .await;
                 // After shutdown began, the pool is being emptied, not filled.
                 if out.end == splice::End::Closed && !shared.shutdown.stop.is_cancelled() {
                     shared.pool.put(&src, &dst, addr, conn);
@@ -170,6 +176,10 @@ async fn handle(shared: Arc<Shared>, app: TcpStream, peer: SocketAddr, route: Ro
         r = run => Some(r),
         () = shared.shutdown.force.cancelled() => None,
     };
+    let clean = matches!(
+        &result,
+        Some(Ok(out)) if matches!(out.end, splice::End::Closed | splice::End::Idle)
+    );
     match result {
         Some(Ok(out)) => {
             // a = the local application, b = the destination.
@@ -178,6 +188,22 @@ async fn handle(shared: Arc<Shared>, app: TcpStream, peer: SocketAddr, route: Ro
         }
         Some(Err(e)) => rec.fail(e.outcome(), &e),
         None => rec.finish(Outcome::Shutdown),
+    }
+    if !clean {
+        refuse(&app);
+    }
+}
+
+/// Makes the application's connection end with a reset when it is dropped: it was
+/// refused (denied, no route, no endpoint that answers, the connection limit) or
+/// cut (the stream failed, an intention revoked it, shutdown forced it). A reset
+/// reaches the application at once whatever it is doing — an interactive client
+/// that waits for the server with its own input still open would sit on a clean
+/// EOF (nc does) — and lets it tell "refused" from "the server answered nothing",
+/// which a FIN would not. A connection that ended cleanly or idled out gets a FIN.
+fn refuse(app: &TcpStream) {
+    if let Err(error) = app.set_zero_linger() {
+        tracing::debug!(%error, "cannot set SO_LINGER 0 on the application's connection");
     }
 }
 

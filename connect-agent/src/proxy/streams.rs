@@ -31,8 +31,8 @@
 //! the next one. Anything else — EOF or a reset mid-stream, a frame out of place, a
 //! stream cancelled by a revoked intention or idle too long — ends the TLS
 //! connection, and with it the applications' connections on both sides, as a
-//! failed dedicated connection would. A denied stream closes the TLS connection
-//! with close_notify before reading any of its data.
+//! failed dedicated connection would. A denied stream resets the TCP connection
+//! under it before reading any of its data (`inbound::reset`).
 
 use std::{
     io,

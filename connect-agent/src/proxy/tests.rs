@@ -1409,3 +1409,130 @@ async fn idle_inbound_connections_leave_the_connection_limit_to_live_ones() {
         0
     );
 }
+
+// ───────────────────────── refusals, seen by the application ─────────────────────────
+
+/// How soon an application must see its refused connection closed. The proxy
+/// learns of a deny from the server within milliseconds; the bound leaves room for
+/// a loaded test machine, and is far below an application's own timeouts (nc's
+/// `-w 5`, the issue's symptom).
+const REFUSED_WITHIN: Duration = Duration::from_secs(1);
+
+/// The application's side of a refused connection: its socket must report a reset
+/// (not a clean EOF: a client can then tell "refused" from "the server answered
+/// nothing") within [`REFUSED_WITHIN`] of its connect, without a byte coming back.
+/// `write` first, or stay silent as an interactive client that waits for the
+/// server does. Returns how long it took.
+async fn expect_reset(addr: SocketAddr, write: bool, what: &str) -> Duration {
+    let started = Instant::now();
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    expect_reset_on(&mut c, started, write, what).await
+}
+
+async fn expect_reset_on(c: &mut TcpStream, started: Instant, write: bool, what: &str) -> Duration {
+    if write {
+        // May fail already if the reset was quick.
+        let _ = c.write_all(b"hello\n").await;
+    }
+    let mut buf = [0u8; 64];
+    let read = timeout(Duration::from_secs(5), c.read(&mut buf)).await;
+    let took = started.elapsed();
+    match read {
+        Err(_) => panic!("{what}: the application's connection stayed open for 5 s"),
+        Ok(Ok(0)) => panic!("{what}: closed with a clean EOF after {took:?}, not a reset"),
+        Ok(Ok(n)) => panic!("{what}: received {:?}", &buf[..n]),
+        Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{what}: {e}"),
+    }
+    assert!(
+        took < REFUSED_WITHIN,
+        "{what}: the reset came {took:?} after connect"
+    );
+    took
+}
+
+/// A denied connection is reset toward the application at once: on a new
+/// node-to-node connection and on a reused one, with the application silent or
+/// speaking first, and on a dedicated connection (a server without streams).
+#[tokio::test]
+async fn a_denied_connection_is_reset_toward_the_application_at_once() {
+    let (n, backend, up) = socat_behind_upstream().await;
+    // Warm the pool: the next stream rides this connection.
+    echo_once(up, b"allowed").await;
+    pooled(&n, 1).await;
+    n.intention("web", "socat", Action::Deny).await;
+    let m = n.metrics();
+    let reused = expect_reset(up, false, "reused connection, silent app").await;
+    assert_eq!(m.streams(metrics::Side::Outbound, true), 1, "rode the pool");
+    pooled(&n, 0).await;
+    let new_silent = expect_reset(up, false, "new connection, silent app").await;
+    let new_speaking = expect_reset(up, true, "new connection, app speaks first").await;
+    eventually("three denials", || m.denied() == 3).await;
+    assert_eq!(backend.accepted(), 1, "nothing denied reached the service");
+
+    let d = node_with(agent().await, no_reuse(), None).await;
+    let backend = echo_backend().await;
+    d.serve("socat", &backend);
+    let up = d.upstream("web", "socat").await;
+    d.intention("web", "socat", Action::Deny).await;
+    let dedicated = expect_reset(up, false, "dedicated connection").await;
+    assert_eq!(backend.accepted(), 0);
+    eprintln!(
+        "reset after: reused {reused:?}, new {new_silent:?} / {new_speaking:?}, dedicated {dedicated:?}"
+    );
+}
+
+/// A connection that cannot reach its destination at all (no endpoint, a dead
+/// one) is reset as a denied one is.
+#[tokio::test]
+async fn a_connection_that_cannot_be_dialed_is_reset_at_once() {
+    let n = node().await;
+    let up = n.upstream("web", "nowhere").await;
+    expect_reset(up, false, "no endpoints").await;
+    let dead = {
+        let l = std::net::TcpListener::bind(any_port()).expect("bind");
+        l.local_addr().expect("addr")
+    };
+    n.dir.set_endpoints(
+        &svc("nowhere"),
+        vec![Endpoint {
+            addr: dead,
+            datacenter: Datacenter::default(),
+        }],
+    );
+    expect_reset(up, true, "a dead endpoint").await;
+}
+
+/// The transparent path: a redirected connection that its destination denies is
+/// reset toward the application at once.
+#[tokio::test]
+async fn a_denied_transparent_connection_is_reset_at_once() {
+    let n = node().await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let orig = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 8181);
+    n.dir.map_cgroup(42, &svc("web"));
+    n.dir.map_destination(orig, &svc("socat"));
+    let origin = Arc::new(MemOrigin::default());
+    let l = bind("transparent", any_port()).await.expect("bind");
+    let transparent = l.local_addr().expect("addr");
+    n.proxy.serve_transparent(l, origin.clone());
+    n.intention("web", "socat", Action::Deny).await;
+    for write in [false, true] {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.bind(any_port()).expect("bind client");
+        let SocketAddr::V4(local) = socket.local_addr().expect("local") else {
+            panic!("IPv4 expected");
+        };
+        origin.insert(
+            local,
+            Redirect {
+                orig_dst: orig,
+                cgroup_id: 42,
+            },
+        );
+        let started = Instant::now();
+        let mut c = socket.connect(transparent).await.expect("connect");
+        expect_reset_on(&mut c, started, write, "transparent").await;
+    }
+    assert_eq!(backend.accepted(), 0);
+}

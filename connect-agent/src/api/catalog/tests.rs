@@ -282,6 +282,13 @@ async fn agent_self_metrics_leader_reload() {
     let v = call(&r, Method::GET, "/v1/agent/self", None).await.json();
     assert_eq!(v["Config"]["Datacenter"], "dc1");
     assert_eq!(v["Config"]["NodeName"], "test-node");
+    let id = crate::catalog::NodeId::for_tests().id.to_string();
+    assert_eq!(v["Config"]["NodeID"], json!(id));
+    let nodes = call(&r, Method::GET, "/v1/catalog/nodes", None)
+        .await
+        .json();
+    assert_eq!(nodes[0]["ID"], json!(id), "{nodes}");
+    assert_eq!(nodes[0]["Node"], "test-node");
     call(
         &r,
         Method::PUT,
