@@ -32,7 +32,13 @@ use serde_json::json;
 const CLIENT: &str = r#"
 import socket, sys, time
 port = int(sys.argv[1])
-s = socket.create_connection(("127.0.0.1", port), timeout=5)
+try:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+except ConnectionResetError:
+    # Refused so fast that connect() itself reports the reset.
+    print("peer=reset")
+    print("echo=''")
+    sys.exit(0)
 peer = s.getpeername()
 s.sendall(b"hello mesh\n")
 data = b""
@@ -67,7 +73,12 @@ const REFUSED: &str = r#"
 import socket, sys, time
 port, mode = int(sys.argv[1]), sys.argv[2]
 start = time.monotonic()
-s = socket.create_connection(("127.0.0.1", port), timeout=5)
+try:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+except ConnectionResetError:
+    # Refused so fast that connect() itself reports the reset.
+    print("closed=reset took_ms=%.1f" % ((time.monotonic() - start) * 1000))
+    sys.exit(0)
 if mode == "speak":
     try:
         s.sendall(b"hello mesh\n")
