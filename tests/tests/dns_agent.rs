@@ -299,7 +299,13 @@ host, port = sys.argv[1], int(sys.argv[2])
 addr = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
 print("resolved=%s" % addr[0])
 sys.stdout.flush()
-s = socket.create_connection(addr, timeout=5)
+try:
+    s = socket.create_connection(addr, timeout=5)
+except ConnectionResetError:
+    # Refused so fast that connect() itself reports the reset.
+    print("peer=reset")
+    print("echo=''")
+    sys.exit(0)
 print("peer=%s:%d" % s.getpeername())
 s.sendall(b"hello mesh\n")
 data = b""
