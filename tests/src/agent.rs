@@ -245,6 +245,18 @@ impl Drop for AgentProcess {
     }
 }
 
+/// A temporary directory `<prefix>…`, mode 0700 (what the agent demands of its
+/// data directory and its key files' directory), removed when dropped.
+pub fn private_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("creating a temporary directory")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+        .context("chmod 700 the temporary directory")?;
+    Ok(dir)
+}
+
 /// A directory under the system temp dir, named after the test, mode 0700 (what
 /// the agent demands of its data directory).
 pub fn private_dir(name: &str) -> Result<PathBuf> {

@@ -11,14 +11,11 @@
 //! the agent binary
 //! (`cargo build -p connect-agent --bin connect-agent`); fails saying so otherwise.
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use connect_tests::{
-    agent::{AgentProcess, http},
+    agent::{AgentProcess, http, private_tempdir},
     dig,
     etcd::EtcdCluster,
 };
@@ -39,17 +36,6 @@ const WATCH_RECOVERY: Duration = Duration::from_secs(10);
 /// API adds little, and the machine may be slow.
 const FAIL_WITHIN: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(10);
-
-/// A data directory the agent accepts (mode 0700), removed when dropped.
-fn private_tempdir() -> Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new()
-        .prefix("connect-etcd-agent-")
-        .tempdir()
-        .context("creating a data directory")?;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
-        .context("chmod 700 the data directory")?;
-    Ok(dir)
-}
 
 /// An agent on the etcd store with ACLs on and default allow (no tokens needed).
 fn start_agent(dir: &tempfile::TempDir, store: &str, node: &str) -> Result<AgentProcess> {
@@ -185,7 +171,10 @@ async fn two_agents_share_one_etcd_cluster_and_ride_out_its_outage() -> Result<(
     // Dropped in reverse order: agents first, then their directories, then etcd.
     let mut etcd = EtcdCluster::start(3).await?;
     let store = format!("etcd://{}", etcd.endpoints().join(","));
-    let (dir_a, dir_b) = (private_tempdir()?, private_tempdir()?);
+    let (dir_a, dir_b) = (
+        private_tempdir("connect-etcd-agent-")?,
+        private_tempdir("connect-etcd-agent-")?,
+    );
     let a = start_agent(&dir_a, &store, "node-a")?;
     let b = start_agent(&dir_b, &store, "node-b")?;
 

@@ -7,26 +7,14 @@
 //! Needs Debian's `etcd-server` (the `etcd` binary on PATH) and the agent binary
 //! (`cargo build -p connect-agent --bin connect-agent`); fails saying so otherwise.
 
-use std::{os::unix::fs::PermissionsExt, path::Path};
+use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 use connect_tests::{
-    agent::{AgentProcess, http},
+    agent::{AgentProcess, http, private_tempdir},
     etcd::EtcdCluster,
 };
 use serde_json::{Value, json};
-
-/// A data directory the agent accepts (mode 0700), removed when dropped.
-fn private_tempdir() -> Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new()
-        .prefix("connect-node-id-")
-        .tempdir()
-        .context("creating a data directory")?;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
-        .context("chmod 700 the data directory")?;
-    Ok(dir)
-}
-
 fn start_agent(dir: &Path, store: &str, node: &str) -> Result<AgentProcess> {
     AgentProcess::start_in(
         dir,
@@ -93,7 +81,10 @@ async fn a_second_agent_of_one_node_name_is_refused_in_either_order() -> Result<
     // Dropped in reverse order: agents first, then their directories, then etcd.
     let etcd = EtcdCluster::start(1).await?;
     let store = format!("etcd://{}", etcd.endpoints().join(","));
-    let (a, b) = (private_tempdir()?, private_tempdir()?);
+    let (a, b) = (
+        private_tempdir("connect-node-id-")?,
+        private_tempdir("connect-node-id-")?,
+    );
     // A starts first on name "n1", B first on name "n2": both orders.
     for (first_dir, second_dir, name) in [(a.path(), b.path(), "n1"), (b.path(), a.path(), "n2")] {
         let first = start_agent(first_dir, &store, name)

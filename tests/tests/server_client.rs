@@ -12,14 +12,14 @@
 //! connect-agent`); fails saying so otherwise.
 
 use std::{
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     process::Command,
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use connect_tests::{
-    agent::{AgentProcess, http, http_with_token},
+    agent::{AgentProcess, http, http_with_token, private_tempdir},
     etcd::EtcdCluster,
 };
 use serde_json::{Value, json};
@@ -30,17 +30,6 @@ const CLIENT_USER: (&str, &str) = ("connect-client-1", "client-secret");
 
 // ACLs with default policy deny: under `allow`, any token would hold node:write on
 // every node (rules only add to the default), and the node check would be void.
-
-/// A private directory (0700), removed when dropped.
-fn private_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .context("creating a temporary directory")?;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
-        .context("chmod 700")?;
-    Ok(dir)
-}
 
 /// Writes `text` to `dir/name` with mode 600.
 fn secret_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {

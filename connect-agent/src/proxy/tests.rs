@@ -824,28 +824,10 @@ async fn the_transparent_listener_routes_by_cgroup_and_original_destination() {
     let n = node().await;
     let backend = echo_backend().await;
     n.serve("socat", &backend);
-    // Addresses the application "dialed"; only map keys, never dialed.
-    let orig = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 8181);
-    n.dir.map_cgroup(42, &svc("web"));
-    n.dir.map_destination(orig, &svc("socat"));
-    let origin = Arc::new(MemOrigin::default());
-    let l = bind("transparent", any_port()).await.expect("bind");
-    let transparent = l.local_addr().expect("addr");
-    n.proxy.serve_transparent(l, origin.clone());
+    let (origin, transparent, orig) = transparent_listener(&n).await;
 
     // What eBPF records at connect(): known before the proxy accepts.
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.bind(any_port()).expect("bind client");
-    let SocketAddr::V4(local) = socket.local_addr().expect("local") else {
-        panic!("IPv4 expected");
-    };
-    origin.insert(
-        local,
-        Redirect {
-            orig_dst: orig,
-            cgroup_id: 42,
-        },
-    );
+    let socket = recorded_socket(&origin, orig, 42);
     let mut c = socket.connect(transparent).await.expect("connect");
     expect_echo(&mut c, b"transparent").await;
 
@@ -853,18 +835,7 @@ async fn the_transparent_listener_routes_by_cgroup_and_original_destination() {
     let mut stray = TcpStream::connect(transparent).await.expect("connect");
     expect_closed(&mut stray, DEADLINE).await;
     // Nor does one from a cgroup no service owns.
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.bind(any_port()).expect("bind client");
-    let SocketAddr::V4(local) = socket.local_addr().expect("local") else {
-        panic!("IPv4 expected");
-    };
-    origin.insert(
-        local,
-        Redirect {
-            orig_dst: orig,
-            cgroup_id: 7,
-        },
-    );
+    let socket = recorded_socket(&origin, orig, 7);
     let mut unknown = socket.connect(transparent).await.expect("connect");
     expect_closed(&mut unknown, DEADLINE).await;
     let m = n.metrics();
@@ -1406,6 +1377,38 @@ async fn idle_inbound_connections_leave_the_connection_limit_to_live_ones() {
     );
 }
 
+/// A transparent listener on `n` whose redirect records come from the returned
+/// origin, with cgroup 42 as `web` and the returned original destination
+/// (198.18.0.10:8181, only a map key, never dialed) as `socat`.
+async fn transparent_listener(n: &Node) -> (Arc<MemOrigin>, SocketAddr, SocketAddrV4) {
+    let orig = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 8181);
+    n.dir.map_cgroup(42, &svc("web"));
+    n.dir.map_destination(orig, &svc("socat"));
+    let origin = Arc::new(MemOrigin::default());
+    let l = bind("transparent", any_port()).await.expect("bind");
+    let transparent = l.local_addr().expect("addr");
+    n.proxy.serve_transparent(l, origin.clone());
+    (origin, transparent, orig)
+}
+
+/// A client socket whose connection `origin` records as eBPF would at
+/// connect(): from `cgroup_id`, to `orig`.
+fn recorded_socket(origin: &MemOrigin, orig: SocketAddrV4, cgroup_id: u64) -> TcpSocket {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind(any_port()).expect("bind client");
+    let SocketAddr::V4(local) = socket.local_addr().expect("local") else {
+        panic!("IPv4 expected");
+    };
+    origin.insert(
+        local,
+        Redirect {
+            orig_dst: orig,
+            cgroup_id,
+        },
+    );
+    socket
+}
+
 // ───────────────────────── refusals, seen by the application ─────────────────────────
 
 /// How soon an application must see its refused connection closed. The proxy
@@ -1509,27 +1512,10 @@ async fn a_denied_transparent_connection_is_reset_at_once() {
     let n = node().await;
     let backend = echo_backend().await;
     n.serve("socat", &backend);
-    let orig = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 8181);
-    n.dir.map_cgroup(42, &svc("web"));
-    n.dir.map_destination(orig, &svc("socat"));
-    let origin = Arc::new(MemOrigin::default());
-    let l = bind("transparent", any_port()).await.expect("bind");
-    let transparent = l.local_addr().expect("addr");
-    n.proxy.serve_transparent(l, origin.clone());
+    let (origin, transparent, orig) = transparent_listener(&n).await;
     n.intention("web", "socat", Action::Deny).await;
     for write in [false, true] {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket.bind(any_port()).expect("bind client");
-        let SocketAddr::V4(local) = socket.local_addr().expect("local") else {
-            panic!("IPv4 expected");
-        };
-        origin.insert(
-            local,
-            Redirect {
-                orig_dst: orig,
-                cgroup_id: 42,
-            },
-        );
+        let socket = recorded_socket(&origin, orig, 42);
         let started = Instant::now();
         match socket.connect(transparent).await {
             Ok(mut c) => {
