@@ -30,12 +30,12 @@ pub mod testing;
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError, RwLock},
     time::Duration,
 };
 
+use async_trait::async_trait;
 use tokio::sync::watch;
-use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
 use self::model::{
@@ -48,7 +48,9 @@ pub use self::{
     model::{InputError, PolicyLink, PolicyRequest, TokenRequest},
     rules::{Access, Rules, RulesError},
 };
-use crate::store::{self, Compare, Event, Index, KeyValue, Store, Txn, TxnOutcome, WatchMessage};
+use crate::store::{
+    self, Compare, Event, Index, KeyValue, Listing, Projection, Store, Txn, TxnOutcome, View,
+};
 
 /// Every key of this module starts with this.
 pub const PREFIX: &str = "acl/";
@@ -62,8 +64,6 @@ const POLICY_NAME_PREFIX: &str = "acl/policy-name/";
 const MAX_ATTEMPTS: usize = 8;
 /// How long a write waits for the snapshot to show it (it is durable either way).
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Most tokens and policies one agent keeps: bounds memory and snapshot rebuilds.
 pub const MAX_TOKENS: usize = 100_000;
 pub const MAX_POLICIES: usize = 10_000;
@@ -230,15 +230,18 @@ pub fn policy_json(p: &Policy, with_rules: bool) -> PolicyJson {
 pub struct Acl {
     config: AclConfig,
     anonymous: Arc<Authorizer>,
-    shared: Arc<Shared>,
+    /// Tokens and policies, kept equal to `acl/`; following stops when this is dropped.
+    view: View<Shared>,
     store: Arc<dyn Store>,
-    _follower: AbortOnDropHandle<()>,
 }
 
+/// The [`Projection`] of `acl/`: the raw records, and the snapshot built from them
+/// that requests read.
 struct Shared {
     config: AclConfig,
     snapshot: RwLock<Arc<Snapshot>>,
-    changes: watch::Sender<Index>,
+    /// Only the follower touches this.
+    raw: Mutex<BTreeMap<String, KeyValue>>,
 }
 
 impl fmt::Debug for Acl {
@@ -262,7 +265,6 @@ impl Shared {
     }
 
     fn publish(&self, snap: Snapshot) {
-        let index = snap.index;
         let old = std::mem::replace(
             &mut *self
                 .snapshot
@@ -271,7 +273,41 @@ impl Shared {
             Arc::new(snap),
         );
         drop(old);
-        self.changes.send_replace(index);
+    }
+
+    fn raw(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, KeyValue>> {
+        // Map inserts and removes of ready values cannot panic half-way.
+        self.raw.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl Projection for Shared {
+    async fn reset(&self, listing: Listing) -> bool {
+        let mut raw = self.raw();
+        *raw = listing
+            .items
+            .into_iter()
+            .map(|kv| (kv.key.clone(), kv))
+            .collect();
+        self.publish(build_snapshot(&raw, listing.index, &self.config));
+        true
+    }
+
+    async fn apply(&self, events: Vec<Event>, index: Index) {
+        let mut raw = self.raw();
+        for event in events {
+            match event {
+                Event::Put(kv) => {
+                    raw.insert(kv.key.clone(), kv);
+                }
+                Event::Delete { key, .. } => {
+                    raw.remove(&key);
+                }
+            }
+        }
+        // One rebuild per batch: a burst of token writes rebuilds once.
+        self.publish(build_snapshot(&raw, index, &self.config));
     }
 }
 
@@ -279,13 +315,13 @@ impl Acl {
     /// Loads tokens and policies from `store` and starts following it. Needs a
     /// Tokio runtime.
     pub async fn start(store: Arc<dyn Store>, config: AclConfig) -> Result<Arc<Self>, Error> {
-        let listing = store.list(PREFIX).await?;
-        let raw: BTreeMap<String, KeyValue> = listing
-            .items
-            .into_iter()
-            .map(|kv| (kv.key.clone(), kv))
-            .collect();
-        let snap = build_snapshot(&raw, listing.index, &config);
+        let shared = Shared {
+            config: config.clone(),
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            raw: Mutex::new(BTreeMap::new()),
+        };
+        let view = View::start(store.clone(), PREFIX, shared).await?;
+        let snap = view.get().snapshot();
         tracing::info!(
             enabled = config.enabled,
             default_policy = %config.default_policy,
@@ -293,19 +329,11 @@ impl Acl {
             policies = snap.policies.len(),
             "ACLs loaded"
         );
-        let (changes, _) = watch::channel(listing.index);
-        let shared = Arc::new(Shared {
-            config: config.clone(),
-            snapshot: RwLock::new(Arc::new(snap)),
-            changes,
-        });
-        let follower = tokio::spawn(follow(shared.clone(), store.clone(), raw, listing.index));
         Ok(Arc::new(Self {
             anonymous: Arc::new(Authorizer::anonymous(config.default_policy)),
             config,
-            shared,
+            view,
             store,
-            _follower: AbortOnDropHandle::new(follower),
         }))
     }
 
@@ -338,12 +366,12 @@ impl Acl {
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.shared.snapshot()
+        self.view.get().snapshot()
     }
 
     /// Changes whenever tokens or policies change (the value is the new index).
     pub fn subscribe(&self) -> watch::Receiver<Index> {
-        self.shared.changes.subscribe()
+        self.view.subscribe()
     }
 
     fn require_enabled(&self) -> Result<(), Error> {
@@ -813,94 +841,6 @@ fn build_snapshot(raw: &BTreeMap<String, KeyValue>, index: Index, config: &AclCo
         snap.tokens.insert(token.record.accessor_id, token);
     }
     snap
-}
-
-/// Keeps the snapshot equal to the store: applies watch events to the raw records
-/// and rebuilds, re-lists on [`WatchMessage::Resync`] or a lost watch, retries with
-/// backoff. Runs until aborted (the [`Acl`] is dropped).
-async fn follow(
-    shared: Arc<Shared>,
-    store: Arc<dyn Store>,
-    mut raw: BTreeMap<String, KeyValue>,
-    mut after: Index,
-) {
-    let mut backoff = RETRY_MIN;
-    loop {
-        let mut watch = match store.watch(PREFIX, after).await {
-            Ok(w) => w,
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "cannot watch ACLs");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-                continue;
-            }
-        };
-        loop {
-            let Some(msg) = watch.next().await else {
-                tracing::warn!(retry_in = ?backoff, "ACL watch ended; re-reading");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-                break;
-            };
-            let mut msgs = vec![msg];
-            // Drain what is already queued so a burst rebuilds once (bounded by the
-            // watch's own buffer).
-            while let Ok(m) = watch.rx.try_recv() {
-                msgs.push(m);
-            }
-            let mut resync = false;
-            let mut last = None;
-            for m in msgs {
-                match m {
-                    WatchMessage::Events(evs) => {
-                        for ev in evs {
-                            last = Some(ev.index().max(last.unwrap_or(0)));
-                            match ev {
-                                Event::Put(kv) => {
-                                    raw.insert(kv.key.clone(), kv);
-                                }
-                                Event::Delete { key, .. } => {
-                                    raw.remove(&key);
-                                }
-                            }
-                        }
-                    }
-                    WatchMessage::Resync => {
-                        resync = true;
-                        break;
-                    }
-                }
-            }
-            if resync {
-                tracing::info!("ACL watch fell behind; re-reading");
-                break;
-            }
-            if let Some(index) = last {
-                after = after.max(index);
-                shared.publish(build_snapshot(&raw, after, &shared.config));
-                backoff = RETRY_MIN;
-            }
-        }
-        loop {
-            match store.list(PREFIX).await {
-                Ok(listing) => {
-                    raw = listing
-                        .items
-                        .into_iter()
-                        .map(|kv| (kv.key.clone(), kv))
-                        .collect();
-                    after = listing.index;
-                    shared.publish(build_snapshot(&raw, after, &shared.config));
-                    break;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, retry_in = ?backoff, "cannot re-read ACLs");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -33,8 +33,8 @@ use std::{
     time::Duration,
 };
 
+use async_trait::async_trait;
 use tokio::sync::watch;
-use tokio_util::task::AbortOnDropHandle;
 
 pub use self::{
     definition::{Definition, InputError},
@@ -44,7 +44,7 @@ pub use self::{
 use crate::{
     config::Config,
     identity::ServiceName,
-    store::{self, Compare, Event, Index, KeyValue, Store, Txn, WatchMessage},
+    store::{self, Compare, Event, Index, KeyValue, Projection, Store, Txn, View},
 };
 
 /// Prefix of every catalog key.
@@ -57,8 +57,6 @@ const SIDECAR_PORTS: std::ops::RangeInclusive<u16> = 21000..=21255;
 const MAX_FILE_BYTES: u64 = crate::api::MAX_BODY_BYTES as u64;
 /// How long a write waits for the view to include it before answering anyway.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Why a catalog operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -148,12 +146,68 @@ pub struct Catalog {
     node: Node,
     config_dir: Option<PathBuf>,
     advertise: IpAddr,
-    snapshot: watch::Sender<Arc<CatalogSnapshot>>,
-    changes: watch::Sender<Index>,
+    /// The catalog, kept equal to `catalog/`; following stops when this is dropped.
+    view: View<Published>,
     /// Serialises writers, so that sidecar ports and reload's replace-all are planned
     /// on what the previous write left.
     writes: tokio::sync::Mutex<()>,
-    _follower: AbortOnDropHandle<()>,
+}
+
+/// The [`Projection`] of `catalog/`: the raw records, and the snapshot built from
+/// them that readers hold.
+#[derive(Debug)]
+struct Published {
+    snapshot: watch::Sender<Arc<CatalogSnapshot>>,
+    /// Only the follower touches this.
+    records: std::sync::Mutex<BTreeMap<String, KeyValue>>,
+    /// This node's name, which the snapshot marks as local.
+    local: String,
+}
+
+impl Published {
+    fn records(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, KeyValue>> {
+        // Map inserts and removes of ready values cannot panic half-way.
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl Projection for Published {
+    async fn reset(&self, listing: store::Listing) -> bool {
+        let fresh: BTreeMap<String, KeyValue> = listing
+            .items
+            .into_iter()
+            .map(|kv| (kv.key.clone(), kv))
+            .collect();
+        let mut records = self.records();
+        // Wake readers only if the catalog really changed (the first listing always
+        // replaces the empty placeholder, whose index is 0).
+        if fresh == *records && self.snapshot.borrow().index != 0 {
+            return false;
+        }
+        *records = fresh;
+        self.snapshot
+            .send_replace(Arc::new(build(&records, listing.index, &self.local)));
+        true
+    }
+
+    async fn apply(&self, events: Vec<Event>, index: Index) {
+        let mut records = self.records();
+        for event in events {
+            match event {
+                Event::Put(kv) => {
+                    records.insert(kv.key.clone(), kv);
+                }
+                Event::Delete { key, .. } => {
+                    records.remove(&key);
+                }
+            }
+        }
+        self.snapshot
+            .send_replace(Arc::new(build(&records, index, &self.local)));
+    }
 }
 
 impl Catalog {
@@ -173,51 +227,24 @@ impl Catalog {
             inbound_addr: config.inbound_addr,
         };
         claim(store.as_ref(), &node, &node_id.file).await?;
-        let listing = store.list(PREFIX).await?;
-        let mut records: BTreeMap<String, KeyValue> = listing
-            .items
-            .into_iter()
-            .map(|kv| (kv.key.clone(), kv))
-            .collect();
-        let snap = build(&records, listing.index, &node.node);
+        let published = Published {
+            snapshot: watch::channel(Arc::new(build(&BTreeMap::new(), 0, &node.node))).0,
+            records: std::sync::Mutex::new(BTreeMap::new()),
+            local: node.node.clone(),
+        };
+        let view = View::start(store.clone(), PREFIX, published).await?;
         tracing::info!(
-            services = snap.counts().1,
-            index = listing.index,
+            services = view.get().snapshot.borrow().counts().1,
+            index = view.index(),
             "catalog loaded"
         );
-        let (snapshot, _) = watch::channel(Arc::new(snap));
-        let (changes, _) = watch::channel(listing.index);
-        // Watch before returning, so that no write after the listing is missed and a
-        // write elsewhere in the store cannot force a needless resync.
-        let first = store.watch(PREFIX, listing.index).await?;
-        let follower = {
-            let store = store.clone();
-            let snapshot = snapshot.clone();
-            let changes = changes.clone();
-            let local = node.node.clone();
-            let after = listing.index;
-            tokio::spawn(async move {
-                follow(
-                    store,
-                    snapshot,
-                    changes,
-                    local,
-                    &mut records,
-                    after,
-                    Some(first),
-                )
-                .await;
-            })
-        };
         let catalog = Arc::new(Self {
             store,
             node,
             config_dir: config.config_dir.clone(),
             advertise: config.advertise_addr,
-            snapshot,
-            changes,
+            view,
             writes: tokio::sync::Mutex::new(()),
-            _follower: AbortOnDropHandle::new(follower),
         });
         if catalog.config_dir.is_some() {
             let s = catalog.reload().await?;
@@ -232,17 +259,17 @@ impl Catalog {
 
     /// The current view.
     pub fn snapshot(&self) -> Arc<CatalogSnapshot> {
-        self.snapshot.borrow().clone()
+        self.view.get().snapshot.borrow().clone()
     }
 
     /// Every new view, for components that follow the catalog.
     pub fn subscribe(&self) -> watch::Receiver<Arc<CatalogSnapshot>> {
-        self.snapshot.subscribe()
+        self.view.get().snapshot.subscribe()
     }
 
     /// The index of every new view, for blocking queries ([`crate::api::block_on`]).
     pub fn changes(&self) -> watch::Receiver<Index> {
-        self.changes.subscribe()
+        self.view.subscribe()
     }
 
     /// This node.
@@ -634,107 +661,6 @@ fn build(records: &BTreeMap<String, KeyValue>, index: Index, local: &str) -> Cat
         }
     }
     CatalogSnapshot::new(index, local.to_owned(), nodes, services)
-}
-
-/// Follows `catalog/` in the store and publishes a new snapshot per batch of changes.
-async fn follow(
-    store: Arc<dyn Store>,
-    snapshot: watch::Sender<Arc<CatalogSnapshot>>,
-    changes: watch::Sender<Index>,
-    local: String,
-    records: &mut BTreeMap<String, KeyValue>,
-    mut after: Index,
-    mut first: Option<store::Watch>,
-) {
-    let mut backoff = RETRY_MIN;
-    loop {
-        let next = match first.take() {
-            Some(w) => Ok(w),
-            None => store.watch(PREFIX, after).await,
-        };
-        let mut watch = match next {
-            Ok(w) => w,
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "cannot watch the catalog");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-                continue;
-            }
-        };
-        loop {
-            let Some(msg) = watch.next().await else {
-                tracing::warn!(retry_in = ?backoff, "catalog watch ended; re-reading");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-                break;
-            };
-            let mut pending = Some(msg);
-            let mut last = None;
-            let mut resync = false;
-            // Apply what is already queued in one go, so a burst publishes once.
-            while let Some(m) = pending.take() {
-                match m {
-                    WatchMessage::Events(evs) => {
-                        for ev in evs {
-                            last = Some(ev.index()).max(last);
-                            match ev {
-                                Event::Put(kv) => {
-                                    records.insert(kv.key.clone(), kv);
-                                }
-                                Event::Delete { key, .. } => {
-                                    records.remove(&key);
-                                }
-                            }
-                        }
-                    }
-                    WatchMessage::Resync => {
-                        resync = true;
-                        break;
-                    }
-                }
-                pending = watch.rx.try_recv().ok();
-            }
-            if resync {
-                match store.list(PREFIX).await {
-                    Ok(listing) => {
-                        let fresh: BTreeMap<String, KeyValue> = listing
-                            .items
-                            .into_iter()
-                            .map(|kv| (kv.key.clone(), kv))
-                            .collect();
-                        after = listing.index;
-                        // Wake readers only if the catalog really changed.
-                        if fresh != *records {
-                            *records = fresh;
-                            publish(&snapshot, &changes, records, after, &local);
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, retry_in = ?backoff, "cannot re-read the catalog");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(RETRY_MAX);
-                    }
-                }
-                break;
-            }
-            if let Some(index) = last {
-                after = after.max(index);
-                publish(&snapshot, &changes, records, after, &local);
-                backoff = RETRY_MIN;
-            }
-        }
-    }
-}
-
-fn publish(
-    snapshot: &watch::Sender<Arc<CatalogSnapshot>>,
-    changes: &watch::Sender<Index>,
-    records: &BTreeMap<String, KeyValue>,
-    index: Index,
-    local: &str,
-) {
-    snapshot.send_replace(Arc::new(build(records, index, local)));
-    changes.send_replace(index);
 }
 
 /// The Connect endpoint of an instance: its node's inbound proxy.

@@ -36,8 +36,8 @@ use std::{
     time::Duration,
 };
 
+use async_trait::async_trait;
 use tokio::sync::watch;
-use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
 use self::model::Record;
@@ -47,7 +47,9 @@ pub use self::{
 };
 use crate::{
     identity::{ServiceName, SpiffeId, TrustDomain},
-    store::{self, Compare, Event, Index, KeyValue, Store, Txn, TxnOutcome, WatchMessage},
+    store::{
+        self, Compare, Event, Index, KeyValue, Listing, Projection, Store, Txn, TxnOutcome, View,
+    },
 };
 
 /// Every key of this module starts with this.
@@ -63,12 +65,6 @@ const MAX_ATTEMPTS: usize = 8;
 /// How long a write waits for the in-memory table to show it. The write is durable
 /// either way; this only bounds how stale a read right after it can be.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Backoff of the store follower after a failed list or watch.
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(10);
-/// Watch messages applied under one write lock, so a burst of changes publishes
-/// once; bounded so that readers are never held off long.
-const MAX_BATCH: usize = 256;
 
 /// Why an intention operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,23 +100,23 @@ pub enum Error {
 
 /// The intentions of the cluster, as this agent sees them. See the module doc.
 pub struct Intentions {
-    shared: Arc<Shared>,
+    /// The table, kept equal to the store; following stops when this is dropped.
+    view: View<Shared>,
+    default_allow: bool,
     store: Arc<dyn Store>,
-    /// Follows the store; stops when this value is dropped.
-    _follower: AbortOnDropHandle<()>,
 }
 
+/// The in-memory table: the [`Projection`] of `intentions/id/`.
+#[derive(Debug, Default)]
 struct Shared {
     table: RwLock<Table>,
-    default_allow: bool,
-    changes: watch::Sender<Index>,
 }
 
 impl fmt::Debug for Intentions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Intentions")
-            .field("table", &*self.shared.read())
-            .field("default_allow", &self.shared.default_allow)
+            .field("table", &*self.view.get().read())
+            .field("default_allow", &self.default_allow)
             .finish_non_exhaustive()
     }
 }
@@ -144,21 +140,16 @@ impl Intentions {
     /// ACLs provide a default policy). Needs a Tokio runtime.
     pub async fn start(store: Arc<dyn Store>, default_allow: bool) -> Result<Arc<Self>, Error> {
         check_format(store.as_ref()).await?;
-        let listing = store.list(ID_PREFIX).await?;
-        let index = listing.index;
-        let table = build_table(&listing.items, index);
-        tracing::info!(intentions = table.len(), index, "intentions loaded");
-        let (changes, _) = watch::channel(index);
-        let shared = Arc::new(Shared {
-            table: RwLock::new(table),
-            default_allow,
-            changes,
-        });
-        let follower = tokio::spawn(follow(shared.clone(), store.clone(), index));
+        let view = View::start(store.clone(), ID_PREFIX, Shared::default()).await?;
+        tracing::info!(
+            intentions = view.get().read().len(),
+            index = view.index(),
+            "intentions loaded"
+        );
         Ok(Arc::new(Self {
-            shared,
+            view,
+            default_allow,
             store,
-            _follower: AbortOnDropHandle::new(follower),
         }))
     }
 
@@ -167,11 +158,10 @@ impl Intentions {
     /// Whether `source` may connect to `destination`: the first intention in
     /// Consul's evaluation order that matches, else the default policy.
     pub fn authorize(&self, source: &ServiceName, destination: &ServiceName) -> Decision {
-        self.shared.read().decide(
-            source.as_str(),
-            destination.as_str(),
-            self.shared.default_allow,
-        )
+        self.view
+            .get()
+            .read()
+            .decide(source.as_str(), destination.as_str(), self.default_allow)
     }
 
     /// [`Intentions::authorize`] for a client certificate's SPIFFE ID. When
@@ -197,39 +187,38 @@ impl Intentions {
 
     /// The decision for a pair of names that may be `*` (`intentions/check`).
     pub fn check(&self, source: &Selector, destination: &Selector) -> Decision {
-        self.shared.read().decide(
-            source.as_str(),
-            destination.as_str(),
-            self.shared.default_allow,
-        )
+        self.view
+            .get()
+            .read()
+            .decide(source.as_str(), destination.as_str(), self.default_allow)
     }
 
     /// The decision when no intention matches.
     pub fn default_allow(&self) -> bool {
-        self.shared.default_allow
+        self.default_allow
     }
 
     /// The store index the in-memory intentions reflect.
     pub fn index(&self) -> Index {
-        self.shared.read().index()
+        self.view.get().read().index()
     }
 
     /// Changes whenever the intentions change (the value is the new index). For
     /// blocking queries and for re-checking live connections.
     pub fn subscribe(&self) -> watch::Receiver<Index> {
-        self.shared.changes.subscribe()
+        self.view.subscribe()
     }
 
     // ─────────────────────── reads (no I/O) ───────────────────────
 
     /// Every intention in evaluation order, and the index of the view.
     pub fn list(&self) -> (Vec<Arc<Intention>>, Index) {
-        let t = self.shared.read();
+        let t = self.view.get().read();
         (t.all(), t.index())
     }
 
     pub fn get(&self, id: &Uuid) -> (Option<Arc<Intention>>, Index) {
-        let t = self.shared.read();
+        let t = self.view.get().read();
         (t.get(id).cloned(), t.index())
     }
 
@@ -238,14 +227,14 @@ impl Intentions {
         source: &Selector,
         destination: &Selector,
     ) -> (Option<Arc<Intention>>, Index) {
-        let t = self.shared.read();
+        let t = self.view.get().read();
         (t.exact(source, destination).cloned(), t.index())
     }
 
     /// For each name, the intentions that apply to it by source or destination, in
     /// evaluation order.
     pub fn matching(&self, by: MatchBy, names: &[Selector]) -> (Vec<Vec<Arc<Intention>>>, Index) {
-        let t = self.shared.read();
+        let t = self.view.get().read();
         let lists = names.iter().map(|n| t.matching(by, n.as_str())).collect();
         (lists, t.index())
     }
@@ -631,96 +620,32 @@ fn changes_of(events: Vec<Event>, out: &mut Vec<Change>) {
     }
 }
 
-/// Keeps `shared.table` equal to the store: applies watch events, re-lists on
-/// [`WatchMessage::Resync`] or a lost watch, retries failures with backoff. Runs
-/// until aborted (the [`Intentions`] is dropped).
-async fn follow(shared: Arc<Shared>, store: Arc<dyn Store>, mut after: Index) {
-    let mut backoff = RETRY_MIN;
-    loop {
-        let mut watch = match store.watch(ID_PREFIX, after).await {
-            Ok(w) => w,
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "cannot watch intentions");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-                continue;
-            }
-        };
-        // Apply events until the watch ends or asks for a resync.
-        loop {
-            let Some(first) = watch.next().await else {
-                // The store dropped the watch (e.g. a lost etcd stream). Back off so
-                // that a store which keeps doing so is not hammered.
-                tracing::warn!(retry_in = ?backoff, "intentions watch ended; re-reading");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-                break;
-            };
-            let mut changes = Vec::new();
-            let mut last = None;
-            let mut resync = false;
-            let mut msg = Some(first);
-            let mut taken = 0;
-            while let Some(m) = msg.take() {
-                match m {
-                    WatchMessage::Events(evs) => {
-                        last = evs.iter().map(Event::index).max().max(last);
-                        changes_of(evs, &mut changes);
-                    }
-                    WatchMessage::Resync => {
-                        resync = true;
-                        break;
-                    }
-                }
-                taken += 1;
-                if taken < MAX_BATCH {
-                    msg = watch.rx.try_recv().ok();
-                }
-            }
-            if let Some(index) = last {
-                {
-                    let mut t = shared.write();
-                    for c in changes {
-                        match c {
-                            Change::Put(i) => t.insert(i),
-                            Change::Remove(id) => {
-                                t.remove(&id);
-                            }
-                        }
-                    }
-                    let newest = index.max(t.index());
-                    t.set_index(newest);
-                }
-                shared.changes.send_replace(index);
-                after = after.max(index);
-                backoff = RETRY_MIN;
-            }
-            if resync {
-                tracing::info!("intentions watch fell behind; re-reading");
-                break;
-            }
-        }
-        // Re-list, then watch again from the listing's index.
-        loop {
-            match store.list(ID_PREFIX).await {
-                Ok(listing) => {
-                    let table = build_table(&listing.items, listing.index);
-                    // Swap under the lock, free the old table after it: dropping
-                    // 100 000 intentions takes milliseconds that authorize must not
-                    // wait for.
-                    let old = std::mem::replace(&mut *shared.write(), table);
-                    drop(old);
-                    shared.changes.send_replace(listing.index);
-                    after = listing.index;
-                    break;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, retry_in = ?backoff, "cannot re-read intentions");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
+#[async_trait]
+impl Projection for Shared {
+    async fn reset(&self, listing: Listing) -> bool {
+        let table = build_table(&listing.items, listing.index);
+        // Swap under the lock, free the old table after it: dropping 100 000
+        // intentions takes milliseconds that authorize must not wait for.
+        let old = std::mem::replace(&mut *self.write(), table);
+        drop(old);
+        true
+    }
+
+    async fn apply(&self, events: Vec<Event>, index: Index) {
+        // Decode before taking the lock, so that readers wait only for the inserts.
+        let mut changes = Vec::with_capacity(events.len());
+        changes_of(events, &mut changes);
+        let mut t = self.write();
+        for c in changes {
+            match c {
+                Change::Put(i) => t.insert(i),
+                Change::Remove(id) => {
+                    t.remove(&id);
                 }
             }
         }
+        let newest = index.max(t.index());
+        t.set_index(newest);
     }
 }
 

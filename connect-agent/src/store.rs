@@ -11,13 +11,16 @@
 //! Values are opaque here: each owner (catalog, intentions, ca) encodes its own
 //! records (JSON) under its own prefix. This module owns durability and ordering, not
 //! meaning. Reads for request paths are served from the owners' in-memory caches
-//! (`cache`), which follow the store through [`Store::watch`].
+//! ([`view::View`]), which follow the store through [`Store::watch`].
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod etcd;
 pub mod memory;
 pub mod redb;
+pub mod view;
+
+pub use view::{Policy, Projection, View};
 
 use std::fmt;
 

@@ -32,15 +32,16 @@
 //! and fed by a watch of `vip/`, so the proxy's and DNS's hot paths never wait on
 //! the store.
 
-use std::{collections::HashMap, net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
 
+use async_trait::async_trait;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::watch;
 
 use crate::{
     identity::ServiceName,
-    store::{self, Compare, Event, Index, Store, Txn, WatchMessage},
+    store::{self, Compare, Event, Index, Projection, Store, Txn, View},
 };
 
 /// Every key this module writes starts with this.
@@ -62,9 +63,6 @@ const MAX_PROBES: u32 = 4096;
 /// committed in between, so a long run of them means heavy contention or a store
 /// that rejects every guard.
 const MAX_CONFLICTS: u32 = 32;
-/// First and longest pause before re-watching after the store failed.
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Whether `ip` lies in the range virtual IPs come from.
 pub fn is_virtual(ip: Ipv4Addr) -> bool {
@@ -197,13 +195,30 @@ impl Pool {
 pub struct Allocator {
     store: Arc<dyn Store>,
     pool: Pool,
-    table: Arc<watch::Sender<Arc<VipTable>>>,
-    follower: JoinHandle<()>,
+    /// The table, kept equal to `vip/`; following stops when this is dropped.
+    view: View<Published>,
 }
 
-impl Drop for Allocator {
-    fn drop(&mut self) {
-        self.follower.abort();
+/// The table as readers see it: the [`Projection`] of `vip/`. Every change replaces
+/// the snapshot, so a reader holds one consistent table for as long as it likes.
+#[derive(Debug)]
+struct Published(watch::Sender<Arc<VipTable>>);
+
+#[async_trait]
+impl Projection for Published {
+    async fn reset(&self, listing: store::Listing) -> bool {
+        let fresh = load(&listing.items);
+        self.0.send_if_modified(|t| {
+            if **t == fresh {
+                return false;
+            }
+            *t = Arc::new(fresh);
+            true
+        })
+    }
+
+    async fn apply(&self, events: Vec<Event>, _index: Index) {
+        self.0.send_modify(|t| apply(Arc::make_mut(t), &events));
     }
 }
 
@@ -216,39 +231,35 @@ impl Allocator {
     }
 
     async fn start_with_pool(store: Arc<dyn Store>, pool: Pool) -> Result<Arc<Self>, Error> {
-        let listing = store.list(PREFIX).await?;
-        let table = load(&listing.items);
-        let (tx, _) = watch::channel(Arc::new(table));
-        let table = Arc::new(tx);
-        let follower = tokio::spawn(follow(store.clone(), table.clone(), listing.index));
-        Ok(Arc::new(Self {
-            store,
-            pool,
-            table,
-            follower,
-        }))
+        let (table, _) = watch::channel(Arc::new(VipTable::default()));
+        let view = View::start(store.clone(), PREFIX, Published(table)).await?;
+        Ok(Arc::new(Self { store, pool, view }))
+    }
+
+    fn table(&self) -> &watch::Sender<Arc<VipTable>> {
+        &self.view.get().0
     }
 
     /// The virtual IP of `service`, from memory.
     pub fn vip_of(&self, service: &ServiceName) -> Option<Ipv4Addr> {
-        self.table.borrow().vip_of(service)
+        self.table().borrow().vip_of(service)
     }
 
     /// The service owning virtual IP `ip`, from memory: how the proxy names the
     /// destination of a connection eBPF redirected from a virtual IP.
     pub fn service_of(&self, ip: Ipv4Addr) -> Option<ServiceName> {
-        self.table.borrow().service_of(ip).cloned()
+        self.table().borrow().service_of(ip).cloned()
     }
 
     /// The current table.
     pub fn snapshot(&self) -> Arc<VipTable> {
-        self.table.borrow().clone()
+        self.table().borrow().clone()
     }
 
     /// A receiver that sees a new snapshot after every change (allocations here or by
     /// other agents), for mirroring the table into eBPF maps.
     pub fn subscribe(&self) -> watch::Receiver<Arc<VipTable>> {
-        self.table.subscribe()
+        self.table().subscribe()
     }
 
     /// The virtual IP of `service`, allocating one if it has none yet. Stable: the
@@ -265,7 +276,7 @@ impl Allocator {
         let mut conflicts = 0;
         for probe in 0..MAX_PROBES.min(self.pool.size) {
             let ip = self.pool.candidate(service, probe);
-            if self.table.borrow().service_of(ip).is_some() {
+            if self.table().borrow().service_of(ip).is_some() {
                 continue;
             }
             let value = encode(service, ip);
@@ -318,7 +329,7 @@ impl Allocator {
     /// Puts a committed allocation in the table now rather than when the watch
     /// delivers it, so a lookup right after allocating sees it.
     fn remember(&self, service: &ServiceName, ip: Ipv4Addr) {
-        self.table.send_if_modified(|t| {
+        self.table().send_if_modified(|t| {
             if t.vip_of(service) == Some(ip) {
                 return false;
             }
@@ -393,60 +404,12 @@ fn apply(table: &mut VipTable, events: &[Event]) {
     }
 }
 
-/// Follows `vip/` from `index` until the store shuts down: applies events, re-lists
-/// on resync, and retries with backoff when the store fails.
-async fn follow(store: Arc<dyn Store>, table: Arc<watch::Sender<Arc<VipTable>>>, mut index: Index) {
-    let mut backoff = RETRY_MIN;
-    loop {
-        match store.watch(PREFIX, index).await {
-            Ok(mut watch) => loop {
-                match watch.next().await {
-                    Some(WatchMessage::Events(events)) => {
-                        backoff = RETRY_MIN;
-                        if let Some(last) = events.iter().map(Event::index).max() {
-                            index = index.max(last);
-                        }
-                        table.send_modify(|t| apply(Arc::make_mut(t), &events));
-                    }
-                    Some(WatchMessage::Resync) => break,
-                    None => {
-                        tracing::debug!("store closed, virtual IP table frozen");
-                        return;
-                    }
-                }
-            },
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch virtual IPs, retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-                continue;
-            }
-        }
-        // Resync: the watch missed changes; re-read everything.
-        match store.list(PREFIX).await {
-            Ok(listing) => {
-                index = listing.index;
-                let fresh = load(&listing.items);
-                table.send_if_modified(|t| {
-                    if **t == fresh {
-                        return false;
-                    }
-                    *t = Arc::new(fresh);
-                    true
-                });
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot re-read virtual IPs, retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashSet, time::Instant};
+    use std::{
+        collections::HashSet,
+        time::{Duration, Instant},
+    };
 
     use super::*;
     use crate::store::memory::MemStore;
@@ -668,6 +631,23 @@ mod tests {
             .expect("sender alive");
         assert_eq!(changes.borrow().vip_of(&svc("web")), Some(ip));
         assert_eq!(a.service_of(ip), Some(svc("web")));
+    }
+
+    /// The follower used to stop for good when the store ended its watch (a lost etcd
+    /// stream), so another agent's allocation never reached this one's table.
+    #[tokio::test]
+    async fn allocations_arrive_after_the_store_ended_the_watch() {
+        use crate::store::view::tests::{Cut, Flaky};
+        let store = Flaky::new();
+        let a = Allocator::start(store.clone()).await.expect("a");
+        let b = Allocator::start(Arc::new(store.inner.clone()))
+            .await
+            .expect("b");
+        eventually("a to watch", || store.cut.receiver_count() > 0).await;
+        store.cut.send(Cut::End).expect("a watches");
+        let ip = b.get_or_allocate(&svc("web")).await.expect("allocate");
+        eventually("a to see b's allocation", || a.service_of(ip).is_some()).await;
+        assert_eq!(a.vip_of(&svc("web")), Some(ip));
     }
 
     #[tokio::test]

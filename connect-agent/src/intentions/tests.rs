@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::store::WatchMessage;
 use crate::store::{Listing, Watch, memory::MemStore};
 
 fn sel(s: &str) -> Selector {
