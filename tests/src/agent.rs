@@ -41,6 +41,20 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// `n` distinct loopback ports that were free a moment ago. The listeners are held
+/// until all are chosen: one at a time, the kernel may hand out the same port twice
+/// (an agent's HTTP and transparent listeners once collided that way).
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("binding an ephemeral port"))
+        .collect::<Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (port, l) in ports.iter_mut().zip(&listeners) {
+        *port = l.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct AgentProcess {
@@ -108,13 +122,14 @@ impl AgentProcess {
         env: &[(&str, &str)],
         dns_addr: Option<SocketAddr>,
     ) -> Result<Self> {
-        let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let [http, dns, outbound, inbound] = free_ports::<4>()?;
+        let http_addr: SocketAddr = format!("127.0.0.1:{http}").parse()?;
         let dns_addr = match dns_addr {
             Some(a) => a,
-            None => format!("127.0.0.1:{}", free_port()?).parse()?,
+            None => format!("127.0.0.1:{dns}").parse()?,
         };
-        let outbound = format!("127.0.0.1:{}", free_port()?);
-        let inbound = format!("127.0.0.1:{}", free_port()?);
+        let outbound = format!("127.0.0.1:{outbound}");
+        let inbound = format!("127.0.0.1:{inbound}");
         let log_path = dir.join("agent.log");
         let log = std::fs::OpenOptions::new()
             .write(true)
