@@ -285,27 +285,14 @@ impl Shared {
 impl Projection for Shared {
     async fn reset(&self, listing: Listing) -> bool {
         let mut raw = self.raw();
-        *raw = listing
-            .items
-            .into_iter()
-            .map(|kv| (kv.key.clone(), kv))
-            .collect();
+        *raw = store::view::records_of(listing.items);
         self.publish(build_snapshot(&raw, listing.index, &self.config));
         true
     }
 
     async fn apply(&self, events: Vec<Event>, index: Index) {
         let mut raw = self.raw();
-        for event in events {
-            match event {
-                Event::Put(kv) => {
-                    raw.insert(kv.key.clone(), kv);
-                }
-                Event::Delete { key, .. } => {
-                    raw.remove(&key);
-                }
-            }
-        }
+        store::view::apply_to(&mut raw, events);
         // One rebuild per batch: a burst of token writes rebuilds once.
         self.publish(build_snapshot(&raw, index, &self.config));
     }

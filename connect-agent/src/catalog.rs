@@ -176,11 +176,7 @@ impl Published {
 #[async_trait]
 impl Projection for Published {
     async fn reset(&self, listing: store::Listing) -> bool {
-        let fresh: BTreeMap<String, KeyValue> = listing
-            .items
-            .into_iter()
-            .map(|kv| (kv.key.clone(), kv))
-            .collect();
+        let fresh = store::view::records_of(listing.items);
         let mut records = self.records();
         // Wake readers only if the catalog really changed (the first listing always
         // replaces the empty placeholder, whose index is 0).
@@ -195,16 +191,7 @@ impl Projection for Published {
 
     async fn apply(&self, events: Vec<Event>, index: Index) {
         let mut records = self.records();
-        for event in events {
-            match event {
-                Event::Put(kv) => {
-                    records.insert(kv.key.clone(), kv);
-                }
-                Event::Delete { key, .. } => {
-                    records.remove(&key);
-                }
-            }
-        }
+        store::view::apply_to(&mut records, events);
         self.snapshot
             .send_replace(Arc::new(build(&records, index, &self.local)));
     }

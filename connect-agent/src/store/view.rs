@@ -12,13 +12,13 @@
 //! after each batch is applied (blocking queries and live-connection re-checks use
 //! it), and a re-list that changed nothing moves the index without waking anyone.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Error, Event, Index, Listing, Store, Watch, WatchMessage};
+use super::{Error, Event, Index, KeyValue, Listing, Store, Watch, WatchMessage};
 
 /// What a [`View`] keeps equal to one prefix of the store. The methods take `&self`:
 /// the projection guards its own state (a lock readers take briefly, a `watch` of
@@ -33,6 +33,26 @@ pub trait Projection: Send + Sync + 'static {
     /// Applies the events of one or more transactions, in index order. `index` is
     /// the last event's index.
     async fn apply(&self, events: Vec<Event>, index: Index);
+}
+
+/// The records of a listing by key, for projections that rebuild a snapshot from
+/// the raw records (ACL, catalog).
+pub fn records_of(items: Vec<KeyValue>) -> BTreeMap<String, KeyValue> {
+    items.into_iter().map(|kv| (kv.key.clone(), kv)).collect()
+}
+
+/// Applies `events` to records kept by key, as [`records_of`] built them.
+pub fn apply_to(records: &mut BTreeMap<String, KeyValue>, events: Vec<Event>) {
+    for event in events {
+        match event {
+            Event::Put(kv) => {
+                records.insert(kv.key.clone(), kv);
+            }
+            Event::Delete { key, .. } => {
+                records.remove(&key);
+            }
+        }
+    }
 }
 
 /// How a [`View`] follows. One policy for every view; tests shorten it.

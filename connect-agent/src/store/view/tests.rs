@@ -182,6 +182,17 @@ async fn at(view: &View<Mirror>, index: Index, key: &str) -> Option<Vec<u8>> {
     view.get().get(key)
 }
 
+/// Polls `done` every millisecond until it holds; fails naming `what` after 5 s.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out: {what}"));
+}
+
 #[tokio::test]
 async fn starts_from_a_listing_and_applies_events() {
     let store = Flaky::new();
@@ -235,13 +246,10 @@ async fn a_watch_the_store_ends_is_re_listed_and_followed_again() {
             "round {round}"
         );
         // Wait until the follower watches again before cutting the next watch.
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while store.cut.receiver_count() == 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+        until("the follower watches again", || {
+            store.cut.receiver_count() > 0
         })
-        .await
-        .expect("the follower watches again");
+        .await;
     }
     assert!(view.get().resets.load(Ordering::SeqCst) >= 2);
 }
@@ -274,15 +282,11 @@ async fn failing_lists_and_watches_are_retried_until_the_store_answers() {
     store.failing_lists.store(3, Ordering::SeqCst);
     store.failing_watches.store(3, Ordering::SeqCst);
     store.cut.send(Cut::End).expect("the follower watches");
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while store.failing_lists.load(Ordering::SeqCst) > 0
-            || store.failing_watches.load(Ordering::SeqCst) > 0
-        {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+    until("every failing list and watch was retried", || {
+        store.failing_lists.load(Ordering::SeqCst) == 0
+            && store.failing_watches.load(Ordering::SeqCst) == 0
     })
-    .await
-    .expect("every failing list and watch was retried");
+    .await;
     // Followed again: a write after the failures arrives through the new watch.
     let index = put(&store, "t/late", "v").await;
     assert_eq!(at(&view, index, "t/late").await.as_deref(), Some(&b"v"[..]));
@@ -300,13 +304,7 @@ async fn a_re_list_that_changes_nothing_moves_the_index_without_waking_readers()
     // A write outside the prefix raises the store's index only.
     let index = put(&store, "other/x", "1").await;
     store.cut.send(Cut::Resync).expect("the follower watches");
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while view.index() < index {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the re-list's index is published");
+    until("the re-list's index is published", || view.index() >= index).await;
     assert!(
         !changes.has_changed().expect("open"),
         "nothing changed, nobody woken"
