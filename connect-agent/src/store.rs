@@ -14,6 +14,7 @@
 //! ([`view::View`]), which follow the store through [`Store::watch`].
 
 #[cfg(any(test, feature = "testing"))]
+pub mod backoff;
 pub mod conformance;
 pub mod etcd;
 pub mod memory;

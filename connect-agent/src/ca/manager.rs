@@ -6,35 +6,38 @@
 //!
 //! Readers (API handlers, proxies) take `Arc` snapshots from the watches: no lock is
 //! held across an `.await`, and the handshake path does no I/O. Background tasks stop
-//! when the manager is dropped or [`CaManager::shutdown`] is called.
+//! when the manager is dropped.
+
+mod follow;
+mod leaves;
 
 use std::{
-    collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, atomic::AtomicU64},
     time::Duration,
 };
 
-use rcgen::{KeyPair, PublicKeyData};
 use time::OffsetDateTime;
-use tokio::{sync::watch, task::AbortHandle, time::Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::{sync::watch, time::Instant};
+use tokio_util::task::AbortOnDropHandle;
 
+use self::{
+    follow::{Records, prune_periodically},
+    leaves::LeafEntry,
+};
 use super::{
     CaConfig, Error,
     leaf::{self, IssuedCert, Leaf, LeafRequestKind},
     pki,
-    provider::{BACKDATE, BuiltinProvider, CaProvider, LeafRequest, RootRequest},
+    provider::{BACKDATE, BuiltinProvider, CaProvider, RootRequest},
     remote::RemoteSigner,
-    state::{self, CaState, Root},
+    state::{self, CaState},
     verify::TrustBundle,
 };
 use crate::{
     config::Config,
-    identity::{Datacenter, ServiceName, SpiffeId, TrustDomain},
-    store::{Index, Store, WatchMessage},
+    identity::{Datacenter, ServiceName, TrustDomain},
+    store::{Index, Store, View},
 };
 
 /// Most leaves one agent holds (one per local service plus whatever the leaf
@@ -54,8 +57,6 @@ pub const CROSS_SIGN_MIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const CROSS_SIGN_LEAF_TTLS: u32 = 3;
 /// Attempts of a configuration change that loses check-and-set races.
 const SET_CONFIG_ATTEMPTS: u32 = 5;
-/// Longest wait between retries of a failing renewal or store watch.
-const MAX_BACKOFF: Duration = Duration::from_secs(5 * 60);
 /// How long a client agent waits at startup for a server agent to create the CA.
 pub const CLIENT_WAIT_FOR_CA: Duration = Duration::from_secs(30);
 
@@ -79,10 +80,15 @@ pub struct LeafWatch {
     pub cache_hit: bool,
 }
 
-/// The CA as one agent runs it. Dropping it stops its background tasks.
+/// The CA as one agent runs it. Dropping it stops its background tasks: the store
+/// follower, the pruner and every leaf's renewal.
 #[derive(Debug)]
 pub struct CaManager {
     inner: Arc<Inner>,
+    /// Keeps the snapshot equal to the store's `ca/` records, whichever agent
+    /// wrote them.
+    _view: View<Records>,
+    _pruner: AbortOnDropHandle<()>,
 }
 
 #[derive(Debug)]
@@ -99,19 +105,14 @@ struct Inner {
     leaf_changes: watch::Sender<Index>,
     leaf_index: AtomicU64,
     leaves: Mutex<HashMap<ServiceName, LeafEntry>>,
-    stop: CancellationToken,
-}
-
-#[derive(Debug)]
-struct LeafEntry {
-    tx: watch::Sender<Arc<Leaf>>,
-    last_used: Instant,
-    task: AbortHandle,
 }
 
 impl Drop for CaManager {
     fn drop(&mut self) {
-        self.inner.stop.cancel();
+        // The renewal tasks hold the inner state; they end here, not when it does.
+        for entry in self.inner.lock_leaves().values() {
+            entry.stop_renewing();
+        }
     }
 }
 
@@ -212,16 +213,18 @@ impl CaManager {
             leaf_changes,
             leaf_index: AtomicU64::new(0),
             leaves: Mutex::new(HashMap::new()),
-            stop: CancellationToken::new(),
         });
-        tokio::spawn(follow(inner.clone()));
-        Ok(Arc::new(Self { inner }))
-    }
-
-    /// Stops the background tasks (also done on drop). Leaves already handed out
-    /// stay valid until they expire.
-    pub fn shutdown(&self) {
-        self.inner.stop.cancel();
+        let records = Records {
+            inner: inner.clone(),
+            records: Mutex::new(BTreeMap::new()),
+        };
+        let view = View::start(inner.store.clone(), state::PREFIX, records).await?;
+        let pruner = AbortOnDropHandle::new(tokio::spawn(prune_periodically(inner.clone())));
+        Ok(Arc::new(Self {
+            inner,
+            _view: view,
+            _pruner: pruner,
+        }))
     }
 
     /// The current snapshot.
@@ -253,7 +256,7 @@ impl CaManager {
     /// Re-reads the CA from the store now (the background follower does this on
     /// every change; callers that just wrote use it to read their own write).
     pub async fn refresh(&self) -> Result<(), Error> {
-        self.inner.reload().await.map(|_| ())
+        self.inner.reload().await
     }
 
     /// The leaf of `service`, issued now if this agent holds none (or its leaf
@@ -435,442 +438,4 @@ impl Inner {
     fn current(&self) -> Arc<CaState> {
         self.state.borrow().clone()
     }
-
-    /// Re-reads the store and publishes the snapshot if it is newer than the one
-    /// published (two reloads racing never publish an older one).
-    async fn reload(&self) -> Result<Index, Error> {
-        let listing = self.store.list(state::PREFIX).await?;
-        let index = listing.index;
-        let keys = match self.role {
-            CaRole::Server => Some(self.store.list(state::KEYS_PREFIX).await?),
-            CaRole::Client(_) => None,
-        };
-        let Some(next) = CaState::load(&listing, keys.as_ref(), &*self.provider)? else {
-            return Err(Error::CorruptRecord {
-                key: state::CLUSTER_KEY.to_owned(),
-                reason: "it disappeared from the store".to_owned(),
-            });
-        };
-        let next = Arc::new(next);
-        let published = self.state.send_if_modified(|cur| {
-            if next.store_index > cur.store_index {
-                *cur = next.clone();
-                true
-            } else {
-                false
-            }
-        });
-        if published {
-            self.bundle.send_if_modified(|b| {
-                if next.bundle.index() > b.index() {
-                    *b = next.bundle.clone();
-                    true
-                } else {
-                    false
-                }
-            });
-            self.changes.send_replace(next.store_index);
-        }
-        Ok(index)
-    }
-
-    async fn prune(&self, now: OffsetDateTime) -> Result<usize, Error> {
-        if !matches!(self.role, CaRole::Server) {
-            // Pruning deletes keys: the servers' job.
-            return Ok(0);
-        }
-        let current = self.current();
-        let keep_for = current.config.leaf_cert_ttl * PRUNE_AFTER_LEAF_TTLS;
-        let dead: Vec<&Root> = current
-            .roots
-            .iter()
-            .filter(|r| !r.active() && r.rotated_out_at.is_some_and(|t| t + keep_for < now))
-            .collect();
-        if dead.is_empty() {
-            return Ok(0);
-        }
-        let count = dead.len();
-        let outcome = self.store.txn(state::prune_txn(&current, &dead)?).await?;
-        if outcome.is_committed() {
-            for r in &dead {
-                tracing::info!(root_id = %r.id(), "pruned a rotated-out CA root");
-            }
-            self.reload().await?;
-            Ok(count)
-        } else {
-            // Another agent pruned or rotated first; the follower will catch up.
-            Ok(0)
-        }
-    }
-
-    fn next_leaf_index(&self) -> Index {
-        let floor = self.store.index();
-        let mut cur = self.leaf_index.load(Ordering::SeqCst);
-        loop {
-            let next = (cur + 1).max(floor);
-            match self
-                .leaf_index
-                .compare_exchange(cur, next, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return next,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    /// Signs a leaf for `id` over `spki_der` with the active root of `state`.
-    fn sign(
-        &self,
-        state: &CaState,
-        id: &SpiffeId,
-        spki_der: &[u8],
-        kind: LeafRequestKind,
-    ) -> Result<IssuedCert, Error> {
-        let now = OffsetDateTime::now_utc();
-        let serial = pki::random_serial();
-        let not_before = now - BACKDATE;
-        let not_after = not_before + state.config.leaf_cert_ttl;
-        let signer = state
-            .signer()
-            .ok_or(Error::NotServer { op: "sign a leaf" })?;
-        let der = signer.sign_leaf(&LeafRequest {
-            id,
-            spki_der,
-            serial: &serial,
-            not_before,
-            not_after,
-        })?;
-        let mut chain = vec![der];
-        chain.extend(
-            state
-                .active_intermediates(now)
-                .into_iter()
-                .map(|i| i.der.clone()),
-        );
-        let cert_pem = chain
-            .iter()
-            .map(|c| pki::pem_encode("CERTIFICATE", c))
-            .collect::<String>();
-        let issued = IssuedCert {
-            service: id.service.clone(),
-            spiffe_id: id.clone(),
-            serial: serial.to_vec(),
-            chain,
-            cert_pem,
-            valid_after: not_before,
-            valid_before: not_after,
-            root_id: state.active_root().id().to_owned(),
-            index: self.next_leaf_index(),
-        };
-        tracing::debug!(
-            service = %id.service,
-            serial = %issued.serial_hex(),
-            kind = ?kind,
-            "leaf issued"
-        );
-        Ok(issued)
-    }
-
-    /// A new leaf with a fresh agent-generated P-256 key: signed here on a server
-    /// agent, by a server agent on a client agent (the key never leaves this one).
-    async fn issue(&self, service: &ServiceName) -> Result<Arc<Leaf>, Error> {
-        let CaRole::Client(remote) = &self.role else {
-            return self.issue_local(service);
-        };
-        let state = self.current();
-        let key = new_leaf_key()?;
-        let id = SpiffeId::service(
-            state.trust_domain.clone(),
-            self.datacenter.clone(),
-            service.clone(),
-        );
-        let mut cert = remote.sign(&state, &id, &key).await?;
-        cert.index = self.next_leaf_index();
-        tracing::debug!(service = %id.service, serial = %cert.serial_hex(), "leaf signed by a server agent");
-        Ok(Arc::new(Leaf::new(cert, key.serialize_der())?))
-    }
-
-    /// [`Inner::issue`] with this agent's own signer (server agents).
-    fn issue_local(&self, service: &ServiceName) -> Result<Arc<Leaf>, Error> {
-        let state = self.current();
-        let key = new_leaf_key()?;
-        let id = SpiffeId::service(
-            state.trust_domain.clone(),
-            self.datacenter.clone(),
-            service.clone(),
-        );
-        let cert = self.sign(
-            &state,
-            &id,
-            &key.subject_public_key_info(),
-            LeafRequestKind::AgentKey,
-        )?;
-        Ok(Arc::new(Leaf::new(cert, key.serialize_der())?))
-    }
-
-    fn lock_leaves(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceName, LeafEntry>> {
-        // The map holds plain values updated in single statements; a panic while
-        // holding the lock cannot leave it half-changed.
-        self.leaves.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether `leaf` may still be handed out as is.
-    fn is_fresh(&self, leaf: &Leaf, state: &CaState, now: OffsetDateTime) -> bool {
-        leaf.cert.valid_before > now && leaf.cert.root_id == state.active_root().id()
-    }
-
-    async fn leaf(self: &Arc<Self>, service: &ServiceName) -> Result<LeafWatch, Error> {
-        let now = OffsetDateTime::now_utc();
-        let state = self.current();
-        // Fast path: a cached, still valid leaf.
-        let cached = {
-            let mut leaves = self.lock_leaves();
-            leaves.get_mut(service).map(|e| {
-                e.last_used = Instant::now();
-                (e.tx.subscribe(), e.tx.clone())
-            })
-        };
-        if let Some((rx, tx)) = cached {
-            let current = rx.borrow().clone();
-            if self.is_fresh(&current, &state, now) {
-                return Ok(LeafWatch {
-                    rx,
-                    cache_hit: true,
-                });
-            }
-            // Expired or signed by a root that is no longer active: replace it now
-            // rather than hand it out (Consul re-validates on non-blocking reads).
-            let fresh = self.issue(service).await?;
-            let index = fresh.cert.index;
-            tx.send_replace(fresh);
-            self.leaf_changes.send_replace(index);
-            return Ok(LeafWatch {
-                rx,
-                cache_hit: false,
-            });
-        }
-
-        let fresh = self.issue(service).await?;
-        let index = fresh.cert.index;
-        let mut leaves = self.lock_leaves();
-        if let Some(e) = leaves.get_mut(service) {
-            // Another request issued one meanwhile: keep theirs, drop ours.
-            e.last_used = Instant::now();
-            return Ok(LeafWatch {
-                rx: e.tx.subscribe(),
-                cache_hit: true,
-            });
-        }
-        if leaves.len() >= MAX_LEAVES {
-            evict_one(&mut leaves)?;
-        }
-        let (tx, rx) = watch::channel(fresh);
-        let task = tokio::spawn(renew(self.clone(), service.clone(), tx.clone()));
-        leaves.insert(
-            service.clone(),
-            LeafEntry {
-                tx,
-                last_used: Instant::now(),
-                task: task.abort_handle(),
-            },
-        );
-        drop(leaves);
-        self.leaf_changes.send_replace(index);
-        Ok(LeafWatch {
-            rx,
-            cache_hit: false,
-        })
-    }
-
-    /// Drops `service`'s entry if nobody watches it and nobody asked for it lately.
-    /// Returns whether it was dropped.
-    fn drop_if_idle(&self, service: &ServiceName, tx: &watch::Sender<Arc<Leaf>>) -> bool {
-        let mut leaves = self.lock_leaves();
-        let idle = leaves.get(service).is_some_and(|e| {
-            e.tx.same_channel(tx)
-                && e.tx.receiver_count() == 0
-                && e.last_used.elapsed() >= LEAF_IDLE_EXPIRY
-        });
-        if idle {
-            leaves.remove(service);
-            tracing::debug!(service = %service, "idle leaf dropped");
-        }
-        idle
-    }
-}
-
-/// A fresh P-256 key for a leaf.
-fn new_leaf_key() -> Result<KeyPair, Error> {
-    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| Error::Crypto {
-        op: "generate a leaf key",
-        source,
-    })
-}
-
-/// Makes room for one leaf: drops the least recently used one that nobody watches.
-fn evict_one(leaves: &mut HashMap<ServiceName, LeafEntry>) -> Result<(), Error> {
-    let victim = leaves
-        .iter()
-        .filter(|(_, e)| e.tx.receiver_count() == 0)
-        .min_by_key(|(_, e)| e.last_used)
-        .map(|(k, _)| k.clone());
-    match victim {
-        Some(k) => {
-            if let Some(e) = leaves.remove(&k) {
-                e.task.abort();
-                tracing::debug!(service = %k, "leaf evicted to make room");
-            }
-            Ok(())
-        }
-        None => Err(Error::TooManyLeaves { max: MAX_LEAVES }),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wake {
-    /// The renewal point of the leaf's lifetime was reached.
-    Due,
-    /// The active root changed away from the leaf's signer.
-    RootChanged,
-}
-
-/// Keeps one service's leaf fresh: renews at a random 60–90 % of its lifetime, and
-/// within a random 30 s after the active root changes. Ends when the manager stops
-/// or the leaf has been idle for [`LEAF_IDLE_EXPIRY`].
-async fn renew(inner: Arc<Inner>, service: ServiceName, tx: watch::Sender<Arc<Leaf>>) {
-    let mut state_rx = inner.state.subscribe();
-    let mut failures: u32 = 0;
-    // The renewal point is drawn once per leaf (keyed by serial): waking up for an
-    // unrelated CA change must not draw again, which would skew renewals early.
-    let mut planned: (Vec<u8>, f64) = (Vec::new(), leaf::renewal_fraction());
-    loop {
-        let leaf = tx.borrow().clone();
-        if planned.0 != leaf.cert.serial {
-            planned = (leaf.cert.serial.clone(), leaf::renewal_fraction());
-        }
-        let wait = if failures > 0 {
-            backoff(failures)
-        } else {
-            leaf::renewal_delay(
-                leaf.cert.valid_after,
-                leaf.cert.valid_before,
-                OffsetDateTime::now_utc(),
-                planned.1,
-            )
-        };
-        let wake = tokio::select! {
-            _ = inner.stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => Wake::Due,
-            changed = state_rx.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                if state_rx.borrow_and_update().active_root().id() == leaf.cert.root_id {
-                    continue;
-                }
-                Wake::RootChanged
-            }
-        };
-        if wake == Wake::RootChanged {
-            let jitter = leaf::ROOT_CHANGE_WINDOW.mul_f64(rand::random::<f64>());
-            tokio::select! {
-                _ = inner.stop.cancelled() => return,
-                _ = tokio::time::sleep(jitter) => {}
-            }
-        }
-        if inner.drop_if_idle(&service, &tx) {
-            return;
-        }
-        let current = tx.borrow().clone();
-        if current.cert.serial != leaf.cert.serial {
-            // Someone (a read of an expired or stale leaf) already replaced it.
-            failures = 0;
-            continue;
-        }
-        if wake == Wake::RootChanged && inner.current().active_root().id() == current.cert.root_id {
-            continue;
-        }
-        match inner.issue(&service).await {
-            Ok(fresh) => {
-                failures = 0;
-                let index = fresh.cert.index;
-                tracing::info!(
-                    service = %service,
-                    serial = %fresh.cert.serial_hex(),
-                    reason = ?wake,
-                    "leaf renewed"
-                );
-                tx.send_replace(fresh);
-                inner.leaf_changes.send_replace(index);
-            }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                tracing::warn!(service = %service, error = %e, failures, "leaf renewal failed");
-            }
-        }
-    }
-}
-
-/// Follows the store under `ca/`: every change (by this agent or another) becomes a
-/// new snapshot; a lagging watch re-lists. Also prunes old roots periodically.
-async fn follow(inner: Arc<Inner>) {
-    let mut failures: u32 = 0;
-    let mut prune_tick = tokio::time::interval(PRUNE_INTERVAL);
-    let mut after = inner.current().store_index;
-    'watch: loop {
-        let watch = tokio::select! {
-            _ = inner.stop.cancelled() => return,
-            w = inner.store.watch(state::PREFIX, after) => w,
-        };
-        let mut watch = match watch {
-            Ok(w) => w,
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                tracing::warn!(error = %e, failures, "cannot watch the CA records, retrying");
-                tokio::select! {
-                    _ = inner.stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff(failures)) => continue 'watch,
-                }
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = inner.stop.cancelled() => return,
-                _ = prune_tick.tick() => {
-                    if let Err(e) = inner.prune(OffsetDateTime::now_utc()).await {
-                        tracing::warn!(error = %e, "cannot prune old CA roots");
-                    }
-                }
-                msg = watch.next() => {
-                    let resync = !matches!(msg, Some(WatchMessage::Events(_)));
-                    match inner.reload().await {
-                        Ok(index) => {
-                            failures = 0;
-                            after = after.max(index);
-                        }
-                        Err(e) => {
-                            failures = failures.saturating_add(1);
-                            tracing::error!(error = %e, "cannot reload the CA from the store");
-                        }
-                    }
-                    if msg.is_none() {
-                        // The store shut down: back off before watching again.
-                        failures = failures.saturating_add(1);
-                        tokio::select! {
-                            _ = inner.stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff(failures)) => {}
-                        }
-                    }
-                    if resync {
-                        continue 'watch;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Exponential backoff from 1 s, capped at [`MAX_BACKOFF`].
-fn backoff(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.min(9).saturating_sub(1)).min(MAX_BACKOFF)
 }

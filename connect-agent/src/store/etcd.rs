@@ -53,14 +53,15 @@ use std::{
 
 use async_trait::async_trait;
 use etcd_client::{Client, ConnectOptions, GetOptions};
-use rand::Rng;
 use tokio::{
     sync::{mpsc, watch as signal},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Index, KeyValue, Listing, Store, Txn, TxnOutcome, Watch, memory::WATCH_BUFFER};
+use super::{
+    Index, KeyValue, Listing, Store, Txn, TxnOutcome, Watch, backoff::Backoff, memory::WATCH_BUFFER,
+};
 use crate::store;
 
 mod txn;
@@ -330,7 +331,7 @@ impl EtcdStore {
         }
         let started = Instant::now();
         let deadline = started + opts.startup_timeout;
-        let mut backoff = Backoff::new(REQUEST_BACKOFF);
+        let mut backoff = Backoff::new(REQUEST_BACKOFF.0, REQUEST_BACKOFF.1);
         // Without credentials connections are made lazily, on the first request,
         // and this fails only on malformed endpoints; with them, the client logs in
         // here, which needs etcd to answer.
@@ -338,7 +339,7 @@ impl EtcdStore {
             match Client::connect(endpoints, Some(connect.clone())).await {
                 Ok(c) => break c,
                 Err(source) if opts.user.is_some() && is_transient(&source) => {
-                    let delay = backoff.next_delay();
+                    let delay = backoff.next_wait();
                     if Instant::now() + delay >= deadline {
                         return Err(Error::Unreachable {
                             endpoints: joined,
@@ -389,7 +390,7 @@ impl EtcdStore {
                     return Ok(store);
                 }
                 Err(e) => {
-                    let delay = backoff.next_delay();
+                    let delay = backoff.next_wait();
                     if Instant::now() + delay >= deadline {
                         return Err(Error::Unreachable {
                             endpoints: store.endpoints.clone(),
@@ -462,7 +463,7 @@ impl EtcdStore {
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let deadline = Instant::now() + self.request_timeout;
-        let mut backoff = Backoff::new(REQUEST_BACKOFF);
+        let mut backoff = Backoff::new(REQUEST_BACKOFF.0, REQUEST_BACKOFF.1);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let Ok(result) = tokio::time::timeout(remaining, call()).await else {
@@ -490,7 +491,7 @@ impl EtcdStore {
             } else {
                 never_sent(&source)
             };
-            let delay = backoff.next_delay();
+            let delay = backoff.next_wait();
             if !retry || Instant::now() + delay >= deadline {
                 return Err(Error::Request { op, source });
             }
@@ -752,37 +753,6 @@ fn is_compacted(e: &etcd_client::Error) -> bool {
         if s.code() == tonic::Code::OutOfRange && s.message().contains("compacted"))
 }
 
-/// Exponential backoff with jitter, so that the agents of a cluster that lost etcd
-/// together do not all come back in the same instant.
-#[derive(Debug)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    fn new((min, max): (Duration, Duration)) -> Self {
-        Self {
-            min,
-            max,
-            current: min,
-        }
-    }
-
-    /// A delay in `[current/2, current]`; the next one doubles, up to `max`.
-    fn next_delay(&mut self) -> Duration {
-        let base = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let half = base / 2;
-        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
-    }
-
-    fn reset(&mut self) {
-        self.current = self.min;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -890,22 +860,5 @@ mod tests {
         rx.borrow_and_update();
         reach.answered();
         assert!(!rx.has_changed().unwrap_or(true), "one wake-up per outage");
-    }
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        let mut b = Backoff::new((Duration::from_millis(100), Duration::from_secs(5)));
-        let mut prev_cap = Duration::from_millis(100);
-        for _ in 0..20 {
-            let d = b.next_delay();
-            assert!(
-                d >= prev_cap / 2 && d <= prev_cap,
-                "{d:?} outside [{:?}, {prev_cap:?}]",
-                prev_cap / 2
-            );
-            prev_cap = (prev_cap * 2).min(Duration::from_secs(5));
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Error, Event, Index, KeyValue, Listing, Store, Watch, WatchMessage};
+use super::{Error, Event, Index, KeyValue, Listing, Store, Watch, WatchMessage, backoff::Backoff};
 
 /// What a [`View`] keeps equal to one prefix of the store. The methods take `&self`:
 /// the projection guards its own state (a lock readers take briefly, a `watch` of
@@ -70,7 +70,7 @@ pub struct Policy {
 impl Policy {
     /// 100 ms doubling to 10 s: quick after a blip, gentle on a store that is down
     /// (every agent of a cluster re-lists when etcd comes back; the jitter of
-    /// [`Backoff`] spreads them).
+    /// [`Backoff`](super::backoff::Backoff) spreads them).
     pub const DEFAULT: Policy = Policy {
         retry_min: Duration::from_millis(100),
         retry_max: Duration::from_secs(10),
@@ -121,7 +121,7 @@ impl<P: Projection> View<P> {
             projection: projection.clone(),
             index: tx,
             policy,
-            backoff: Backoff::new(policy),
+            backoff: Backoff::new(policy.retry_min, policy.retry_max),
         };
         Ok(Self {
             projection,
@@ -151,34 +151,6 @@ impl<P> std::fmt::Debug for View<P> {
         f.debug_struct("View")
             .field("index", &*self.index.borrow())
             .finish_non_exhaustive()
-    }
-}
-
-/// Exponential backoff with jitter: waits a random time in the upper half of the
-/// current step, so that agents that failed together do not retry together.
-#[derive(Debug)]
-struct Backoff {
-    policy: Policy,
-    step: Duration,
-}
-
-impl Backoff {
-    fn new(policy: Policy) -> Self {
-        Self {
-            policy,
-            step: policy.retry_min,
-        }
-    }
-
-    /// The wait for this failure; the next one waits up to twice as long.
-    fn next(&mut self) -> Duration {
-        let step = self.step;
-        self.step = (step * 2).min(self.policy.retry_max);
-        step.mul_f64(0.5 + rand::random::<f64>() / 2.0)
-    }
-
-    fn reset(&mut self) {
-        self.step = self.policy.retry_min;
     }
 }
 
@@ -212,7 +184,7 @@ impl<P: Projection> Follower<P> {
             let watch = match next {
                 Ok(w) => w,
                 Err(error) => {
-                    let wait = self.backoff.next();
+                    let wait = self.backoff.next_wait();
                     tracing::warn!(prefix = %self.prefix, %error, retry_in = ?wait, "cannot watch the store");
                     tokio::time::sleep(wait).await;
                     continue;
@@ -225,7 +197,7 @@ impl<P: Projection> Follower<P> {
                 Lost::Ended => {
                     // Back off, so that a store which keeps ending watches is not
                     // hammered with re-lists.
-                    let wait = self.backoff.next();
+                    let wait = self.backoff.next_wait();
                     tracing::warn!(prefix = %self.prefix, retry_in = ?wait, "the store ended the watch; re-reading");
                     tokio::time::sleep(wait).await;
                 }
@@ -285,7 +257,7 @@ impl<P: Projection> Follower<P> {
                     return index;
                 }
                 Err(error) => {
-                    let wait = self.backoff.next();
+                    let wait = self.backoff.next_wait();
                     tracing::warn!(prefix = %self.prefix, %error, retry_in = ?wait, "cannot re-read the store");
                     tokio::time::sleep(wait).await;
                 }

@@ -16,10 +16,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Backoff, MAX_RESPONSE_BYTES, Reachability, WATCH_BACKOFF, is_transient, note_revision,
-    rev_to_index, strip_root,
+    MAX_RESPONSE_BYTES, Reachability, WATCH_BACKOFF, is_transient, note_revision, rev_to_index,
+    strip_root,
 };
-use crate::store::{Event, Index, KeyValue, WatchMessage};
+use crate::store::{Event, Index, KeyValue, WatchMessage, backoff::Backoff};
 
 /// Follows one watch: opens it, forwards events grouped by revision, and reopens
 /// after failures from the revision after the last one delivered.
@@ -53,7 +53,7 @@ enum StreamEnd {
 
 impl WatchTask {
     pub(super) async fn run(mut self) {
-        let mut backoff = Backoff::new(WATCH_BACKOFF);
+        let mut backoff = Backoff::new(WATCH_BACKOFF.0, WATCH_BACKOFF.1);
         let mut recovered = self.reach.subscribe();
         loop {
             // Recoveries from here on cut the backoff below short; earlier ones were
@@ -63,7 +63,7 @@ impl WatchTask {
                 StreamEnd::Done => return,
                 StreamEnd::Broken => {}
             }
-            let delay = backoff.next_delay();
+            let delay = backoff.next_wait();
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = self.tx.closed() => return,
@@ -74,7 +74,7 @@ impl WatchTask {
                     // one instant and a watch that fails while requests succeed
                     // retries at most a few times a second.
                     backoff.reset();
-                    let pause = backoff.next_delay();
+                    let pause = backoff.next_wait();
                     tracing::debug!(from = self.next, ?pause, "etcd answers again, reopening the watch");
                     tokio::select! {
                         _ = self.stop.cancelled() => return,

@@ -15,6 +15,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::*;
 use crate::store::{KeyValue, Txn, TxnOutcome, Watch, memory::MemStore};
+use crate::test_support::eventually;
 
 const PREFIX: &str = "t/";
 
@@ -182,17 +183,6 @@ async fn at(view: &View<Mirror>, index: Index, key: &str) -> Option<Vec<u8>> {
     view.get().get(key)
 }
 
-/// Polls `done` every millisecond until it holds; fails naming `what` after 5 s.
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !done() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out: {what}"));
-}
-
 #[tokio::test]
 async fn starts_from_a_listing_and_applies_events() {
     let store = Flaky::new();
@@ -246,7 +236,7 @@ async fn a_watch_the_store_ends_is_re_listed_and_followed_again() {
             "round {round}"
         );
         // Wait until the follower watches again before cutting the next watch.
-        until("the follower watches again", || {
+        eventually("the follower watches again", || {
             store.cut.receiver_count() > 0
         })
         .await;
@@ -282,7 +272,7 @@ async fn failing_lists_and_watches_are_retried_until_the_store_answers() {
     store.failing_lists.store(3, Ordering::SeqCst);
     store.failing_watches.store(3, Ordering::SeqCst);
     store.cut.send(Cut::End).expect("the follower watches");
-    until("every failing list and watch was retried", || {
+    eventually("every failing list and watch was retried", || {
         store.failing_lists.load(Ordering::SeqCst) == 0
             && store.failing_watches.load(Ordering::SeqCst) == 0
     })
@@ -304,25 +294,9 @@ async fn a_re_list_that_changes_nothing_moves_the_index_without_waking_readers()
     // A write outside the prefix raises the store's index only.
     let index = put(&store, "other/x", "1").await;
     store.cut.send(Cut::Resync).expect("the follower watches");
-    until("the re-list's index is published", || view.index() >= index).await;
+    eventually("the re-list's index is published", || view.index() >= index).await;
     assert!(
         !changes.has_changed().expect("open"),
         "nothing changed, nobody woken"
     );
-}
-
-#[test]
-fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
-    let mut b = Backoff::new(FAST);
-    let waits: Vec<Duration> = (0..5).map(|_| b.next()).collect();
-    for (w, step) in waits.iter().zip([5u64, 10, 20, 20, 20]) {
-        let step = Duration::from_millis(step);
-        assert!(
-            *w >= step / 2 && *w <= step,
-            "{w:?} within [{:?}, {step:?}]",
-            step / 2
-        );
-    }
-    b.reset();
-    assert!(b.next() <= FAST.retry_min);
 }
