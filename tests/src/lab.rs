@@ -25,19 +25,7 @@ pub fn require_privileges() -> Result<()> {
     Ok(())
 }
 
-/// The cgroup2 mount point, from /proc/mounts (never hard-coded: it is
-/// /sys/fs/cgroup on most systems and /sys/fs/cgroup/unified on hybrid ones).
-pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .context("this test needs cgroup v2: no cgroup2 mount in /proc/mounts")
-}
+pub use xtask::cgroup2_mount;
 
 /// A cgroup directory made for one test, removed (after its processes) on drop.
 #[derive(Debug)]

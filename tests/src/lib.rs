@@ -7,3 +7,4 @@ pub mod dig;
 pub mod etcd;
 pub mod lab;
 pub mod mesh;
+pub mod wait;

@@ -13,7 +13,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::agent::{AgentProcess, agent_binary, free_port, http};
+use crate::{
+    agent::{AgentProcess, agent_binary, free_port, http},
+    wait::wait_for,
+};
 
 /// A Python client that dials `host port` once, sends the payload line, and
 /// prints what came back as `echo=...`; exit 3 if it cannot connect. Run it as
@@ -85,8 +88,10 @@ impl Spawned {
     /// Waits (bounded) until stdout and stderr reached EOF, so that after the
     /// process exited [`Spawned::stdout`] and [`Spawned::stderr`] hold everything.
     pub fn wait_output(&self, timeout: Duration) -> Result<()> {
-        wait_for(timeout, || self.readers.iter().all(|r| r.is_finished()))
-            .context("the process's output did not end")
+        wait_for(timeout, "the process's output to end", || {
+            self.readers.iter().all(|r| r.is_finished())
+        })
+        .map(|_| ())
     }
 
     pub fn stdout(&self) -> String {
@@ -138,14 +143,16 @@ impl Spawned {
 
     /// Waits until stdout contains `needle`, or fails with everything seen.
     pub fn wait_stdout(&self, needle: &str, timeout: Duration) -> Result<()> {
-        wait_for(timeout, || self.stdout().contains(needle)).with_context(|| {
-            format!(
-                "{} did not print {needle:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                self.name,
-                self.stdout(),
-                self.stderr()
-            )
-        })
+        wait_for(timeout, "the output", || self.stdout().contains(needle))
+            .with_context(|| {
+                format!(
+                    "{} did not print {needle:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.name,
+                    self.stdout(),
+                    self.stderr()
+                )
+            })
+            .map(|_| ())
     }
 }
 
@@ -175,24 +182,13 @@ fn collect(
     })
 }
 
-/// Polls `ok` every 20 ms until it holds or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        if Instant::now() > deadline {
-            bail!("not within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 /// Waits until something accepts TCP connections on `addr`.
 pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> Result<()> {
-    wait_for(timeout, || {
+    wait_for(timeout, "a listener", || {
         TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
     })
     .with_context(|| format!("nothing listens on {addr}"))
+    .map(|_| ())
 }
 
 /// Runs `connect-agent <args> -http-addr <agent>` to completion (bounded).
@@ -217,7 +213,7 @@ pub fn run_bounded(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -
         .wait_exit(timeout)?
         .with_context(|| format!("{name} did not exit within {timeout:?}"))?;
     // The pipes reach EOF once the process is gone; read them to the end.
-    wait_for(Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "the output to end", || {
         p.readers.iter().all(|r| r.is_finished())
     })
     .with_context(|| format!("{name}'s output did not end"))?;

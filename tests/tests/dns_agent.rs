@@ -18,15 +18,16 @@
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use connect_tests::{
     agent::{AgentProcess, agent_binary, free_port, http, private_dir},
     dig::{Dig, dig},
     lab::{CgroupProc, TestCgroup, require_privileges},
     mesh::{Spawned, TempDir, cli, get_json, register, socat_echo, wait_listening},
+    wait::wait_for_ok,
 };
 use serde_json::json;
 
@@ -73,20 +74,6 @@ fn metric(agent: &AgentProcess, name: &str) -> Result<u64> {
         .trim()
         .parse()
         .with_context(|| format!("{name} value"))
-}
-
-fn wait_until(timeout: Duration, what: &str, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = ok();
-        if matches!(last, Ok(true)) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what} (last: {last:?})");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -275,7 +262,7 @@ impl Node {
     /// Waits until every service's VIP is in the agent's eBPF map: DNS may answer a
     /// moment before the map is written.
     fn wait_vips_programmed(&self, services: u64) -> Result<()> {
-        wait_until(
+        wait_for_ok(
             Duration::from_secs(5),
             "the VIPs to reach the eBPF map",
             || {
@@ -287,6 +274,7 @@ impl Node {
             },
         )
         .with_context(|| self.agent.log())
+        .map(|_| ())
     }
 }
 

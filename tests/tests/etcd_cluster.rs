@@ -13,11 +13,12 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use connect_tests::{
     agent::{AgentProcess, http, private_tempdir},
     dig,
     etcd::EtcdCluster,
+    wait::wait_for_ok,
 };
 use serde_json::{Value, json};
 
@@ -35,7 +36,6 @@ const WATCH_RECOVERY: Duration = Duration::from_secs(10);
 /// A request while etcd is down fails within the store's 5 s request timeout; the
 /// API adds little, and the machine may be slow.
 const FAIL_WITHIN: Duration = Duration::from_secs(15);
-const POLL: Duration = Duration::from_millis(10);
 
 /// An agent on the etcd store with ACLs on and default allow (no tokens needed).
 fn start_agent(dir: &tempfile::TempDir, store: &str, node: &str) -> Result<AgentProcess> {
@@ -73,23 +73,14 @@ fn ok(agent: &AgentProcess, method: &str, path: &str, body: Option<&Value>) -> R
     Ok(value)
 }
 
-/// Polls `check` until it holds or `within` passes; how long it took.
+/// [`wait_for_ok`] with the agent's log on timeout.
 fn wait_for(
     what: &str,
     within: Duration,
     agent: &AgentProcess,
-    mut check: impl FnMut() -> Result<bool>,
+    check: impl FnMut() -> Result<bool>,
 ) -> Result<Duration> {
-    let started = Instant::now();
-    loop {
-        if check()? {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > within {
-            bail!("{what}: not within {within:?}\nagent log:\n{}", agent.log());
-        }
-        std::thread::sleep(POLL);
-    }
+    wait_for_ok(within, what, check).with_context(|| format!("agent log:\n{}", agent.log()))
 }
 
 /// Whether B's catalog lists a Connect endpoint of `service` on `node`.

@@ -25,7 +25,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use connect_tests::{agent::agent_binary, lab::require_privileges, mesh::ONE_SHOT_CLIENT};
+use connect_tests::{
+    agent::agent_binary, lab::require_privileges, mesh::ONE_SHOT_CLIENT, wait::wait_for,
+};
 use serde_json::Value;
 
 const SOCAT_PORT: u16 = 8181;
@@ -397,17 +399,6 @@ fn echo(node: &Node, cgroup: &Path, host: &str, port: u16, payload: &str) -> Res
         .find_map(|l| l.strip_prefix("echo="))
         .map(str::to_owned)
         .with_context(|| format!("no echo: {}", text(&out)))
-}
-
-fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(start.elapsed())
 }
 
 /// Runs `connect-agent args` on `node` until it succeeds; on timeout the error

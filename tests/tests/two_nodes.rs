@@ -22,6 +22,7 @@ use connect_tests::{
     agent::{agent_binary, private_dir},
     lab::{CgroupProc, TestCgroup, TestNetns, require_privileges, veth},
     mesh::ONE_SHOT_CLIENT,
+    wait::wait_for,
 };
 
 const A_IP: &str = "198.18.9.1";
@@ -178,17 +179,6 @@ fn echo_of(p: CgroupProc) -> Result<String> {
         .find_map(|l| l.strip_prefix("echo="))
         .map(str::to_owned)
         .with_context(|| format!("client printed no echo: {out}\n{err}"))
-}
-
-fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 #[test]
@@ -360,10 +350,20 @@ fn web_on_node_a_reaches_socat_on_node_b_over_mtls_only() -> Result<()> {
         "a direct plaintext connection to socat on node B worked: {out}"
     );
 
-    std::thread::sleep(Duration::from_millis(300));
+    // tcpdump writes each packet as it sees it (-U), and the control connection
+    // crossed the veth after the mesh one: once the file holds the control, it holds
+    // the mesh connection's packets too.
+    let holds =
+        |bytes: &[u8], needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    wait_for(
+        Duration::from_secs(5),
+        "the capture to hold the control",
+        || std::fs::read(&pcap).is_ok_and(|b| holds(&b, &control)),
+    )
+    .context("the capture misses the plaintext control: it proves nothing")?;
     drop(capture);
     let bytes = std::fs::read(&pcap).context("reading the capture")?;
-    let has = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    let has = |needle: &str| holds(&bytes, needle);
     ensure!(
         has(&control),
         "the capture misses the plaintext control ({} bytes): it proves nothing",

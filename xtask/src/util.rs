@@ -80,15 +80,4 @@ pub fn cargo_cmd() -> Command {
     cmd
 }
 
-/// The cgroup2 mount point, from /proc/mounts.
-pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .context("no cgroup2 mount in /proc/mounts: Connect needs cgroup v2")
-}
+pub use xtask::cgroup2_mount;

@@ -50,20 +50,13 @@ async fn bootstrap_happens_once_even_when_raced() {
     assert_eq!(json.policies[0].name, "global-management");
     // Both agents now resolve the secret to a management token.
     for agent in [&a, &b] {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let id = agent.resolve(Some(&secret));
-            if id.allows(Right::AclWrite) {
-                assert!(id.allows(Right::OperatorWrite));
-                assert!(id.allows(Right::IntentionWrite("*")));
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "token never resolved"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::test_support::eventually("the token to resolve", || {
+            agent.resolve(Some(&secret)).allows(Right::AclWrite)
+        })
+        .await;
+        let id = agent.resolve(Some(&secret));
+        assert!(id.allows(Right::OperatorWrite));
+        assert!(id.allows(Right::IntentionWrite("*")));
     }
     assert!(matches!(
         a.bootstrap().await,

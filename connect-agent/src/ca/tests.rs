@@ -499,14 +499,10 @@ async fn rotation_keeps_old_leaves_and_signs_new_ones_with_the_new_root() {
     );
 
     // The other agent follows.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while peer.state().active_root().id() != new_root.id() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "peer never saw the rotation"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::test_support::eventually("the peer to see the rotation", || {
+        peer.state().active_root().id() == new_root.id()
+    })
+    .await;
     assert_eq!(peer.bundle().borrow().roots().len(), 2);
 
     // Nothing is pruned while old leaves may live; afterwards the old root goes,

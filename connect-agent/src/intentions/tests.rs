@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::store::WatchMessage;
 use crate::store::{Listing, Watch, memory::MemStore};
+use crate::test_support::eventually;
 
 fn sel(s: &str) -> Selector {
     Selector::parse("name", s).expect("selector")
@@ -36,15 +37,6 @@ async fn started(store: Arc<dyn Store>, default_allow: bool) -> Arc<Intentions> 
     Intentions::start(store, default_allow)
         .await
         .expect("start")
-}
-
-/// Polls `cond` until it holds or `deadline` passes.
-async fn eventually(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test]
@@ -307,11 +299,9 @@ async fn unreadable_records_are_skipped_not_fatal() {
     mem.put(&format!("{ID_PREFIX}{good}"), b"[]".to_vec())
         .await
         .expect("put");
-    eventually(
-        "the bad record to be dropped",
-        Duration::from_secs(5),
-        || ixns.get(&good).0.is_none(),
-    )
+    eventually("the bad record to be dropped", || {
+        ixns.get(&good).0.is_none()
+    })
     .await;
 }
 
@@ -383,7 +373,7 @@ async fn resync_re_lists_and_keeps_following() {
     });
     let writer = started(Arc::new(mem.clone()), false).await;
     let ixns = started(store.clone(), false).await;
-    eventually("the follower to watch", Duration::from_secs(5), || {
+    eventually("the follower to watch", || {
         store.first.lock().expect("lock").is_some()
     })
     .await;
@@ -403,11 +393,9 @@ async fn resync_re_lists_and_keeps_following() {
     tx.send(WatchMessage::Resync)
         .await
         .expect("follower listens");
-    eventually(
-        "the re-list to show the intention",
-        Duration::from_secs(5),
-        || ixns.authorize(&svc("web"), &svc("db")).is_allow(),
-    )
+    eventually("the re-list to show the intention", || {
+        ixns.authorize(&svc("web"), &svc("db")).is_allow()
+    })
     .await;
     assert_eq!(ixns.index(), mem.index());
     // After the resync, the new (real) watch delivers events again.
@@ -415,7 +403,7 @@ async fn resync_re_lists_and_keeps_following() {
         .create(spec("api", "db", Action::Allow))
         .await
         .expect("create");
-    eventually("the next event", Duration::from_secs(5), || {
+    eventually("the next event", || {
         ixns.authorize(&svc("api"), &svc("db")).is_allow()
     })
     .await;

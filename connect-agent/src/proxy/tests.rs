@@ -27,6 +27,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 
 use super::{node::IntentionsAuthorizer, *};
+use crate::test_support::eventually;
 use crate::{
     app::{self, Agent},
     ca::{
@@ -48,15 +49,6 @@ fn svc(s: &str) -> ServiceName {
 
 fn any_port() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
-}
-
-/// Polls `f` until it holds, failing after [`DEADLINE`].
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + DEADLINE;
-    while !f() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 // ───────────────────────────── backends ─────────────────────────────

@@ -17,6 +17,7 @@ use tokio::{
 };
 
 use super::*;
+use crate::test_support::eventually;
 use crate::{
     app::{self, Agent},
     config::Config,
@@ -52,14 +53,6 @@ fn args(http: SocketAddr, service: &str, upstreams: &[String]) -> ProxyArgs {
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("probe");
     l.local_addr().expect("addr").port()
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + DEADLINE;
-    while !f() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[test]
