@@ -29,7 +29,11 @@ use axum::{
 use serde::Deserialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{app::Agent, store::Index};
+use crate::{
+    app::Agent,
+    fault::{self, Blame, Fault},
+    store::Index,
+};
 
 /// Largest request body accepted (service definitions, intentions, CSRs are small).
 pub const MAX_BODY_BYTES: usize = 512 * 1024;
@@ -58,10 +62,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
 
 /// Binds the HTTP API. Binding is separate from serving so that a port conflict is
 /// reported at startup, before the agent claims to be up.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Bind { addr, source })
+        .map_err(|source| BindError { addr, source })
 }
 
 /// Serves the API until `shutdown` resolves, then finishes in-flight requests.
@@ -78,7 +82,10 @@ pub async fn serve(
 // ───────────────────────────── errors ─────────────────────────────
 
 /// Every way a request can fail, mapped to Consul's status and plain-text body in one
-/// place ([`IntoResponse`]).
+/// place ([`IntoResponse`]). The API's own checks (the request's shape, the token's
+/// rights) have variants here; a domain error (catalog, intentions, ACL, CA, store)
+/// arrives whole, through `?`, and is answered by whose fault it is
+/// ([`Blame`]): its message is the body, its causes go to the log.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The body is not the JSON the endpoint takes (the client's fault).
@@ -109,28 +116,51 @@ pub enum Error {
     /// ACL endpoints while ACLs are disabled (Consul: 401).
     #[error("ACL support disabled")]
     AclDisabled,
-    /// Refused for a reason the caller may know (e.g. a repeated ACL bootstrap).
+    /// Refused for a reason the caller may know (e.g. signing without a token).
     #[error("{0}")]
     Forbidden(String),
-    /// A write lost a check-and-set race or conflicts with existing state.
-    #[error("{0}")]
-    Conflict(String),
-    /// The store failed; the operator must look (our side, not the client's).
-    #[error("{0}")]
-    Store(#[from] crate::store::Error),
-    /// Anything else on our side.
-    #[error("{0}")]
-    Internal(String),
-    /// The API could not bind its address.
-    #[error("cannot bind the HTTP API to {addr}: {source} (is another agent or Consul running?)")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+    /// A domain error, with whose fault it is.
+    #[error("{error}")]
+    Domain {
+        fault: Fault,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
+impl<E: Blame> From<E> for Error {
+    fn from(error: E) -> Self {
+        Error::Domain {
+            fault: error.fault(),
+            error: Box::new(error),
+        }
+    }
+}
+
+/// Something on our side failed while doing `doing` (the body says what).
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}: {source}")]
+struct Ours {
+    doing: &'static str,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
 impl Error {
+    /// A failure of ours that no domain error covers (encoding an answer, a check
+    /// of the data directory), kept with its cause.
+    pub fn ours(
+        doing: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Domain {
+            fault: Fault::Ours,
+            error: Box::new(Ours {
+                doing,
+                source: Box::new(source),
+            }),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Decode(_) | Error::BadRequest(_) | Error::InvalidIndex | Error::InvalidWait => {
@@ -141,10 +171,15 @@ impl Error {
                 StatusCode::FORBIDDEN
             }
             Error::AclDisabled => StatusCode::UNAUTHORIZED,
-            Error::Conflict(_) => StatusCode::CONFLICT,
-            Error::MissingParam(_) | Error::Store(_) | Error::Internal(_) | Error::Bind { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Error::MissingParam(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Domain { fault, .. } => match fault {
+                Fault::Caller => StatusCode::BAD_REQUEST,
+                Fault::NotFound => StatusCode::NOT_FOUND,
+                Fault::Conflict => StatusCode::CONFLICT,
+                Fault::Forbidden => StatusCode::FORBIDDEN,
+                Fault::Disabled => StatusCode::UNAUTHORIZED,
+                Fault::Ours => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         }
     }
 }
@@ -153,7 +188,11 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            tracing::warn!(error = %self, "request failed");
+            let causes = match &self {
+                Error::Domain { error, .. } => fault::chain(error.as_ref()),
+                other => other.to_string(),
+            };
+            tracing::warn!(error = %causes, "request failed");
         }
         (
             status,
@@ -165,6 +204,15 @@ impl IntoResponse for Error {
         )
             .into_response()
     }
+}
+
+/// The HTTP API could not bind its address: a startup failure, not a request's.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind the HTTP API to {addr}: {source} (is another agent or Consul running?)")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
 }
 
 /// A JSON body extractor whose rejections are Consul's 400 `Request decode failed`.

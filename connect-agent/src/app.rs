@@ -54,7 +54,7 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] store::Error),
     #[error(transparent)]
-    Api(#[from] api::Error),
+    Api(#[from] api::BindError),
     #[error("cannot start the CA: {0}")]
     Ca(#[from] ca::Error),
     #[error("cannot load intentions: {0}")]

@@ -122,3 +122,25 @@ pub enum Error {
     #[error("this agent already holds {max} leaf certificates in use; refusing another")]
     TooManyLeaves { max: usize },
 }
+
+impl crate::fault::Blame for Error {
+    fn fault(&self) -> crate::fault::Fault {
+        use crate::fault::Fault;
+        match self {
+            Error::StateNotSettable
+            | Error::CsrRefused { .. }
+            | Error::CsrServiceMismatch { .. }
+            | Error::NotServer { .. } => Fault::Caller,
+            // A server refused this client agent's request: pass its answer on.
+            Error::SignRefused { status, .. } => match status {
+                401 | 403 => Fault::Forbidden,
+                404 => Fault::NotFound,
+                _ => Fault::Caller,
+            },
+            Error::Contended { .. } => Fault::Conflict,
+            // Consul answers validation failures of the CA configuration with 500
+            // and the message (reference §2.5); everything else is ours anyway.
+            _ => Fault::Ours,
+        }
+    }
+}

@@ -122,6 +122,17 @@ pub enum Error {
     },
 }
 
+impl crate::fault::Blame for Error {
+    fn fault(&self) -> crate::fault::Fault {
+        use crate::fault::Fault;
+        match self {
+            Error::UnknownService { .. } => Fault::NotFound,
+            e if e.is_user_error() => Fault::Caller,
+            _ => Fault::Ours,
+        }
+    }
+}
+
 impl Error {
     /// Whether the caller (client, operator) is at fault rather than the agent.
     pub fn is_user_error(&self) -> bool {

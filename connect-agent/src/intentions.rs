@@ -98,6 +98,20 @@ pub enum Error {
     Store(#[from] store::Error),
 }
 
+impl crate::fault::Blame for Error {
+    fn fault(&self) -> crate::fault::Fault {
+        use crate::fault::Fault;
+        match self {
+            Error::Input(_) => Fault::Caller,
+            Error::Duplicate { .. } | Error::Contention { .. } => Fault::Conflict,
+            Error::NotFound { .. } | Error::ModifyMissing { .. } | Error::DeleteMissing { .. } => {
+                Fault::NotFound
+            }
+            Error::NewerFormat { .. } | Error::Store(_) => Fault::Ours,
+        }
+    }
+}
+
 /// The intentions of the cluster, as this agent sees them. See the module doc.
 pub struct Intentions {
     /// The table, kept equal to the store; following stops when this is dropped.

@@ -18,6 +18,7 @@ pub mod config;
 pub mod datadir;
 pub mod dns;
 pub mod duration;
+pub mod fault;
 pub mod identity;
 pub mod intentions;
 pub mod proxy;
@@ -25,3 +26,6 @@ pub mod redirect;
 pub mod shutdown;
 pub mod store;
 pub mod vip;
+
+#[cfg(test)]
+mod test_support;

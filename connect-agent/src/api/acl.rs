@@ -53,24 +53,6 @@ pub fn routes() -> Router<ApiState> {
         .route("/v1/acl/policies", get(list_policies))
 }
 
-impl From<acl::Error> for Error {
-    fn from(e: acl::Error) -> Self {
-        use acl::Error as E;
-        match e {
-            E::Disabled => Error::AclDisabled,
-            E::NotFound => Error::AclNotFound,
-            E::BootstrapDone { .. } => Error::Forbidden(e.to_string()),
-            E::Input(_)
-            | E::UnknownPolicy { .. }
-            | E::Duplicate { .. }
-            | E::Builtin { .. }
-            | E::SecretChange => Error::BadRequest(e.to_string()),
-            E::TooMany { .. } | E::Contention { .. } => Error::Conflict(e.to_string()),
-            E::Store(s) => Error::Store(s),
-        }
-    }
-}
-
 /// Refuses every ACL route while ACLs are disabled, before any other check.
 fn enabled(agent: &ApiState) -> Result<(), Error> {
     if agent.acl.enabled() {

@@ -117,28 +117,6 @@ pub struct CaConfigurationJson {
     pub modify_index: u64,
 }
 
-impl From<ca::Error> for Error {
-    fn from(e: ca::Error) -> Self {
-        match e {
-            ca::Error::Store(s) => Error::Store(s),
-            ca::Error::StateNotSettable
-            | ca::Error::CsrRefused { .. }
-            | ca::Error::CsrServiceMismatch { .. }
-            | ca::Error::NotServer { .. } => Error::BadRequest(e.to_string()),
-            // A server refused this client's request: pass its answer on.
-            ca::Error::SignRefused { status, .. } => match status {
-                401 | 403 => Error::Forbidden(e.to_string()),
-                404 => Error::NotFound(e.to_string()),
-                _ => Error::BadRequest(e.to_string()),
-            },
-            ca::Error::Contended { .. } => Error::Conflict(e.to_string()),
-            // Consul answers validation failures of the CA configuration with 500
-            // and the message (reference §2.5); everything else is ours anyway.
-            other => Error::Internal(other.to_string()),
-        }
-    }
-}
-
 fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }

@@ -37,17 +37,6 @@ pub fn routes() -> Router<ApiState> {
         .route("/v1/health/connect/{service}", get(health_connect))
 }
 
-impl From<catalog::Error> for Error {
-    fn from(e: catalog::Error) -> Self {
-        match e {
-            catalog::Error::UnknownService { .. } => Error::NotFound(e.to_string()),
-            catalog::Error::Store(s) => Error::Store(s),
-            e if e.is_user_error() => Error::BadRequest(e.to_string()),
-            e => Error::Internal(e.to_string()),
-        }
-    }
-}
-
 fn json_response(headers: HeaderMap, body: Value) -> Response {
     (headers, axum::Json(body)).into_response()
 }

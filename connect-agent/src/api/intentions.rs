@@ -66,28 +66,6 @@ pub fn routes() -> Router<ApiState> {
         )
 }
 
-impl From<intentions::Error> for Error {
-    fn from(e: intentions::Error) -> Self {
-        use intentions::Error as E;
-        let text = e.to_string();
-        match e {
-            E::Input(_) => Error::BadRequest(text),
-            E::Duplicate { .. } | E::Contention { .. } => Error::Conflict(text),
-            E::NotFound { .. } | E::ModifyMissing { .. } | E::DeleteMissing { .. } => {
-                Error::NotFound(text)
-            }
-            E::Store(s) => Error::Store(s),
-            E::NewerFormat { .. } => Error::Internal(text),
-        }
-    }
-}
-
-impl From<InputError> for Error {
-    fn from(e: InputError) -> Self {
-        Error::BadRequest(e.to_string())
-    }
-}
-
 /// The trust domain client certificates must belong to, once known.
 ///
 /// The cluster's trust domain, from the CA's current state (in memory): a client
@@ -425,11 +403,10 @@ fn reply<T: Serialize + ?Sized>(
         let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
         value
             .serialize(&mut ser)
-            .map_err(|e| Error::Internal(format!("cannot encode the answer: {e}")))?;
+            .map_err(|e| Error::ours("cannot encode the answer", e))?;
         buf
     } else {
-        serde_json::to_vec(value)
-            .map_err(|e| Error::Internal(format!("cannot encode the answer: {e}")))?
+        serde_json::to_vec(value).map_err(|e| Error::ours("cannot encode the answer", e))?
     };
     headers.insert(
         header::CONTENT_TYPE,

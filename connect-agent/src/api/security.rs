@@ -89,7 +89,7 @@ async fn report(State(agent): State<ApiState>, authz: Authz) -> Result<impl Into
     let dir = c.data_dir.clone();
     let inspected = tokio::task::spawn_blocking(move || datadir::inspect(&dir))
         .await
-        .map_err(|e| Error::Internal(format!("the data directory check failed: {e}")))?;
+        .map_err(|e| Error::ours("the data directory check failed", e))?;
     let data_dir = match inspected {
         Ok(r) => DataDirReport {
             path: c.data_dir.clone(),

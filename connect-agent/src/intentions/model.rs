@@ -81,6 +81,12 @@ pub enum InputError {
     BadId { value: String },
 }
 
+impl crate::fault::Blame for InputError {
+    fn fault(&self) -> crate::fault::Fault {
+        crate::fault::Fault::Caller
+    }
+}
+
 // ───────────────────────────── names ─────────────────────────────
 
 /// The source or destination of an intention: one service, or every service (`*`).

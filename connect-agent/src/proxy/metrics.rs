@@ -381,7 +381,7 @@ impl<'m> ConnRecord<'m> {
 
     pub(crate) fn fail(&mut self, outcome: Outcome, error: &dyn std::error::Error) {
         self.outcome = outcome;
-        self.error = Some(error_chain(error));
+        self.error = Some(crate::fault::chain(error));
     }
 
     pub(crate) fn bytes(&mut self, bytes_in: u64, bytes_out: u64) {
@@ -432,21 +432,6 @@ fn close_level(side: Side, outcome: Outcome) -> Level {
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// An error and its sources, `: `-separated, for a log field.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// Rate-limits the "connection limit reached" warning: the first refusal logs at
@@ -562,14 +547,5 @@ mod tests {
         for (side, outcome, want) in cases {
             assert_eq!(close_level(side, outcome), want, "{side:?} {outcome:?}");
         }
-    }
-
-    #[test]
-    fn error_chains_skip_repeated_messages() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer: {0}")]
-        struct Outer(#[source] std::io::Error);
-        let e = Outer(std::io::Error::other("inner"));
-        assert_eq!(error_chain(&e), "outer: inner");
     }
 }
