@@ -55,14 +55,62 @@ fn check_label(what: &'static str, s: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// A service's name (`web`, `socat`). Case is kept, as Consul does.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A service's name (`web`, `socat`).
+///
+/// Names are case-insensitive everywhere, as in Consul's catalog: `Web` and `web`
+/// are one service (one catalog entry, one set of endpoints, one leaf, one SNI
+/// name, and the same intentions). The spelling a name was given with is kept for
+/// display; comparing, hashing and ordering fold ASCII case (a name is DNS-label
+/// characters only), so every map keyed by `ServiceName` follows the rule and no
+/// caller folds by hand.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ServiceName(String);
 
 impl ServiceName {
+    /// The spelling the name was given with.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The name in lower case: its form in DNS names (SNI, certificate SANs, DNS
+    /// answers' keys), where case carries no meaning either.
+    pub fn to_lowercase(&self) -> String {
+        self.0.to_ascii_lowercase()
+    }
+
+    fn folded(&self) -> impl Iterator<Item = u8> + '_ {
+        self.0.bytes().map(|b| b.to_ascii_lowercase())
+    }
+}
+
+impl PartialEq for ServiceName {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.eq_ignore_ascii_case(&other.0)
+    }
+}
+
+impl Eq for ServiceName {}
+
+impl std::hash::Hash for ServiceName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        for b in self.folded() {
+            state.write_u8(b);
+        }
+        // As `str` does, so that a prefix never hashes like the longer name.
+        state.write_u8(0xff);
+    }
+}
+
+impl PartialOrd for ServiceName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ServiceName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.folded().cmp(other.folded())
     }
 }
 
@@ -92,6 +140,25 @@ impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// `<service>.svc.<trust-domain>` in lower case: a service's name in DNS form, the
+/// SNI proxies send and the DNS SAN of the service's leaf (DESIGN "A connection,
+/// end to end").
+pub fn service_dns_name(service: &ServiceName, trust_domain: &TrustDomain) -> String {
+    format!("{}.svc.{trust_domain}", service.to_lowercase())
+}
+
+/// The service a DNS name `<service>.svc.<trust-domain>` names, in any case (DNS
+/// names carry none); `None` for any other name.
+pub fn service_of_dns_name(name: &str, trust_domain: &TrustDomain) -> Option<ServiceName> {
+    let suffix = format!(".svc.{trust_domain}");
+    let cut = name.len().checked_sub(suffix.len())?;
+    let (service, tail) = (name.get(..cut)?, name.get(cut..)?);
+    if !tail.eq_ignore_ascii_case(&suffix) {
+        return None;
+    }
+    service.parse().ok()
 }
 
 /// A datacenter name (`dc1`), same rules as a service name.
@@ -342,5 +409,52 @@ mod tests {
             "spiffe://00000000-0000-0000-0000-000000000000.consul"
         );
         assert_eq!(td.as_str().parse::<TrustDomain>(), Ok(td));
+    }
+
+    #[test]
+    fn service_names_are_one_whatever_their_case() {
+        use std::collections::{BTreeMap, HashMap};
+        let web: ServiceName = "Web".parse().expect("name");
+        let lower: ServiceName = "web".parse().expect("name");
+        let other: ServiceName = "web2".parse().expect("name");
+        assert_eq!(web, lower);
+        assert_ne!(web, other);
+        assert_eq!(web.to_string(), "Web", "the spelling is kept for display");
+        assert_eq!(web.to_lowercase(), "web");
+        let mut by_hash = HashMap::new();
+        by_hash.insert(lower.clone(), 1);
+        assert_eq!(by_hash.get(&web), Some(&1));
+        let mut ordered = BTreeMap::new();
+        ordered.insert(web.clone(), 1);
+        ordered.insert(lower.clone(), 2);
+        ordered.insert("API".parse::<ServiceName>().expect("name"), 3);
+        assert_eq!(ordered.len(), 2);
+        assert_eq!(
+            ordered.keys().map(ServiceName::as_str).collect::<Vec<_>>(),
+            ["API", "Web"],
+            "ordered by the folded name"
+        );
+        assert!("ab".parse::<ServiceName>().expect("name") < "AB-c".parse().expect("name"));
+    }
+
+    #[test]
+    fn service_dns_names_round_trip_in_any_case() {
+        let td = TrustDomain::for_cluster(&uuid::Uuid::nil());
+        let web: ServiceName = "Web".parse().expect("name");
+        let dns = service_dns_name(&web, &td);
+        assert_eq!(dns, format!("web.svc.{td}"));
+        assert_eq!(service_of_dns_name(&dns, &td), Some(web.clone()));
+        let upper = dns.to_ascii_uppercase();
+        assert_eq!(service_of_dns_name(&upper, &td), Some(web));
+        for bad in [
+            format!("svc.{td}"),
+            format!(".svc.{td}"),
+            format!("a.b.svc.{td}"),
+            "web.svc.other.consul".to_owned(),
+            "web".to_owned(),
+            String::new(),
+        ] {
+            assert_eq!(service_of_dns_name(&bad, &td), None, "{bad:?}");
+        }
     }
 }

@@ -181,7 +181,8 @@ impl Pool {
 
     /// The `probe`-th candidate for `service`: its hash, then the addresses after it.
     fn candidate(&self, service: &ServiceName, probe: u32) -> Ipv4Addr {
-        let digest = Sha256::digest(service.as_str().as_bytes());
+        // Lower case: spellings of one name are one service (see `ServiceName`).
+        let digest = Sha256::digest(service.to_lowercase().as_bytes());
         let start = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % self.size;
         let offset = (u64::from(start) + u64::from(probe)) % u64::from(self.size);
         // `offset < size`, and `first + size - 1` is an address, so this cannot
@@ -272,7 +273,7 @@ impl Allocator {
         if let Some(ip) = self.read_allocated(service).await? {
             return Ok(ip);
         }
-        let service_key = format!("{BY_SERVICE}{service}");
+        let service_key = service_key(service);
         let mut conflicts = 0;
         for probe in 0..MAX_PROBES.min(self.pool.size) {
             let ip = self.pool.candidate(service, probe);
@@ -311,14 +312,13 @@ impl Allocator {
 
     /// The address the store holds for `service`, remembered in the table.
     async fn read_allocated(&self, service: &ServiceName) -> Result<Option<Ipv4Addr>, Error> {
-        let key = format!("{BY_SERVICE}{service}");
-        let Some(kv) = self.store.get(&key).await? else {
+        let Some(kv) = self.store.get(&service_key(service)).await? else {
             return Ok(None);
         };
         let record = decode(&kv.key, &kv.value)?;
         if record.service != *service {
             return Err(Error::Inconsistent {
-                key,
+                key: kv.key,
                 reason: "it names another service",
             });
         }
@@ -347,6 +347,12 @@ fn encode(service: &ServiceName, ip: Ipv4Addr) -> Vec<u8> {
 }
 
 /// Decodes the record under `key` and checks it against the key and the range.
+/// `vip/by-service/<name in lower case>`: one record per service, however it is
+/// spelled.
+fn service_key(service: &ServiceName) -> String {
+    format!("{BY_SERVICE}{}", service.to_lowercase())
+}
+
 fn decode(key: &str, value: &[u8]) -> Result<Record, Error> {
     let record: Record = serde_json::from_slice(value).map_err(|source| Error::Decode {
         key: key.to_owned(),
@@ -360,7 +366,8 @@ fn decode(key: &str, value: &[u8]) -> Result<Record, Error> {
         return Err(inconsistent("its address is outside 240.0.0.0/4"));
     }
     let matches = if let Some(name) = key.strip_prefix(BY_SERVICE) {
-        name == record.service.as_str()
+        // Records written before names were folded keep their spelling.
+        name.eq_ignore_ascii_case(record.service.as_str())
     } else if let Some(ip) = key.strip_prefix(BY_IP) {
         ip.parse::<Ipv4Addr>().ok() == Some(record.ip)
     } else {
@@ -406,25 +413,14 @@ fn apply(table: &mut VipTable, events: &[Event]) {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::HashSet,
-        time::{Duration, Instant},
-    };
+    use std::{collections::HashSet, time::Duration};
 
     use super::*;
     use crate::store::memory::MemStore;
+    use crate::test_support::eventually;
 
     fn svc(s: &str) -> ServiceName {
         s.parse().expect("valid service name")
-    }
-
-    /// Polls `f` until it holds or five seconds pass.
-    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !f() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 
     #[test]

@@ -83,7 +83,10 @@ impl fmt::Display for DefaultPolicy {
     }
 }
 
-/// Exact names and prefixes of one resource kind.
+/// Exact names and prefixes of one resource kind, matched in any case: service and
+/// node names are case-insensitive everywhere (see `identity::ServiceName`), so a
+/// rule for `web` covers `Web`, and a token for `WEB` does not reach a service
+/// other than the one its name folds to.
 #[derive(Debug, Clone, Default)]
 struct NameTable {
     exact: HashMap<String, Access>,
@@ -94,15 +97,16 @@ struct NameTable {
 impl NameTable {
     fn add_exact(&mut self, name: &str, access: Access) {
         self.exact
-            .entry(name.to_owned())
+            .entry(name.to_ascii_lowercase())
             .and_modify(|a| *a = a.merge(access))
             .or_insert(access);
     }
 
     fn add_prefix(&mut self, prefix: &str, access: Access) {
-        match self.prefixes.iter_mut().find(|(p, _)| p == prefix) {
+        let prefix = prefix.to_ascii_lowercase();
+        match self.prefixes.iter_mut().find(|(p, _)| *p == prefix) {
             Some((_, a)) => *a = a.merge(access),
-            None => self.prefixes.push((prefix.to_owned(), access)),
+            None => self.prefixes.push((prefix, access)),
         }
     }
 
@@ -112,7 +116,8 @@ impl NameTable {
     }
 
     fn lookup(&self, name: &str) -> Option<Access> {
-        self.exact.get(name).copied().or_else(|| {
+        let name = name.to_ascii_lowercase();
+        self.exact.get(&name).copied().or_else(|| {
             self.prefixes
                 .iter()
                 .find(|(p, _)| name.starts_with(p.as_str()))
@@ -252,6 +257,16 @@ mod tests {
             (&[web_writer], Deny, ServiceRead("db"), false),
             (&[web_writer], Deny, ServiceWrite("web2"), false),
             (&[web_writer], Allow, ServiceWrite("db"), true),
+            // Names match in any case, as the catalog and the proxy do.
+            (&[web_writer], Deny, ServiceWrite("WEB"), true),
+            (
+                &[r#"service "WEB" { policy = "write" }"#],
+                Deny,
+                ServiceWrite("web"),
+                true,
+            ),
+            (&[prefixes], Deny, ServiceWrite("API-x"), true),
+            (&[prefixes], Deny, ServiceWrite("API-Internal"), false),
             // Longest prefix, exact over prefix.
             (&[prefixes], Deny, ServiceRead("db"), true),
             (&[prefixes], Deny, ServiceWrite("db"), false),

@@ -364,11 +364,7 @@ impl Signer for BuiltinSigner {
 /// The DNS SAN of a service leaf, `<service>.svc.<trust-domain>` in lower case: the
 /// SNI that proxies send (DESIGN "A connection, end to end").
 pub fn leaf_dns_name(id: &SpiffeId) -> String {
-    format!(
-        "{}.svc.{}",
-        id.service.as_str().to_ascii_lowercase(),
-        id.trust_domain
-    )
+    crate::identity::service_dns_name(&id.service, &id.trust_domain)
 }
 
 /// Rebuilds a subject for rcgen keeping each value's string type, so the bytes

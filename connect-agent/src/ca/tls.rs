@@ -128,12 +128,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 }));
             }
         };
-        let suffix = format!(".svc.{}", bundle.trust_domain());
-        let expected = name
-            .to_ascii_lowercase()
-            .strip_suffix(&suffix)
-            .filter(|s| !s.is_empty() && !s.contains('.'))
-            .map(str::to_owned)
+        let expected = crate::identity::service_of_dns_name(&name, bundle.trust_domain())
             .ok_or_else(|| {
                 other_error(ServerIdentityError::BadServerName { name: name.clone() })
             })?;
@@ -141,10 +136,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let id = bundle
             .verify(&chain, now, PeerRole::Server)
             .map_err(to_rustls)?;
-        // Service names keep their case in SPIFFE IDs; DNS names do not.
-        if !id.service.as_str().eq_ignore_ascii_case(&expected) {
+        if id.service != expected {
             return Err(other_error(ServerIdentityError::Mismatch {
-                expected,
+                expected: expected.to_string(),
                 got: id.to_string(),
             }));
         }
@@ -179,10 +173,9 @@ pub fn server_name_for(
     service: &crate::identity::ServiceName,
     bundle: &TrustBundle,
 ) -> Result<ServerName<'static>, rustls::pki_types::InvalidDnsNameError> {
-    ServerName::try_from(format!(
-        "{}.svc.{}",
-        service.as_str().to_ascii_lowercase(),
-        bundle.trust_domain()
+    ServerName::try_from(crate::identity::service_dns_name(
+        service,
+        bundle.trust_domain(),
     ))
 }
 

@@ -54,9 +54,9 @@ pub struct CatalogDirectory {
 #[derive(Debug, Default)]
 pub struct DirIndex {
     /// Lower-cased name → local service.
-    local: HashMap<String, LocalService>,
+    local: HashMap<ServiceName, LocalService>,
     /// Lower-cased name → healthy Connect endpoints, anywhere.
-    endpoints: HashMap<String, Vec<Endpoint>>,
+    endpoints: HashMap<ServiceName, Vec<Endpoint>>,
     cgroups: HashMap<u64, ServiceName>,
     /// Instance addresses (every node) → service.
     by_addr: HashMap<SocketAddrV4, ServiceName>,
@@ -69,10 +69,6 @@ pub struct DirIndex {
     desired: Desired,
     /// Whether some service names a cgroup that does not exist (yet).
     unresolved_cgroups: bool,
-}
-
-fn key(name: &ServiceName) -> String {
-    name.as_str().to_ascii_lowercase()
 }
 
 impl DirIndex {
@@ -103,7 +99,7 @@ impl DirIndex {
                         datacenter: datacenter(i),
                     })
                     .collect();
-                ix.endpoints.insert(key(name), eps);
+                ix.endpoints.insert(name.clone(), eps);
                 if let Some(ip) = vips.vip_of(name)
                     && vip::is_virtual(ip)
                 {
@@ -122,13 +118,13 @@ impl DirIndex {
                     // is protected from everyone off the node, loopback is not.
                     // Instances of one service share the name; each adds a port.
                     let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), svc.port);
-                    let local = ix
-                        .local
-                        .entry(key(&svc.service))
-                        .or_insert_with(|| LocalService {
-                            name: svc.service.clone(),
-                            addrs: Vec::new(),
-                        });
+                    let local =
+                        ix.local
+                            .entry(svc.service.clone())
+                            .or_insert_with(|| LocalService {
+                                name: svc.service.clone(),
+                                addrs: Vec::new(),
+                            });
                     if !local.addrs.contains(&addr) {
                         local.addrs.push(addr);
                     }
@@ -260,12 +256,12 @@ fn read(index: &RwLock<Arc<DirIndex>>) -> Arc<DirIndex> {
 
 impl Directory for CatalogDirectory {
     fn local_service(&self, name: &ServiceName) -> Option<LocalService> {
-        self.index().local.get(&key(name)).cloned()
+        self.index().local.get(name).cloned()
     }
     fn endpoints(&self, name: &ServiceName) -> Vec<Endpoint> {
         self.index()
             .endpoints
-            .get(&key(name))
+            .get(name)
             .cloned()
             .unwrap_or_default()
     }

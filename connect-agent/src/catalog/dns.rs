@@ -37,8 +37,8 @@ pub struct CatalogDns {
 /// The DNS answers of one catalog snapshot.
 #[derive(Debug, Default)]
 pub struct DnsIndex {
-    /// Lower-cased name → the service.
-    services: HashMap<String, DnsService>,
+    /// Name (any case, as [`ServiceName`] compares) → the service.
+    services: HashMap<ServiceName, DnsService>,
     /// Lower-cased node name → address.
     nodes: HashMap<String, IpAddr>,
 }
@@ -53,7 +53,8 @@ struct DnsService {
     connect: Vec<dns::Instance>,
 }
 
-fn key(name: &str) -> String {
+/// Node names are DNS labels too: found in any case.
+fn node_key(name: &str) -> String {
     name.to_ascii_lowercase()
 }
 
@@ -62,13 +63,13 @@ impl DnsIndex {
     pub fn build(snap: &CatalogSnapshot) -> Self {
         let mut ix = DnsIndex::default();
         for (node, _, _) in snap.nodes() {
-            ix.nodes.insert(key(&node.node), node.address);
+            ix.nodes.insert(node_key(&node.node), node.address);
         }
         for inst in snap.all() {
             let name = &inst.service.service;
             let entry = ix
                 .services
-                .entry(key(name.as_str()))
+                .entry(name.clone())
                 .or_insert_with(|| DnsService {
                     name: name.clone(),
                     mesh: false,
@@ -84,7 +85,7 @@ impl DnsIndex {
             }
             entry.mesh |= inst.service.kind.is_typical();
         }
-        // Connect endpoints per spelling registered, merged under the lower-cased name.
+        // Connect endpoints of each mesh service (spellings that differ in case are one).
         let mut spellings: Vec<ServiceName> = snap
             .all()
             .filter(|i| i.service.kind.is_typical())
@@ -94,7 +95,7 @@ impl DnsIndex {
         spellings.dedup();
         for name in spellings {
             let endpoints = snap.connect_endpoints(&name);
-            if let Some(entry) = ix.services.get_mut(&key(name.as_str())) {
+            if let Some(entry) = ix.services.get_mut(&name) {
                 entry.connect.extend(endpoints.iter().map(connect_instance));
             }
         }
@@ -146,16 +147,13 @@ impl CatalogDns {
 
 impl DnsCatalog for CatalogDns {
     fn service(&self, name: &ServiceName) -> Option<ServiceName> {
-        self.index()
-            .services
-            .get(&key(name.as_str()))
-            .map(|s| s.name.clone())
+        self.index().services.get(name).map(|s| s.name.clone())
     }
 
     fn virtual_service(&self, name: &ServiceName) -> Option<ServiceName> {
         self.index()
             .services
-            .get(&key(name.as_str()))
+            .get(name)
             .filter(|s| s.mesh)
             .map(|s| s.name.clone())
     }
@@ -163,7 +161,7 @@ impl DnsCatalog for CatalogDns {
     fn instances(&self, service: &ServiceName) -> Vec<dns::Instance> {
         self.index()
             .services
-            .get(&key(service.as_str()))
+            .get(service)
             .map(|s| s.instances.clone())
             .unwrap_or_default()
     }
@@ -171,13 +169,13 @@ impl DnsCatalog for CatalogDns {
     fn connect_endpoints(&self, service: &ServiceName) -> Vec<dns::Instance> {
         self.index()
             .services
-            .get(&key(service.as_str()))
+            .get(service)
             .map(|s| s.connect.clone())
             .unwrap_or_default()
     }
 
     fn node_addr(&self, name: &str) -> Option<IpAddr> {
-        self.index().nodes.get(&key(name)).copied()
+        self.index().nodes.get(&node_key(name)).copied()
     }
 }
 

@@ -552,7 +552,7 @@ fn endpoints_of(entries: &[ServiceEntry]) -> Vec<Endpoint> {
 struct FlagDirectory {
     local: Option<LocalService>,
     upstreams: Vec<Upstream>,
-    endpoints: RwLock<HashMap<String, Vec<Endpoint>>>,
+    endpoints: RwLock<HashMap<ServiceName, Vec<Endpoint>>>,
     changes: watch::Sender<u64>,
 }
 
@@ -580,23 +580,20 @@ impl FlagDirectory {
         self.endpoints
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.as_str().to_ascii_lowercase(), endpoints);
+            .insert(name.clone(), endpoints);
         self.changes.send_modify(|v| *v += 1);
     }
 }
 
 impl Directory for FlagDirectory {
     fn local_service(&self, name: &ServiceName) -> Option<LocalService> {
-        self.local
-            .as_ref()
-            .filter(|l| l.name.as_str().eq_ignore_ascii_case(name.as_str()))
-            .cloned()
+        self.local.as_ref().filter(|l| l.name == *name).cloned()
     }
     fn endpoints(&self, name: &ServiceName) -> Vec<Endpoint> {
         self.endpoints
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&name.as_str().to_ascii_lowercase())
+            .get(name)
             .cloned()
             .unwrap_or_default()
     }

@@ -21,7 +21,7 @@ pub struct FakeCatalog {
 struct Data {
     /// Keyed by lower-cased name; the value keeps the registered spelling.
     nodes: BTreeMap<String, Node>,
-    services: BTreeMap<String, (ServiceName, Vec<FakeInstance>)>,
+    services: BTreeMap<ServiceName, (ServiceName, Vec<FakeInstance>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,7 +68,7 @@ impl FakeCatalog {
         let mut data = self.lock();
         let entry = data
             .services
-            .entry(service.as_str().to_ascii_lowercase())
+            .entry(service.clone())
             .or_insert_with(|| (service.clone(), Vec::new()));
         entry.1.push(FakeInstance {
             node: node.to_owned(),
@@ -81,11 +81,7 @@ impl FakeCatalog {
 
     /// Marks every instance of `service` healthy or not.
     pub fn set_healthy(&self, service: &ServiceName, healthy: bool) {
-        if let Some((_, instances)) = self
-            .lock()
-            .services
-            .get_mut(&service.as_str().to_ascii_lowercase())
-        {
+        if let Some((_, instances)) = self.lock().services.get_mut(service) {
             for i in instances {
                 i.healthy = healthy;
             }
@@ -95,7 +91,7 @@ impl FakeCatalog {
     fn healthy(&self, service: &ServiceName) -> Vec<FakeInstance> {
         self.lock()
             .services
-            .get(&service.as_str().to_ascii_lowercase())
+            .get(service)
             .map(|(_, instances)| instances.iter().filter(|i| i.healthy).cloned().collect())
             .unwrap_or_default()
     }
@@ -105,7 +101,7 @@ impl DnsCatalog for FakeCatalog {
     fn service(&self, name: &ServiceName) -> Option<ServiceName> {
         self.lock()
             .services
-            .get(&name.as_str().to_ascii_lowercase())
+            .get(name)
             .map(|(canonical, _)| canonical.clone())
     }
 

@@ -23,6 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::identity::ServiceName;
+
 /// How long an address that failed is tried only after every other one.
 pub const FAILURE_HOLD: Duration = Duration::from_secs(10);
 
@@ -40,8 +42,8 @@ pub struct Balancer {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Service key → how many plans were made for it.
-    cursors: HashMap<String, usize>,
+    /// Service → how many plans were made for it.
+    cursors: HashMap<ServiceName, usize>,
     /// Address → when it last failed.
     failed: HashMap<SocketAddr, Instant>,
 }
@@ -58,11 +60,11 @@ impl Balancer {
     /// The order in which to try `addrs` for one new connection to the service
     /// `key`: each address once, the ones without a recent failure first, starting
     /// one further along the list than the previous plan for `key` did.
-    pub fn plan(&self, key: &str, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    pub fn plan(&self, key: &ServiceName, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
         self.plan_at(key, addrs, Instant::now())
     }
 
-    fn plan_at(&self, key: &str, addrs: &[SocketAddr], now: Instant) -> Vec<SocketAddr> {
+    fn plan_at(&self, key: &ServiceName, addrs: &[SocketAddr], now: Instant) -> Vec<SocketAddr> {
         if addrs.is_empty() {
             return Vec::new();
         }
@@ -79,7 +81,7 @@ impl Balancer {
         if state.cursors.len() >= MAX_TRACKED && !state.cursors.contains_key(key) {
             state.cursors.clear();
         }
-        let cursor = state.cursors.entry(key.to_owned()).or_insert(0);
+        let cursor = state.cursors.entry(key.clone()).or_insert(0);
         let turn = *cursor;
         *cursor = cursor.wrapping_add(1);
         drop(state);
@@ -142,8 +144,13 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    fn svc(name: &str) -> ServiceName {
+        name.parse().expect("service name")
+    }
+
     fn firsts(b: &Balancer, key: &str, addrs: &[SocketAddr], n: usize) -> Vec<u16> {
-        (0..n).map(|_| b.plan(key, addrs)[0].port()).collect()
+        let key = svc(key);
+        (0..n).map(|_| b.plan(&key, addrs)[0].port()).collect()
     }
 
     #[test]
@@ -152,11 +159,11 @@ mod tests {
         let addrs = [addr(1), addr(2), addr(3)];
         assert_eq!(firsts(&b, "socat", &addrs, 6), [1, 2, 3, 1, 2, 3]);
         // Each plan lists every address once, starting at its turn.
-        assert_eq!(b.plan("socat", &addrs), [addr(1), addr(2), addr(3)]);
-        assert_eq!(b.plan("socat", &addrs), [addr(2), addr(3), addr(1)]);
+        assert_eq!(b.plan(&svc("socat"), &addrs), [addr(1), addr(2), addr(3)]);
+        assert_eq!(b.plan(&svc("socat"), &addrs), [addr(2), addr(3), addr(1)]);
         // Services have their own turns.
         assert_eq!(firsts(&b, "web", &addrs, 2), [1, 2]);
-        assert!(b.plan("socat", &[]).is_empty());
+        assert!(b.plan(&svc("socat"), &[]).is_empty());
     }
 
     #[test]
@@ -164,7 +171,7 @@ mod tests {
         let b = Balancer::new(FAILURE_HOLD);
         // Two instances behind node A's inbound port, one behind B's.
         let addrs = [addr(1), addr(1), addr(2)];
-        let plans: Vec<Vec<SocketAddr>> = (0..3).map(|_| b.plan("echo", &addrs)).collect();
+        let plans: Vec<Vec<SocketAddr>> = (0..3).map(|_| b.plan(&svc("echo"), &addrs)).collect();
         assert_eq!(
             plans,
             [
@@ -184,19 +191,19 @@ mod tests {
         b.failed_at(addr(2), t0);
         let during = t0 + Duration::from_secs(1);
         for _ in 0..6 {
-            let plan = b.plan_at("svc", &addrs, during);
+            let plan = b.plan_at(&svc("svc"), &addrs, during);
             assert_eq!(plan.len(), 3, "{plan:?}");
             assert_eq!(plan[2], addr(2), "the failed one is tried last: {plan:?}");
         }
         // The healthy ones still alternate.
         let heads: Vec<u16> = (0..4)
-            .map(|_| b.plan_at("svc", &addrs, during)[0].port())
+            .map(|_| b.plan_at(&svc("svc"), &addrs, during)[0].port())
             .collect();
         assert_eq!(heads, [1, 3, 1, 3]);
         // After the hold it is back in the rotation.
         let after = t0 + hold + Duration::from_millis(1);
         let heads: Vec<u16> = (0..3)
-            .map(|_| b.plan_at("svc", &addrs, after)[0].port())
+            .map(|_| b.plan_at(&svc("svc"), &addrs, after)[0].port())
             .collect();
         let mut sorted = heads.clone();
         sorted.sort_unstable();
@@ -205,7 +212,7 @@ mod tests {
         b.failed_at(addr(3), after);
         b.succeeded(addr(3));
         let heads: Vec<u16> = (0..3)
-            .map(|_| b.plan_at("svc", &addrs, after)[0].port())
+            .map(|_| b.plan_at(&svc("svc"), &addrs, after)[0].port())
             .collect();
         assert!(heads.contains(&3), "{heads:?}");
     }
@@ -217,9 +224,9 @@ mod tests {
         let now = Instant::now();
         b.failed_at(addr(1), now);
         b.failed_at(addr(2), now);
-        let plan = b.plan_at("svc", &addrs, now);
+        let plan = b.plan_at(&svc("svc"), &addrs, now);
         assert_eq!(plan.len(), 2);
-        let next = b.plan_at("svc", &addrs, now);
+        let next = b.plan_at(&svc("svc"), &addrs, now);
         assert_ne!(plan[0], next[0], "still round robin among the failed");
     }
 
@@ -230,7 +237,7 @@ mod tests {
         for i in 0..(MAX_TRACKED as u32 + 10) {
             let a = SocketAddr::from((std::net::Ipv4Addr::from_bits(0x7f00_0000 + i), 1));
             b.failed_at(a, now);
-            b.plan_at(&format!("svc-{i}"), &[a], now);
+            b.plan_at(&svc(&format!("svc-{i}")), &[a], now);
         }
         let state = b.lock();
         assert!(state.failed.len() <= MAX_TRACKED);

@@ -71,15 +71,11 @@ mod mem {
 
     #[derive(Debug, Default)]
     struct State {
-        local: HashMap<String, LocalService>,
-        endpoints: HashMap<String, Vec<Endpoint>>,
+        local: HashMap<ServiceName, LocalService>,
+        endpoints: HashMap<ServiceName, Vec<Endpoint>>,
         cgroups: HashMap<u64, ServiceName>,
         destinations: HashMap<SocketAddrV4, ServiceName>,
         upstreams: Vec<Upstream>,
-    }
-
-    fn key(name: &ServiceName) -> String {
-        name.as_str().to_ascii_lowercase()
     }
 
     impl Default for MemDirectory {
@@ -118,20 +114,20 @@ mod mem {
                 addrs,
             };
             self.update(|s| {
-                s.local.insert(key(name), svc);
+                s.local.insert(name.clone(), svc);
             });
         }
 
         pub fn remove_local(&self, name: &ServiceName) {
             self.update(|s| {
-                s.local.remove(&key(name));
+                s.local.remove(name);
             });
         }
 
         /// Replaces the healthy instances of `name`.
         pub fn set_endpoints(&self, name: &ServiceName, endpoints: Vec<Endpoint>) {
             self.update(|s| {
-                s.endpoints.insert(key(name), endpoints);
+                s.endpoints.insert(name.clone(), endpoints);
             });
         }
 
@@ -161,10 +157,10 @@ mod mem {
 
     impl Directory for MemDirectory {
         fn local_service(&self, name: &ServiceName) -> Option<LocalService> {
-            self.read(|s| s.local.get(&key(name)).cloned())
+            self.read(|s| s.local.get(name).cloned())
         }
         fn endpoints(&self, name: &ServiceName) -> Vec<Endpoint> {
-            self.read(|s| s.endpoints.get(&key(name)).cloned().unwrap_or_default())
+            self.read(|s| s.endpoints.get(name).cloned().unwrap_or_default())
         }
         fn service_of_cgroup(&self, cgroup_id: u64) -> Option<ServiceName> {
             self.read(|s| s.cgroups.get(&cgroup_id).cloned())

@@ -102,7 +102,7 @@ impl StaticLeaf {
 #[async_trait::async_trait]
 impl LeafSource for StaticLeaf {
     async fn leaf(&self, service: &ServiceName) -> Result<LeafRx, BoxError> {
-        if service.as_str().eq_ignore_ascii_case(self.service.as_str()) {
+        if *service == self.service {
             Ok(LeafRx::Key(self.rx.clone()))
         } else {
             Err(Box::new(NotOurService {
