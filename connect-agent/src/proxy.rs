@@ -35,6 +35,7 @@
 //! wiring).
 
 pub mod balance;
+mod connection;
 pub mod conns;
 pub mod directory;
 mod inbound;

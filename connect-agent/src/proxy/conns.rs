@@ -45,13 +45,13 @@ pub struct Full {
     pub max: usize,
 }
 
-/// A registered connection. Dropping it unregisters the connection and frees its slot.
+/// A registered connection. Dropping it unregisters the connection (its slot is
+/// the connection's own, freed when the connection ends).
 #[derive(Debug)]
 pub struct Guard {
     id: ConnId,
     cancel: CancellationToken,
     registry: Arc<Registry>,
-    _slot: OwnedSemaphorePermit,
 }
 
 impl Guard {
@@ -102,7 +102,6 @@ impl Registry {
     pub fn register(
         self: &Arc<Self>,
         id: ConnId,
-        slot: OwnedSemaphorePermit,
         source: ServiceName,
         destination: ServiceName,
         parent: &CancellationToken,
@@ -120,7 +119,6 @@ impl Registry {
             id,
             cancel,
             registry: self.clone(),
-            _slot: slot,
         }
     }
 
@@ -176,20 +174,8 @@ mod tests {
     fn recheck_cancels_only_denied_connections() {
         let r = Registry::new(10);
         let root = CancellationToken::new();
-        let a = r.register(
-            r.next_id(),
-            r.reserve().expect("slot"),
-            svc("web"),
-            svc("socat"),
-            &root,
-        );
-        let b = r.register(
-            r.next_id(),
-            r.reserve().expect("slot"),
-            svc("api"),
-            svc("socat"),
-            &root,
-        );
+        let a = r.register(r.next_id(), svc("web"), svc("socat"), &root);
+        let b = r.register(r.next_id(), svc("api"), svc("socat"), &root);
         assert_eq!(r.len(), 2);
         let closed = r.recheck(|s, _| s.as_str() != "web");
         assert_eq!(closed, 1);
@@ -203,15 +189,7 @@ mod tests {
     fn pairs_are_distinct_and_skip_cancelled_connections() {
         let r = Registry::new(10);
         let root = CancellationToken::new();
-        let reg = |s: &str, d: &str| {
-            r.register(
-                r.next_id(),
-                r.reserve().expect("slot"),
-                svc(s),
-                svc(d),
-                &root,
-            )
-        };
+        let reg = |s: &str, d: &str| r.register(r.next_id(), svc(s), svc(d), &root);
         let _a = reg("web", "socat");
         let _b = reg("web", "socat");
         let c = reg("api", "db");
@@ -229,8 +207,13 @@ mod tests {
         let root = CancellationToken::new();
         let slot = r.reserve().expect("first slot");
         assert_eq!(r.reserve().err(), Some(Full { max: 1 }));
-        let g = r.register(r.next_id(), slot, svc("web"), svc("db"), &root);
+        let g = r.register(r.next_id(), svc("web"), svc("db"), &root);
         drop(g);
+        assert!(
+            r.reserve().is_err(),
+            "the slot is the connection's, not the registration's"
+        );
+        drop(slot);
         assert!(r.reserve().is_ok());
     }
 
@@ -238,13 +221,7 @@ mod tests {
     fn forced_shutdown_cancels_children() {
         let r = Registry::new(4);
         let root = CancellationToken::new();
-        let g = r.register(
-            r.next_id(),
-            r.reserve().expect("slot"),
-            svc("web"),
-            svc("db"),
-            &root,
-        );
+        let g = r.register(r.next_id(), svc("web"), svc("db"), &root);
         root.cancel();
         assert!(g.cancelled().is_cancelled());
     }

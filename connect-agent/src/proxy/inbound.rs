@@ -30,7 +30,6 @@ use rustls::{
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
-    sync::OwnedSemaphorePermit,
     time::{Instant, timeout, timeout_at},
 };
 use tokio_rustls::LazyConfigAcceptor;
@@ -38,11 +37,11 @@ use tracing::{Instrument, field};
 
 use super::{
     ConnError, LocalService, Outcome, Permit, Shared, Side, accept_loop,
-    metrics::ConnRecord,
+    connection::{Connection, denied},
     pool,
     readahead::ReadAhead,
-    splice, splice_outcome,
-    streams::{self, Framed},
+    splice,
+    streams::{self, Framed, Idles},
 };
 use crate::{
     ca::{PeerRole, TrustBundle},
@@ -63,11 +62,6 @@ fn reset(tcp: &TcpStream) {
     if let Err(error) = tcp.set_zero_linger() {
         tracing::debug!(%error, "cannot set SO_LINGER 0 on a refused connection");
     }
-}
-
-/// Whether `result` is a refusal that [`reset`] must end.
-fn denied(result: &Option<Result<splice::Outcome, ConnError>>) -> bool {
-    matches!(result, Some(Err(ConnError::Denied { .. })))
 }
 
 /// How long, and how many bytes, a failed handshake's socket is drained before it
@@ -108,162 +102,81 @@ pub(super) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let id = shared.registry.next_id();
-    let span = tracing::info_span!(
-        "inbound",
-        conn = id,
-        peer = %peer,
-        src = field::Empty,
-        dst = field::Empty
-    );
-    let mut rec = ConnRecord::open(&shared.metrics, Side::Inbound, span.clone());
-    let slot = match shared.registry.reserve() {
-        Ok(slot) => slot,
-        Err(full) => {
-            shared.limit_log.refused(full.max);
-            rec.finish(Outcome::LimitReached);
-            return;
-        }
+    let span = |id| {
+        tracing::info_span!(
+            "inbound",
+            conn = id,
+            peer = %peer,
+            src = field::Empty,
+            dst = field::Empty
+        )
+    };
+    let Some(conn) = Connection::open(&shared, Side::Inbound, span) else {
+        return;
     };
     let _ = tcp.set_nodelay(true);
     let shaken = tokio::select! {
-        r = handshake(&shared, tcp).instrument(span.clone()) => r,
-        () = shared.shutdown.force.cancelled() => {
-            rec.finish(Outcome::Shutdown);
-            return;
-        }
+        r = handshake(&shared, tcp).instrument(conn.span.clone()) => r,
+        () = shared.shutdown.force.cancelled() => return conn.finish(None),
     };
-    let shaken = match shaken {
-        Ok(shaken) => shaken,
-        Err(e) => {
-            record(&shared, &mut rec, Some(Err(e)));
-            return;
-        }
-    };
-    let first = Stream { id, rec, span };
-    if shaken.streams {
-        serve_streams(&shared, shaken, slot, first).await;
-    } else {
-        dedicated(&shared, shaken, slot, first).await;
+    match shaken {
+        Ok(shaken) => carry(&shared, shaken, conn).await,
+        Err(e) => conn.finish(Some(Err(e))),
     }
 }
 
-/// A connection whose handshake finished: the local service it is for and the
-/// client's identity.
+/// A connection whose handshake finished: the local service it is for, and how
+/// it carries application connections.
 struct Handshaken {
-    tls: ServerTls,
+    carrier: Carrier,
     local: LocalService,
-    client: SpiffeId,
-    /// Negotiated to carry streams ([`streams`]).
-    streams: bool,
 }
 
 type ServerTls = tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>;
 
-/// One application connection: its id, close record and span.
-struct Stream<'m> {
-    id: super::conns::ConnId,
-    rec: ConnRecord<'m>,
-    span: tracing::Span,
+/// How a TLS connection carries application connections: one for the life of the
+/// connection, or one after another ([`streams`], negotiated by ALPN).
+enum Carrier {
+    Dedicated(ServerTls),
+    Streams(Framed<ServerTls>),
 }
 
-/// Closes `rec` with what the connection's run returned (`None`: forced
-/// shutdown).
-fn record(
-    shared: &Shared,
-    rec: &mut ConnRecord<'_>,
-    result: Option<Result<splice::Outcome, ConnError>>,
-) {
-    match result {
-        Some(Ok(out)) => {
-            // a = the peer, b = the local service.
-            rec.bytes(out.a_to_b, out.b_to_a);
-            rec.finish(splice_outcome(out.end, &shared.shutdown));
-        }
-        Some(Err(e)) => {
-            if e.outcome() == Outcome::HandshakeFailed {
-                shared.metrics.count_handshake_failure(Side::Inbound);
-            }
-            rec.fail(e.outcome(), &e);
-        }
-        None => rec.finish(Outcome::Shutdown),
-    }
+/// Why a connection carries no further application connection.
+enum Ended {
+    /// The connection went (the client closed it, it idled, shutdown); the
+    /// handshake's record, if unused, closes with this.
+    Closed(Outcome),
+    /// Nothing to record: a dedicated connection after its one, or too many idle
+    /// connections.
+    Done,
 }
 
-/// One application connection on its own TLS connection.
-async fn dedicated(
-    shared: &Shared,
-    shaken: Handshaken,
-    slot: OwnedSemaphorePermit,
-    first: Stream<'_>,
-) {
-    let Handshaken {
-        mut tls,
-        local,
-        client,
-        ..
-    } = shaken;
-    let Stream { id, mut rec, span } = first;
-    let run = async {
-        let (backend, guard) = admit(shared, id, slot, &client, &local).await?;
-        let limits = splice::Limits {
-            idle_timeout: shared.limits.idle_timeout,
+impl Carrier {
+    /// Waits for the next application connection: at once for a dedicated
+    /// connection's one, the next `OPEN` on a streams connection. Between streams
+    /// the connection counts against [`pool::MAX_IDLE_INBOUND`] and holds its TLS
+    /// state only; it closes after [`pool::SERVER_IDLE_TIMEOUT`] without a stream,
+    /// and when shutdown begins.
+    async fn next(
+        &mut self,
+        shared: &Shared,
+        first: bool,
+        span: &tracing::Span,
+    ) -> Result<(), Ended> {
+        let framed = match self {
+            Carrier::Dedicated(_) if first => return Ok(()),
+            Carrier::Dedicated(_) => return Err(Ended::Done),
+            Carrier::Streams(framed) => framed,
         };
-        Ok(splice::splice(&mut tls, backend, limits, guard.cancelled()).await)
-    }
-    .instrument(span);
-    let result = tokio::select! {
-        r = run => Some(r),
-        () = shared.shutdown.force.cancelled() => None,
-    };
-    if denied(&result) {
-        reset(tls.get_ref().0.get_ref());
-    }
-    record(shared, &mut rec, result);
-}
-
-/// Application connections one after another on one TLS connection
-/// ([`streams`]): each is checked, authorized and connected to the local service
-/// as a dedicated connection would be, when its `OPEN` arrives, and takes a slot
-/// of the connection limit for as long as it lives (refused if there is none).
-/// Between streams the TLS connection holds no slot — idle connections must not
-/// crowd out live ones — but counts against [`pool::MAX_IDLE_INBOUND`]; past it,
-/// it closes after its stream instead of idling. It also closes when the client
-/// closes it, after [`pool::SERVER_IDLE_TIMEOUT`] without a stream, when a
-/// stream does not end cleanly or is denied, once older than
-/// [`pool::SERVER_MAX_AGE`], and at shutdown.
-async fn serve_streams<'m>(
-    shared: &'m Shared,
-    shaken: Handshaken,
-    slot: OwnedSemaphorePermit,
-    first: Stream<'m>,
-) {
-    let Handshaken {
-        tls, local, client, ..
-    } = shaken;
-    // The handshake verified the client for the first stream; later ones check
-    // it again against the bundle of their time.
-    let mut verified = Some(client);
-    let born = Instant::now();
-    let conn_span = first.span.clone();
-    let mut framed = Framed::new(tls);
-    let mut slot = Some(slot);
-    let mut first = Some(first);
-    let limits = splice::Limits {
-        idle_timeout: shared.limits.idle_timeout,
-    };
-    loop {
-        let idle = if first.is_none() {
-            let Some(idle) = IdleInbound::enter(&shared.idle_inbound) else {
-                tracing::debug!(parent: &conn_span, "too many idle node-to-node connections; closing this one");
-                return;
-            };
-            // Idle, it keeps its TLS state but not its read buffers.
-            framed.release();
-            framed.get_mut().get_mut().0.release();
-            Some(idle)
-        } else {
+        let idle = if first {
             None
+        } else {
+            let Some(idle) = IdleInbound::enter(&shared.idle_inbound) else {
+                tracing::debug!(parent: span, "too many idle node-to-node connections; closing this one");
+                return Err(Ended::Done);
+            };
+            framed.release_buffers();
+            Some(idle)
         };
         let opened = tokio::select! {
             biased;
@@ -271,90 +184,119 @@ async fn serve_streams<'m>(
             r = timeout(pool::SERVER_IDLE_TIMEOUT, framed.read_open()) => Some(r),
         };
         drop(idle);
-        let closed = match opened {
-            Some(Ok(Ok(true))) => None,
-            Some(Ok(Ok(false))) => Some(("closed by the client", Outcome::Closed)),
+        let (why, outcome) = match opened {
+            Some(Ok(Ok(true))) => return Ok(()),
+            Some(Ok(Ok(false))) => ("closed by the client", Outcome::Closed),
             Some(Ok(Err(error))) => {
-                tracing::debug!(parent: &conn_span, %error, "node-to-node connection failed between streams");
-                Some(("failed", Outcome::Reset))
+                tracing::debug!(parent: span, %error, "node-to-node connection failed between streams");
+                ("failed", Outcome::Reset)
             }
-            Some(Err(_)) => Some(("idle", Outcome::Closed)),
-            None => Some(("shutdown", Outcome::Closed)),
+            Some(Err(_)) => ("idle", Outcome::Closed),
+            None => ("shutdown", Outcome::Closed),
         };
-        if let Some((why, outcome)) = closed {
-            tracing::debug!(parent: &conn_span, why, "node-to-node connection closed between streams");
-            if let Some(mut unused) = first.take() {
-                // The handshake's record, for a connection that never carried a
-                // stream.
-                unused.rec.finish(outcome);
+        tracing::debug!(parent: span, why, "node-to-node connection closed between streams");
+        Err(Ended::Closed(outcome))
+    }
+
+    /// Carries one application connection between `local` (the local service's
+    /// connection) and the peer until it ends.
+    async fn splice(
+        &mut self,
+        local: TcpStream,
+        limits: splice::Limits,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> splice::Outcome {
+        match self {
+            Carrier::Dedicated(tls) => splice::splice(local, tls, limits, cancel).await,
+            Carrier::Streams(framed) => {
+                streams::splice_stream(local, framed, false, limits, cancel).await
+            }
+        }
+    }
+
+    fn tls(&self) -> &ServerTls {
+        match self {
+            Carrier::Dedicated(tls) => tls,
+            Carrier::Streams(framed) => framed.get_ref(),
+        }
+    }
+
+    /// Whether another application connection may follow one that ended with
+    /// `end`: on a streams connection after a clean end, while the connection is
+    /// younger than [`pool::SERVER_MAX_AGE`].
+    fn again(&self, end: splice::End, born: Instant) -> bool {
+        matches!(self, Carrier::Streams(_))
+            && end == splice::End::Closed
+            && born.elapsed() < pool::SERVER_MAX_AGE
+    }
+}
+
+/// The application connections of one TLS connection, one after another: the
+/// client's certificate is checked against the bundle of now, the connection is
+/// registered and authorized, and the local service connected and spliced, the
+/// same way for the one connection of a dedicated TLS connection and for each
+/// stream of a reused one. Each takes a slot of the connection limit for as long
+/// as it lives (the first, the handshake's); between streams the TLS connection
+/// holds none, so that idle connections do not crowd out live ones. A stream
+/// that does not end cleanly, or is denied, closes the TLS connection.
+async fn carry(shared: &Shared, shaken: Handshaken, first: Connection<'_>) {
+    let Handshaken { mut carrier, local } = shaken;
+    let tls_span = first.span.clone();
+    let born = Instant::now();
+    let limits = splice::Limits {
+        idle_timeout: shared.limits.idle_timeout,
+    };
+    let mut first = Some(first);
+    loop {
+        if let Err(ended) = carrier.next(shared, first.is_some(), &tls_span).await {
+            if let (Some(unused), Ended::Closed(outcome)) = (first.take(), ended) {
+                unused.finish_unused(outcome);
             }
             return;
         }
         let reused = first.is_none();
-        shared.metrics.count_stream(Side::Inbound, reused);
-        let Stream { id, mut rec, span } = first.take().unwrap_or_else(|| {
-            let id = shared.registry.next_id();
-            let span = tracing::info_span!(
-                parent: &conn_span,
-                "stream",
-                conn = id,
-                src = field::Empty,
-                dst = %local.name
-            );
-            let rec = ConnRecord::open(&shared.metrics, Side::Inbound, span.clone());
-            Stream { id, rec, span }
-        });
-        let this_slot = match slot.take().map_or_else(|| shared.registry.reserve(), Ok) {
-            Ok(slot) => slot,
-            Err(full) => {
-                shared.limit_log.refused(full.max);
-                rec.finish(Outcome::LimitReached);
-                return;
+        if matches!(carrier, Carrier::Streams(_)) {
+            shared.metrics.count_stream(Side::Inbound, reused);
+        }
+        let conn = match first.take() {
+            Some(conn) => conn,
+            None => {
+                let span = |id| {
+                    tracing::info_span!(
+                        parent: &tls_span,
+                        "stream",
+                        conn = id,
+                        src = field::Empty,
+                        dst = %local.name
+                    )
+                };
+                match Connection::open(shared, Side::Inbound, span) {
+                    Some(conn) => conn,
+                    None => return,
+                }
             }
         };
+        let id = conn.id;
         let run = async {
-            // The certificate was verified at the handshake; the bundle of now
-            // decides whether it is still good (expired, or its root removed).
-            let client = match verified.take() {
-                Some(client) => client,
-                None => {
-                    let client = peer_identity(framed.get_ref().get_ref().1, &shared.tls.bundle())?;
-                    tracing::Span::current().record("src", field::display(&client.service));
-                    client
-                }
-            };
-            let (backend, guard) = admit(shared, id, this_slot, &client, &local).await?;
-            let out =
-                streams::splice_stream(backend, &mut framed, false, limits, guard.cancelled())
-                    .await;
-            drop(guard);
-            Ok::<_, ConnError>(out)
+            // The handshake verified the certificate; the bundle of now decides
+            // whether it is still good for this connection (expired, or its root
+            // removed, since).
+            let client = peer_identity(carrier.tls().get_ref().1, &shared.tls.bundle())?;
+            tracing::Span::current().record("src", field::display(&client.service));
+            let (backend, guard) = admit(shared, id, &client, &local).await?;
+            Ok(carrier.splice(backend, limits, guard.cancelled()).await)
         }
-        .instrument(span);
-        let result = tokio::select! {
+        .instrument(conn.span.clone());
+        let ran = tokio::select! {
             r = run => Some(r),
             () = shared.shutdown.force.cancelled() => None,
         };
-        if denied(&result) {
-            reset(framed.get_ref().get_ref().0.get_ref());
+        if denied(&ran) {
+            reset(carrier.tls().get_ref().0.get_ref());
         }
-        let out = match result {
-            Some(Ok(out)) => out,
-            Some(Err(e)) => return record(shared, &mut rec, Some(Err(e))),
-            None => return record(shared, &mut rec, None),
-        };
-        // a = the local service, b = the peer.
-        let end = out.end;
-        record(
-            shared,
-            &mut rec,
-            Some(Ok(splice::Outcome {
-                a_to_b: out.b_to_a,
-                b_to_a: out.a_to_b,
-                end,
-            })),
-        );
-        if end != splice::End::Closed || born.elapsed() >= pool::SERVER_MAX_AGE {
+        let again = matches!(&ran, Some(Ok(out)) if carrier.again(out.end, born));
+        conn.finish(ran);
+        if !again {
             return;
         }
     }
@@ -424,15 +366,15 @@ async fn handshake(shared: &Shared, tcp: TcpStream) -> Result<Handshaken, ConnEr
     shared
         .metrics
         .count_handshake(Side::Inbound, conn.handshake_kind());
+    // A client the bundle does not accept fails here, before it can idle.
     let client = peer_identity(conn, &bundle)?;
     tracing::Span::current().record("src", field::display(&client.service));
-    let streams = conn.alpn_protocol() == Some(streams::ALPN);
-    Ok(Handshaken {
-        tls,
-        local,
-        client,
-        streams,
-    })
+    let carrier = if conn.alpn_protocol() == Some(streams::ALPN) {
+        Carrier::Streams(Framed::new(tls))
+    } else {
+        Carrier::Dedicated(tls)
+    };
+    Ok(Handshaken { carrier, local })
 }
 
 /// Registers and authorizes one application connection from `client` to `local`
@@ -442,7 +384,6 @@ async fn handshake(shared: &Shared, tcp: TcpStream) -> Result<Handshaken, ConnEr
 async fn admit(
     shared: &Shared,
     id: super::conns::ConnId,
-    slot: OwnedSemaphorePermit,
     client: &SpiffeId,
     local: &LocalService,
 ) -> Result<(TcpStream, super::conns::Guard), ConnError> {
@@ -450,7 +391,6 @@ async fn admit(
     // decision and the splice is re-checked against this connection too.
     let guard = shared.registry.register(
         id,
-        slot,
         client.service.clone(),
         local.name.clone(),
         &shared.shutdown.force,
@@ -505,9 +445,7 @@ async fn connect_local(
 ) -> Result<TcpStream, ConnError> {
     let service = permit.destination();
     let after = shared.limits.local_connect_timeout;
-    let plan = shared
-        .inbound_lb
-        .plan(&service.as_str().to_ascii_lowercase(), addrs);
+    let plan = shared.inbound_lb.plan(service, addrs);
     let mut attempts = 0;
     let mut last = None;
     for addr in plan.into_iter().take(MAX_LOCAL_ATTEMPTS) {
@@ -549,12 +487,7 @@ fn service_of_sni(sni: Option<&str>, trust_domain: &TrustDomain) -> Result<Servi
     let bad = || ConnError::BadSni {
         name: name.chars().take(256).collect(),
     };
-    let lower = name.to_ascii_lowercase();
-    let service = lower
-        .strip_suffix(trust_domain.as_str())
-        .and_then(|s| s.strip_suffix(".svc."))
-        .ok_or_else(bad)?;
-    service.parse().map_err(|_| bad())
+    crate::identity::service_of_dns_name(name, trust_domain).ok_or_else(bad)
 }
 
 #[cfg(test)]
@@ -568,7 +501,8 @@ mod tests {
             .expect("td");
         let ok = |sni: &str, want: &str| {
             let got = service_of_sni(Some(sni), &td).expect(sni);
-            assert_eq!(got.as_str(), want, "{sni}");
+            let want: ServiceName = want.parse().expect("name");
+            assert_eq!(got, want, "{sni}");
         };
         ok(
             "socat.svc.11111111-2222-3333-4444-555555555555.consul",

@@ -31,11 +31,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field};
 
 use super::{
-    ConnError, OriginLookup, Outcome, Shared, Side, Upstream, accept_loop,
-    metrics::ConnRecord,
+    ConnError, OriginLookup, Shared, Side, Upstream, accept_loop,
+    connection::Connection,
     pool::{ClientTls, Conn},
     readahead::ReadAhead,
-    splice, splice_outcome, streams,
+    splice, streams,
 };
 use crate::{ca::tls::server_name_for, identity::ServiceName, redirect::Redirect};
 
@@ -114,35 +114,30 @@ pub(super) async fn serve_transparent(
 }
 
 async fn handle(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAddr, route: Route) {
-    let id = shared.registry.next_id();
-    let span = tracing::info_span!(
-        "outbound",
-        conn = id,
-        peer = %peer,
-        src = field::Empty,
-        dst = field::Empty,
-        orig_dst = field::Empty
-    );
-    let mut rec = ConnRecord::open(&shared.metrics, Side::Outbound, span.clone());
-    let slot = match shared.registry.reserve() {
-        Ok(slot) => slot,
-        Err(full) => {
-            shared.limit_log.refused(full.max);
-            rec.finish(Outcome::LimitReached);
-            refuse(&app);
-            return;
-        }
+    let span = |id| {
+        tracing::info_span!(
+            "outbound",
+            conn = id,
+            peer = %peer,
+            src = field::Empty,
+            dst = field::Empty,
+            orig_dst = field::Empty
+        )
+    };
+    let Some(conn) = Connection::open(&shared, Side::Outbound, span) else {
+        refuse(&app);
+        return;
     };
     let _ = app.set_nodelay(true);
+    let id = conn.id;
     let run = async {
         let (src, dst) = resolve(&shared, &route, peer).await?;
         let span = tracing::Span::current();
         span.record("src", field::display(&src));
         span.record("dst", field::display(&dst));
-        let guard =
-            shared
-                .registry
-                .register(id, slot, src.clone(), dst.clone(), &shared.shutdown.force);
+        let guard = shared
+            .registry
+            .register(id, src.clone(), dst.clone(), &shared.shutdown.force);
         let dialed = dial(&shared, &src, &dst).await?;
         let limits = splice::Limits {
             idle_timeout: shared.limits.idle_timeout,
@@ -171,24 +166,16 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAddr, route
         };
         Ok::<_, ConnError>(out)
     }
-    .instrument(span);
-    let result = tokio::select! {
+    .instrument(conn.span.clone());
+    let ran = tokio::select! {
         r = run => Some(r),
         () = shared.shutdown.force.cancelled() => None,
     };
     let clean = matches!(
-        &result,
+        &ran,
         Some(Ok(out)) if matches!(out.end, splice::End::Closed | splice::End::Idle)
     );
-    match result {
-        Some(Ok(out)) => {
-            // a = the local application, b = the destination.
-            rec.bytes(out.b_to_a, out.a_to_b);
-            rec.finish(splice_outcome(out.end, &shared.shutdown));
-        }
-        Some(Err(e)) => rec.fail(e.outcome(), &e),
-        None => rec.finish(Outcome::Shutdown),
-    }
+    conn.finish(ran);
     if !clean {
         refuse(&app);
     }
@@ -288,9 +275,7 @@ async fn dial(shared: &Shared, src: &ServiceName, dst: &ServiceName) -> Result<D
         trust_domain: bundle.trust_domain().to_string(),
     })?;
     let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
-    let plan = shared
-        .outbound_lb
-        .plan(&dst.as_str().to_ascii_lowercase(), &addrs);
+    let plan = shared.outbound_lb.plan(dst, &addrs);
     let mut attempts = 0;
     let mut last = None;
     for addr in plan.into_iter().take(MAX_DIAL_ATTEMPTS) {

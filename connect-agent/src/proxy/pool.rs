@@ -28,7 +28,10 @@ use std::{
 use rustls::sign::CertifiedKey;
 use tokio::{net::TcpStream, time::Instant};
 
-use super::{readahead::ReadAhead, streams::Framed};
+use super::{
+    readahead::ReadAhead,
+    streams::{Framed, Idles},
+};
 use crate::{ca::TrustBundle, identity::ServiceName};
 
 /// A client-side node-to-node TLS connection.
@@ -184,8 +187,7 @@ impl Pool {
             return;
         }
         // Idle, it keeps its TLS state but not its read buffers.
-        conn.framed.release();
-        conn.framed.get_mut().get_mut().0.release();
+        conn.framed.release_buffers();
         let mut idle = self.lock();
         if idle.count >= MAX_IDLE {
             return;

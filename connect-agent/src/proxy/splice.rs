@@ -56,29 +56,33 @@ pub enum End {
     Error,
 }
 
-/// What a splice moved and how it ended.
+/// What a splice moved and how it ended. Directions are named from this node's
+/// side, the same on every path: `local` is the plaintext connection on this node
+/// (the application's, outbound; the local service's, inbound), the other side is
+/// the peer (a node-to-node TLS connection or one stream of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
-    /// Bytes from `a` to `b`.
-    pub a_to_b: u64,
-    /// Bytes from `b` to `a`.
-    pub b_to_a: u64,
+    /// Bytes read from the local connection and sent to the peer.
+    pub from_local: u64,
+    /// Bytes received from the peer and written to the local connection.
+    pub to_local: u64,
     pub end: End,
 }
 
-/// Splices `a` and `b` until done, idle, cancelled or failed.
-pub async fn splice<A, B>(a: A, b: B, limits: Limits, cancel: &CancellationToken) -> Outcome
+/// Splices `local` (the plaintext connection on this node) and `peer` until done,
+/// idle, cancelled or failed.
+pub async fn splice<L, P>(local: L, peer: P, limits: Limits, cancel: &CancellationToken) -> Outcome
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    L: AsyncRead + AsyncWrite + Unpin,
+    P: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let a_to_b = AtomicU64::new(0);
-    let b_to_a = AtomicU64::new(0);
+    let (mut lr, mut lw) = tokio::io::split(local);
+    let (mut pr, mut pw) = tokio::io::split(peer);
+    let from_local = AtomicU64::new(0);
+    let to_local = AtomicU64::new(0);
     let activity = Activity::new();
-    let forward = pump(&mut ar, &mut bw, &a_to_b, &activity);
-    let backward = pump(&mut br, &mut aw, &b_to_a, &activity);
+    let forward = pump(&mut lr, &mut pw, &from_local, &activity);
+    let backward = pump(&mut pr, &mut lw, &to_local, &activity);
     // A failed direction ends both: after a reset or a truncated TLS stream the
     // other direction has no one to deliver to, and waiting for it would hold the
     // connection until the idle timeout.
@@ -90,8 +94,8 @@ where
     };
     let end = drive(both, &activity, limits, cancel).await;
     Outcome {
-        a_to_b: a_to_b.load(Ordering::Relaxed),
-        b_to_a: b_to_a.load(Ordering::Relaxed),
+        from_local: from_local.load(Ordering::Relaxed),
+        to_local: to_local.load(Ordering::Relaxed),
         end,
     }
 }
@@ -242,8 +246,8 @@ mod tests {
         assert_eq!(
             out,
             Outcome {
-                a_to_b: 5,
-                b_to_a: 6,
+                from_local: 5,
+                to_local: 6,
                 end: End::Closed
             }
         );

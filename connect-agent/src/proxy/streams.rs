@@ -45,7 +45,10 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use super::splice::{self, Activity, BUF_SIZE, End, Limits, Outcome, gather, read_ready};
+use super::{
+    readahead::ReadAhead,
+    splice::{self, Activity, BUF_SIZE, End, Limits, Outcome, gather, read_ready},
+};
 
 /// The ALPN protocol name of connections that carry streams.
 pub const ALPN: &[u8] = b"connect-streams/1";
@@ -115,6 +118,27 @@ impl<S> Framed<S> {
     }
 }
 
+/// A node-to-node TLS connection that may idle between streams: both ends release
+/// their read buffers (frames and the TLS read-ahead) while idle.
+pub trait Idles {
+    /// Frees the buffers that hold nothing; the TLS state stays.
+    fn release_buffers(&mut self);
+}
+
+impl<IO> Idles for Framed<tokio_rustls::server::TlsStream<ReadAhead<IO>>> {
+    fn release_buffers(&mut self) {
+        self.release();
+        self.io.get_mut().0.release();
+    }
+}
+
+impl<IO> Idles for Framed<tokio_rustls::client::TlsStream<ReadAhead<IO>>> {
+    fn release_buffers(&mut self) {
+        self.release();
+        self.io.get_mut().0.release();
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// Waits for the next stream (server side): `Ok(true)` when it opens,
     /// `Ok(false)` when the client closed the connection between streams.
@@ -156,7 +180,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
 
 /// Carries one stream between `plain` (the application's or the local service's
 /// connection) and `framed` until both sides finished, the stream idles, it is
-/// cancelled or something fails. `a_to_b` in the outcome is `plain` → `framed`. The
+/// cancelled or something fails. `plain` is the local side of the outcome
+/// ([`Outcome::from_local`] is `plain` → `framed`). The
 /// connection may carry another stream only if the outcome is [`End::Closed`].
 ///
 /// `open`: the client side starts the stream with `OPEN` (see [`send`]); the
@@ -195,8 +220,8 @@ where
     };
     let end = splice::drive(both, &activity, limits, cancel).await;
     splice::Outcome {
-        a_to_b: to_framed.load(Ordering::Relaxed),
-        b_to_a: to_plain.load(Ordering::Relaxed),
+        from_local: to_framed.load(Ordering::Relaxed),
+        to_local: to_plain.load(Ordering::Relaxed),
         end,
     }
 }
