@@ -16,22 +16,16 @@
 //!
 //! Run: `cargo bench -p connect-agent --bench proxy`.
 
-use std::{
-    net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::Parser;
 use connect_agent::{
-    app,
+    app::{self, IntentionsAuthorizer},
     ca::tls::{SpiffeServerVerifier, server_name_for},
     config::AgentArgs,
     identity::{Datacenter, ServiceName},
-    proxy::{
-        self, Directory, Endpoint, Limits, LocalService, Parts, Proxy, Upstream,
-        node::IntentionsAuthorizer,
-    },
+    proxy::{self, Directory, Endpoint, Limits, LocalService, Parts, Proxy, Upstream},
+    redirect::{CgroupId, OrigDst},
     shutdown::Shutdown,
     store::memory::MemStore,
 };
@@ -73,10 +67,10 @@ impl Directory for Fixed {
             Vec::new()
         }
     }
-    fn service_of_cgroup(&self, _: u64) -> Option<ServiceName> {
+    fn service_of_cgroup(&self, _: CgroupId) -> Option<ServiceName> {
         None
     }
-    fn destination_of(&self, _: SocketAddrV4) -> Option<ServiceName> {
+    fn destination_of(&self, _: OrigDst) -> Option<ServiceName> {
         None
     }
     fn upstream_listeners(&self) -> Vec<Upstream> {

@@ -58,8 +58,11 @@ fn peer(i: u64) -> SocketAddrV4 {
 
 fn redirect() -> Redirect {
     Redirect {
-        orig_dst: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 8181),
-        cgroup_id: 4242,
+        orig_dst: connect_agent::redirect::OrigDst(SocketAddrV4::new(
+            Ipv4Addr::new(198, 18, 0, 10),
+            8181,
+        )),
+        cgroup_id: connect_agent::redirect::CgroupId(4242),
     }
 }
 

@@ -3,7 +3,7 @@
 //! [`Acl`] owns the tokens and policies in the [`Store`] (prefix `acl/`) and an
 //! in-memory [`Snapshot`] that follows the store through a watch, so that resolving
 //! the token of a request ([`Acl::resolve`]) is a hash and a map lookup with no I/O.
-//! Each token's [`Authorizer`] is compiled when the snapshot is built.
+//! Each token's [`Grants`] is compiled when the snapshot is built.
 //!
 //! Store layout:
 //! - `acl/bootstrap` → the accessor of the first management token, written once
@@ -21,7 +21,7 @@
 //! Not here: the HTTP extractor that applies rights to requests (`api::authz`), the
 //! endpoints (`api::acl`) and the CLI (`cli::acl`).
 
-pub mod authorizer;
+pub mod grants;
 pub mod model;
 mod records;
 pub mod rules;
@@ -47,7 +47,7 @@ use self::model::{
 };
 use self::records::build_snapshot;
 pub use self::{
-    authorizer::{Authorizer, DefaultPolicy, Right},
+    grants::{DefaultPolicy, Grants, Right},
     model::{InputError, PolicyLink, PolicyRequest, TokenRequest},
     rules::{Access, Rules, RulesError},
 };
@@ -136,11 +136,11 @@ impl crate::fault::Blame for Error {
     }
 }
 
-/// A token in the snapshot, with its compiled authorizer.
+/// A token in the snapshot, with its compiled grants.
 #[derive(Debug)]
 pub struct Token {
     pub record: TokenRecord,
-    pub authorizer: Authorizer,
+    pub grants: Grants,
     pub create_index: Index,
     pub modify_index: Index,
 }
@@ -156,33 +156,33 @@ pub struct Policy {
 
 /// Who a request speaks for.
 #[derive(Debug, Clone)]
-pub enum Identity {
+pub enum Caller {
     /// ACLs are disabled: everything is allowed.
     Disabled,
     /// No token: the default policy alone.
-    Anonymous(Arc<Authorizer>),
+    Anonymous(Arc<Grants>),
     Token(Arc<Token>),
     /// A secret no token has (Consul: 403 `ACL not found` wherever a right is needed).
     Unknown,
 }
 
-impl Identity {
+impl Caller {
     /// Whether this identity holds `right`. An unknown token holds nothing.
     pub fn allows(&self, right: Right<'_>) -> bool {
         match self {
-            Identity::Disabled => true,
-            Identity::Anonymous(a) => a.allows(right),
-            Identity::Token(t) => t.authorizer.allows(right),
-            Identity::Unknown => false,
+            Caller::Disabled => true,
+            Caller::Anonymous(a) => a.allows(right),
+            Caller::Token(t) => t.grants.allows(right),
+            Caller::Unknown => false,
         }
     }
 
     /// The accessor, for logs (never the secret).
     pub fn accessor(&self) -> Option<Uuid> {
         match self {
-            Identity::Token(t) => Some(t.record.accessor_id),
-            Identity::Anonymous(_) => Some(ANONYMOUS_ACCESSOR),
-            Identity::Disabled | Identity::Unknown => None,
+            Caller::Token(t) => Some(t.record.accessor_id),
+            Caller::Anonymous(_) => Some(ANONYMOUS_ACCESSOR),
+            Caller::Disabled | Caller::Unknown => None,
         }
     }
 }
@@ -250,7 +250,7 @@ pub fn policy_json(p: &Policy, with_rules: bool) -> PolicyJson {
 /// The ACL system of the cluster, as this agent sees it. See the module doc.
 pub struct Acl {
     config: AclConfig,
-    anonymous: Arc<Authorizer>,
+    anonymous: Arc<Grants>,
     /// Tokens and policies, kept equal to `acl/`; following stops when this is dropped.
     view: View<Shared>,
     store: Arc<dyn Store>,
@@ -338,7 +338,7 @@ impl Acl {
             "ACLs loaded"
         );
         Ok(Arc::new(Self {
-            anonymous: Arc::new(Authorizer::anonymous(config.default_policy)),
+            anonymous: Arc::new(Grants::anonymous(config.default_policy)),
             config,
             view,
             store,
@@ -360,15 +360,15 @@ impl Acl {
     }
 
     /// Who presents `secret` (`None` or empty: anonymous). No I/O.
-    pub fn resolve(&self, secret: Option<&str>) -> Identity {
+    pub fn resolve(&self, secret: Option<&str>) -> Caller {
         if !self.config.enabled {
-            return Identity::Disabled;
+            return Caller::Disabled;
         }
         match secret.filter(|s| !s.is_empty()) {
-            None => Identity::Anonymous(self.anonymous.clone()),
+            None => Caller::Anonymous(self.anonymous.clone()),
             Some(s) => match self.snapshot().by_secret.get(&secret_hash(s)) {
-                Some(t) => Identity::Token(t.clone()),
-                None => Identity::Unknown,
+                Some(t) => Caller::Token(t.clone()),
+                None => Caller::Unknown,
             },
         }
     }

@@ -30,7 +30,7 @@ use serde::Deserialize;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    app::Agent,
+    agent::Agent,
     fault::{self, Blame, Fault},
     store::Index,
 };

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::{
     acl::{self, Acl, AclConfig},
+    agent::Agent,
     api, ca, catalog,
     config::{Config, HttpsCert, StoreUrl},
     datadir, dns,
@@ -23,28 +24,6 @@ use crate::{
     store::{self, Store},
     vip,
 };
-
-/// Everything the API handlers and proxies share.
-#[derive(Debug)]
-pub struct Agent {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    /// The CA: trust bundle, leaves, configuration.
-    pub ca: Arc<ca::CaManager>,
-    /// Intentions and the authorize decision, served from memory.
-    pub intentions: Arc<Intentions>,
-    /// ACL tokens and policies; every API request is checked against them.
-    pub acl: Arc<Acl>,
-    /// Services and nodes, served from memory.
-    pub catalog: Arc<catalog::Catalog>,
-    /// Virtual IPs of services (allocated through the store, read from memory).
-    pub vips: Arc<vip::Allocator>,
-    /// Present when the agent runs with `--cgroup`.
-    pub redirect: Option<Arc<Redirector>>,
-    /// The mTLS proxy's counters (for `/v1/agent/metrics`).
-    pub proxy_metrics: Arc<proxy::Metrics>,
-    pub shutdown: Shutdown,
-}
 
 /// Why the agent could not start or stopped with a failure.
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +91,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
     let dns_listeners = dns::bind(config.dns_addr).await?;
     // Before eBPF attaches: a redirected connection must find its listener.
-    let proxy_listeners = proxy::node::Listeners::bind(&config).await?;
+    let transparent = config.cgroup.as_ref().map(|_| config.outbound_addr);
+    let proxy_listeners = proxy::Listeners::bind(config.inbound_addr, transparent).await?;
 
     let redirect = match &config.cgroup {
         Some(cgroup) => {
@@ -158,22 +138,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
         agent.config.cgroup.clone(),
         Some(&agent.vips),
     );
-    let _redirect_sync = agent
-        .redirect
-        .clone()
-        .map(|r| catalog::directory::sync_redirect(directory.clone(), r));
-    let _redirect_sweep = agent
-        .redirect
-        .clone()
-        .map(catalog::directory::sweep_redirect);
-    let _proxy = proxy::node::start(&agent, directory, proxy_listeners)?;
+    let _redirect_sync = agent.redirect.clone().map(|r| {
+        let dir = directory.clone();
+        let changes = proxy::Directory::changes(directory.as_ref());
+        redirect::sync_maps(r, changes, move || dir.index().desired().clone())
+    });
+    let _redirect_sweep = agent.redirect.clone().map(redirect::sweep_records);
+    let _proxy = start_proxy(&agent, directory, proxy_listeners)?;
     let dns_addr = dns_listeners.local_addr();
     let stop = shutdown.stop.clone();
     shutdown.tasks.spawn(dns::serve(
         dns_listeners,
         Arc::new(catalog::dns::CatalogDns::new(agent.catalog.clone())),
         agent.vips.clone(),
-        dns::Settings::from_config(&agent.config),
+        agent.config.dns_settings(),
         async move { stop.cancelled().await },
     ));
     tracing::info!(
@@ -244,7 +222,8 @@ pub async fn build_node(
     redirect: Option<Arc<Redirector>>,
     shutdown: Shutdown,
 ) -> Result<Arc<Agent>, Error> {
-    let ca = ca::CaManager::start(&config, store.clone()).await?;
+    let ca =
+        ca::CaManager::start(config.datacenter.clone(), config.ca_role(), store.clone()).await?;
     let acl = Acl::start(
         store.clone(),
         AclConfig {
@@ -256,7 +235,7 @@ pub async fn build_node(
     .await?;
     // The catalog writes (its node record, --config-dir) before intentions start, so
     // those writes cannot race the intentions follower's first watch.
-    let catalog = catalog::Catalog::start(&config, node_id, store.clone())
+    let catalog = catalog::Catalog::start(&config.catalog(), node_id, store.clone())
         .await
         .map_err(|e| match e {
             e @ catalog::Error::NodeNameTaken { .. } => Error::NodeName(e),
@@ -278,6 +257,78 @@ pub async fn build_node(
         proxy_metrics: Arc::new(proxy::Metrics::new()),
         shutdown,
     }))
+}
+
+/// Starts the agent's proxy on `listeners`: inbound always, the transparent
+/// listener when eBPF redirection runs, upstream listeners as `directory` says;
+/// intentions decide, the CA gives leaves and the trust bundle.
+fn start_proxy(
+    agent: &Arc<Agent>,
+    directory: Arc<dyn proxy::Directory>,
+    listeners: proxy::Listeners,
+) -> Result<proxy::Proxy, proxy::Error> {
+    let proxy = proxy::Proxy::start(proxy::Parts {
+        directory,
+        authorizer: Arc::new(IntentionsAuthorizer::new(agent.intentions.clone())),
+        leaves: agent.ca.clone(),
+        bundle: agent.ca.bundle(),
+        metrics: agent.proxy_metrics.clone(),
+        limits: proxy::Limits {
+            pool: proxy::PoolLimits {
+                max_idle_per_endpoint: agent.config.proxy_pool_size,
+                ..proxy::PoolLimits::default()
+            },
+            ..proxy::Limits::default()
+        },
+        shutdown: agent.shutdown.clone(),
+    })?;
+    proxy.serve_inbound(listeners.inbound);
+    match (listeners.transparent, &agent.redirect) {
+        (Some(listener), Some(redirect)) => proxy.serve_transparent(listener, redirect.clone()),
+        (Some(listener), None) => {
+            // Bound for --cgroup, but redirection is not running: nothing can be
+            // redirected here, so do not pretend to serve it.
+            tracing::warn!(addr = ?listener.local_addr().ok(), "transparent listener unused: eBPF redirection is not running");
+        }
+        (None, _) => {}
+    }
+    Ok(proxy)
+}
+
+/// Intentions, in memory, as the proxy's [`proxy::Authorizer`].
+#[derive(Debug)]
+pub struct IntentionsAuthorizer {
+    intentions: Arc<Intentions>,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl IntentionsAuthorizer {
+    pub fn new(intentions: Arc<Intentions>) -> Self {
+        let changes = intentions.subscribe();
+        Self {
+            intentions,
+            changes,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl proxy::Authorizer for IntentionsAuthorizer {
+    async fn authorize(
+        &self,
+        src: &crate::identity::ServiceName,
+        dst: &crate::identity::ServiceName,
+    ) -> Result<proxy::Verdict, proxy::AuthorizeError> {
+        let decision = self.intentions.authorize(src, dst);
+        Ok(proxy::Verdict {
+            action: decision.action,
+            reason: decision.to_string(),
+        })
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.clone()
+    }
 }
 
 /// The opened store, this node's ID, and the temporary directory holding both in

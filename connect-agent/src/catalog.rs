@@ -38,12 +38,11 @@ use tokio::sync::watch;
 
 pub use self::{
     definition::{Definition, InputError},
-    model::{Node, Proxy, Service, ServiceKind, Source, Upstream},
+    model::{Node, ProxyDefinition, Service, ServiceKind, Source, UpstreamDefinition},
     snapshot::{CatalogSnapshot, Instance},
 };
 use crate::{
-    config::Config,
-    identity::ServiceName,
+    identity::{Datacenter, ServiceName},
     store::{self, Compare, Event, Index, KeyValue, Projection, Store, Txn, View},
 };
 
@@ -54,7 +53,7 @@ const SERVICES: &str = "catalog/services/";
 /// Consul's sidecar port range (`ports.sidecar_min_port..=sidecar_max_port`).
 const SIDECAR_PORTS: std::ops::RangeInclusive<u16> = 21000..=21255;
 /// Largest definition file read from `--config-dir` (same bound as an API body).
-const MAX_FILE_BYTES: u64 = crate::api::MAX_BODY_BYTES as u64;
+const MAX_FILE_BYTES: u64 = 512 * 1024;
 /// How long a write waits for the view to include it before answering anyway.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -208,12 +207,25 @@ impl Projection for Published {
     }
 }
 
+/// What the catalog needs to know of this agent.
+#[derive(Debug, Clone)]
+pub struct CatalogConfig {
+    pub node_name: String,
+    pub datacenter: Datacenter,
+    /// The node's address in the catalog, and the default address of its services.
+    pub advertise_addr: IpAddr,
+    /// Where this node's proxy takes mTLS connections (its Connect endpoints).
+    pub inbound_addr: SocketAddr,
+    /// `--config-dir`: service definitions applied at start and on reload.
+    pub config_dir: Option<PathBuf>,
+}
+
 impl Catalog {
     /// Claims this node's name for `node_id` ([`claim`]), loads the catalog, starts
     /// following the store and applies `--config-dir` (a bad file fails startup,
     /// naming path and field).
     pub async fn start(
-        config: &Config,
+        config: &CatalogConfig,
         node_id: &NodeId,
         store: Arc<dyn Store>,
     ) -> Result<Arc<Self>, Error> {
@@ -480,7 +492,7 @@ impl Catalog {
             meta: spec.meta.unwrap_or_else(|| def.meta.clone()),
             cgroup: None,
             native: false,
-            proxy: Some(Proxy {
+            proxy: Some(ProxyDefinition {
                 destination_service_name: def.name.clone(),
                 destination_service_id: def.id.clone(),
                 local_service_address: "127.0.0.1".into(),

@@ -404,6 +404,39 @@ impl AgentArgs {
 }
 
 impl Config {
+    /// What the catalog needs of this configuration.
+    pub fn catalog(&self) -> crate::catalog::CatalogConfig {
+        crate::catalog::CatalogConfig {
+            node_name: self.node_name.clone(),
+            datacenter: self.datacenter.clone(),
+            advertise_addr: self.advertise_addr,
+            inbound_addr: self.inbound_addr,
+            config_dir: self.config_dir.clone(),
+        }
+    }
+
+    /// Whether this agent holds the CA's keys (`--server`) or has its leaves signed
+    /// by a server agent.
+    pub fn ca_role(&self) -> crate::ca::CaRole {
+        if self.server {
+            crate::ca::CaRole::Server
+        } else {
+            crate::ca::CaRole::Client(crate::ca::remote::RemoteSigner::new(
+                &self.server_addrs,
+                self.node_name.clone(),
+                self.agent_token.as_ref().map(|t| t.0.clone()),
+            ))
+        }
+    }
+
+    /// How the DNS server answers.
+    pub fn dns_settings(&self) -> crate::dns::Settings {
+        crate::dns::Settings {
+            datacenter: self.datacenter.clone(),
+            recursor: self.dns_recursor,
+        }
+    }
+
     /// A development config on loopback with port 0 everywhere, for in-process tests.
     #[cfg(any(test, feature = "testing"))]
     pub fn for_tests() -> Self {

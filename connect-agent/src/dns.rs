@@ -104,15 +104,6 @@ pub struct Settings {
     pub recursor: Option<SocketAddr>,
 }
 
-impl Settings {
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        Self {
-            datacenter: config.datacenter.clone(),
-            recursor: config.dns_recursor,
-        }
-    }
-}
-
 /// Why the DNS server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

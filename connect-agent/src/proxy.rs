@@ -31,8 +31,8 @@
 //! (rustls configurations over live leaves), `inbound`, `outbound`, [`splice`],
 //! [`streams`] (node-to-node connections reused for one application connection
 //! after another) and [`pool`] (the outbound side's idle ones), [`conns`], [`metrics`] (counters and the per-connection close record),
-//! [`directory`] (directories that need no catalog), [`node`] (the in-agent
-//! wiring).
+//! [`directory`] (directories that need no catalog). The agent wires it up in
+//! `app` (intentions as the [`Authorizer`], the CA as the leaf source).
 
 pub mod balance;
 mod connection;
@@ -40,7 +40,6 @@ pub mod conns;
 pub mod directory;
 mod inbound;
 pub mod metrics;
-pub mod node;
 mod outbound;
 pub mod pool;
 pub mod readahead;
@@ -78,7 +77,7 @@ use crate::{
     ca::TrustBundle,
     identity::{Datacenter, ServiceName},
     intentions::Action,
-    redirect::{self, Redirect},
+    redirect::{self, CgroupId, OrigDst, Redirect},
     shutdown::Shutdown,
 };
 
@@ -135,10 +134,10 @@ pub trait Directory: Send + Sync + fmt::Debug + 'static {
     /// The healthy instances of `name`, anywhere.
     fn endpoints(&self, name: &ServiceName) -> Vec<Endpoint>;
     /// The service whose processes live in cgroup `cgroup_id` (transparent path).
-    fn service_of_cgroup(&self, cgroup_id: u64) -> Option<ServiceName>;
+    fn service_of_cgroup(&self, cgroup_id: CgroupId) -> Option<ServiceName>;
     /// The service an application meant by dialing `orig_dst` (an instance address
     /// or a virtual IP; transparent path).
-    fn destination_of(&self, orig_dst: SocketAddrV4) -> Option<ServiceName>;
+    fn destination_of(&self, orig_dst: OrigDst) -> Option<ServiceName>;
     /// The upstream listeners the node's service definitions ask for.
     fn upstream_listeners(&self) -> Vec<Upstream>;
     /// Moves whenever any of the above may have changed.
@@ -242,7 +241,7 @@ pub struct Limits {
     /// read-ahead), resident only as far as transfers touch them, plus TLS
     /// state. Idle
     /// inbound node-to-node connections between streams are bounded apart
-    /// ([`pool::MAX_IDLE_INBOUND`]).
+    /// (`inbound::MAX_IDLE_INBOUND`).
     pub max_connections: usize,
     /// Reuse of node-to-node connections (see [`streams`]).
     pub pool: PoolLimits,
@@ -474,6 +473,42 @@ impl Proxy {
     }
 }
 
+/// The agent's proxy listeners, bound at startup (before eBPF attaches, so that a
+/// redirected connection always finds the transparent listener).
+#[derive(Debug)]
+pub struct Listeners {
+    pub inbound: TcpListener,
+    pub transparent: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the inbound listener on `inbound` and, when the agent redirects
+    /// (`--cgroup`), the transparent listener on `transparent`. A port conflict
+    /// fails here, naming the listener, before the agent claims to be up.
+    pub async fn bind(
+        inbound: SocketAddr,
+        transparent: Option<SocketAddrV4>,
+    ) -> Result<Self, Error> {
+        let inbound = bind("inbound", inbound).await?;
+        let transparent = match transparent {
+            Some(addr) => Some(bind("transparent", SocketAddr::V4(addr)).await?),
+            None => None,
+        };
+        Ok(Self {
+            inbound,
+            transparent,
+        })
+    }
+
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound.local_addr().ok()
+    }
+
+    pub fn transparent_addr(&self) -> Option<SocketAddr> {
+        self.transparent.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
 /// Binds a listener for the proxy, naming it in the error.
 pub async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr).await.map_err(|source| Error::Bind {
@@ -629,9 +664,9 @@ enum ConnError {
         source: redirect::Error,
     },
     #[error("cgroup {cgroup_id} belongs to no registered service")]
-    UnknownCgroup { cgroup_id: u64 },
+    UnknownCgroup { cgroup_id: CgroupId },
     #[error("{orig_dst} is not a mesh destination")]
-    UnknownDestination { orig_dst: SocketAddrV4 },
+    UnknownDestination { orig_dst: OrigDst },
     #[error("no healthy instance of {service}")]
     NoEndpoints { service: ServiceName },
     #[error("cannot reach {service}: {attempts} endpoint(s) tried, the last at {addr}: {source}")]

@@ -7,6 +7,10 @@
 //! the counters. What it does not: deciding what is a mesh destination — the catalog
 //! says so and calls [`Redirector`]'s setters.
 
+mod maintain;
+
+pub use self::maintain::{sweep_records, sync_maps};
+
 use std::{
     collections::BTreeSet,
     fs::File,
@@ -101,13 +105,36 @@ pub struct RedirectConfig {
     pub debug: bool,
 }
 
+/// A cgroup (v2) id: the inode number of the cgroup's directory, which is what
+/// `bpf_get_current_cgroup_id` reports for processes in it ([`cgroup_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CgroupId(pub u64);
+
+impl std::fmt::Display for CgroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The address an application dialed, before eBPF sent its connection to the
+/// proxy: what the proxy routes on (an instance's `IP:port`, a virtual IP, or a
+/// local service's protected port on loopback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OrigDst(pub SocketAddrV4);
+
+impl std::fmt::Display for OrigDst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// The origin of a redirected connection, as eBPF recorded it at `connect()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Redirect {
     /// The address the application dialed.
-    pub orig_dst: SocketAddrV4,
-    /// The cgroup (v2) id of the dialing process.
-    pub cgroup_id: u64,
+    pub orig_dst: OrigDst,
+    /// The cgroup of the dialing process.
+    pub cgroup_id: CgroupId,
 }
 
 /// Kind of a mesh destination.
@@ -404,11 +431,11 @@ impl Redirector {
         };
         ignore_missing(m.remove(&key)).map_err(map_err(map::REDIRECT_BY_PORT))?;
         Ok(Some(Redirect {
-            orig_dst: SocketAddrV4::new(
+            orig_dst: OrigDst(SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(rec.orig_ip_be)),
                 rec.orig_port,
-            ),
-            cgroup_id: rec.cgroup_id,
+            )),
+            cgroup_id: CgroupId(rec.cgroup_id),
         }))
     }
 
@@ -417,10 +444,10 @@ impl Redirector {
     /// have no kernel connection behind the record; the agent never calls it.
     pub fn file_redirect(&self, peer: SocketAddrV4, redirect: Redirect) -> Result<(), Error> {
         let rec = RedirectRecord {
-            cgroup_id: redirect.cgroup_id,
+            cgroup_id: redirect.cgroup_id.0,
             created_ns: monotonic_ns(),
-            orig_ip_be: u32::from(*redirect.orig_dst.ip()).to_be(),
-            orig_port: redirect.orig_dst.port(),
+            orig_ip_be: u32::from(*redirect.orig_dst.0.ip()).to_be(),
+            orig_port: redirect.orig_dst.0.port(),
             established: 1,
             _pad: 0,
         };
@@ -520,9 +547,9 @@ impl std::fmt::Debug for Redirector {
 
 /// The cgroup (v2) id of a cgroup directory: its inode number, which is what
 /// `bpf_get_current_cgroup_id` reports for processes in it.
-pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
+pub fn cgroup_id(path: &Path) -> std::io::Result<CgroupId> {
     use std::os::unix::fs::MetadataExt;
-    Ok(std::fs::metadata(path)?.ino())
+    Ok(CgroupId(std::fs::metadata(path)?.ino()))
 }
 
 fn ip_key(ip: Ipv4Addr, port: u16) -> Ipv4Key {

@@ -118,9 +118,9 @@ fn connect4_redirects_an_unmodified_client_and_detaches_cleanly() -> Result<()> 
     let origin = redirector
         .take_redirect(peer)?
         .context("no redirect record for the accepted connection")?;
-    assert_eq!(origin.orig_dst, MESH_DST);
+    assert_eq!(origin.orig_dst.0, MESH_DST);
     assert_eq!(
-        origin.cgroup_id, app_id,
+        origin.cgroup_id.0, app_id,
         "the record names the client's cgroup"
     );
     assert_eq!(

@@ -116,13 +116,13 @@ pub(super) fn build_snapshot(
                 p.record.datacenters.is_empty() || p.record.datacenters.iter().any(|d| d == dc)
             })
             .map(|p| &p.rules);
-        let authorizer = Authorizer::new(
+        let grants = Grants::new(
             policy_rules.chain(identity_rules.iter()),
             config.default_policy,
         );
         let token = Arc::new(Token {
             record,
-            authorizer,
+            grants,
             create_index: kv.create_index,
             modify_index: kv.mod_index,
         });

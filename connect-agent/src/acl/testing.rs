@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio_util::sync::CancellationToken;
 
 use super::{DefaultPolicy, PolicyRequest, TokenRequest, model::PolicyLink};
-use crate::{app, app::Agent, config::Config, shutdown::Shutdown, store::memory::MemStore};
+use crate::{agent::Agent, app, config::Config, shutdown::Shutdown, store::memory::MemStore};
 
 /// An agent on an in-memory store with ACLs enabled and `default` as policy.
 pub async fn agent_with_acls(default: DefaultPolicy) -> Arc<Agent> {

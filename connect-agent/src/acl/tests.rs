@@ -123,18 +123,18 @@ async fn tokens_follow_their_policies() {
     // Deleting the policy leaves the token with nothing.
     a.delete_policy(pid).await.expect("delete");
     let id = a.resolve(Some(&secret));
-    assert!(matches!(id, Identity::Token(_)));
+    assert!(matches!(id, Caller::Token(_)));
     assert!(!id.allows(Right::ServiceRead("web")));
 
     // Deleting the token makes the secret unknown.
     let accessor: Uuid = tj.accessor_id.parse().expect("uuid");
     a.delete_token(accessor).await.expect("delete token");
-    assert!(matches!(a.resolve(Some(&secret)), Identity::Unknown));
+    assert!(matches!(a.resolve(Some(&secret)), Caller::Unknown));
     a.delete_token(accessor)
         .await
         .expect("deleting twice is fine");
-    assert!(matches!(a.resolve(None), Identity::Anonymous(_)));
-    assert!(matches!(a.resolve(Some("")), Identity::Anonymous(_)));
+    assert!(matches!(a.resolve(None), Caller::Anonymous(_)));
+    assert!(matches!(a.resolve(Some("")), Caller::Anonymous(_)));
 }
 
 #[tokio::test]

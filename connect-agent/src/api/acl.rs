@@ -29,7 +29,7 @@ use super::{
     block_on, index_headers,
 };
 use crate::acl::{
-    self, Identity, PolicyRequest, TokenRequest,
+    self, Caller, PolicyRequest, TokenRequest,
     model::{ANONYMOUS_ACCESSOR, TokenJson},
 };
 
@@ -106,7 +106,7 @@ async fn token_self(
 ) -> Result<Response, Error> {
     enabled(&agent)?;
     match authz.identity() {
-        Identity::Token(t) => {
+        Caller::Token(t) => {
             let secret = token_of(query.as_deref().unwrap_or(""), &headers);
             let snap = agent.acl.snapshot();
             Ok(json(
@@ -114,7 +114,7 @@ async fn token_self(
                 &snap.token_json(t, secret.as_deref()),
             ))
         }
-        Identity::Anonymous(_) => Ok(json(
+        Caller::Anonymous(_) => Ok(json(
             HeaderMap::new(),
             &TokenJson {
                 accessor_id: ANONYMOUS_ACCESSOR.to_string(),
@@ -130,7 +130,7 @@ async fn token_self(
                 modify_index: 0,
             },
         )),
-        Identity::Unknown | Identity::Disabled => Err(Error::AclNotFound),
+        Caller::Unknown | Caller::Disabled => Err(Error::AclNotFound),
     }
 }
 

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiState, Authz, Error, Right};
-use crate::app::Agent;
+use crate::agent::Agent;
 
 pub fn routes() -> Router<ApiState> {
     Router::new()

@@ -15,22 +15,22 @@ use axum::{
 };
 
 use super::{ApiState, Error};
-use crate::acl::Identity;
+use crate::acl::Caller;
 pub use crate::acl::Right;
 
 /// The caller's ACL identity, for handlers to check rights against.
 #[derive(Debug, Clone)]
 pub struct Authz {
-    identity: Identity,
+    identity: Caller,
 }
 
 impl Authz {
     /// An identity fixed by the caller (tests, in-process callers).
-    pub fn new(identity: Identity) -> Self {
+    pub fn new(identity: Caller) -> Self {
         Self { identity }
     }
 
-    pub fn identity(&self) -> &Identity {
+    pub fn identity(&self) -> &Caller {
         &self.identity
     }
 
@@ -38,7 +38,7 @@ impl Authz {
     /// 403 `ACL not found` for a secret no token has.
     pub fn require(&self, right: Right<'_>) -> Result<(), Error> {
         match &self.identity {
-            Identity::Unknown => Err(Error::AclNotFound),
+            Caller::Unknown => Err(Error::AclNotFound),
             id if id.allows(right) => Ok(()),
             id => {
                 tracing::info!(accessor = ?id.accessor(), %right, "permission denied");
@@ -56,7 +56,7 @@ impl Authz {
     /// still 403 `ACL not found` (Consul's behaviour), anything else proceeds.
     pub fn known(&self) -> Result<(), Error> {
         match self.identity {
-            Identity::Unknown => Err(Error::AclNotFound),
+            Caller::Unknown => Err(Error::AclNotFound),
             _ => Ok(()),
         }
     }

@@ -32,7 +32,7 @@ use super::{
     block_on, cache_header, index_headers,
 };
 use crate::{
-    acl::Identity,
+    acl::Caller,
     ca::{
         self, CaState, Leaf,
         remote::{SIGN_PATH, SignRequest, SignResponse},
@@ -252,15 +252,15 @@ async fn sign(
         ));
     }
     match authz.identity() {
-        Identity::Token(_) => {}
-        Identity::Unknown => return Err(Error::AclNotFound),
-        Identity::Anonymous(_) => {
+        Caller::Token(_) => {}
+        Caller::Unknown => return Err(Error::AclNotFound),
+        Caller::Anonymous(_) => {
             return Err(Error::Forbidden(
                 "signing needs the client agent's ACL token (X-Consul-Token) with node:write on its node"
                     .to_owned(),
             ));
         }
-        Identity::Disabled => {
+        Caller::Disabled => {
             return Err(Error::Forbidden(
                 "signing for client agents needs ACLs enabled: without them no request can be authenticated"
                     .to_owned(),

@@ -34,7 +34,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::{
-    app::Agent,
+    agent::Agent,
     ca::{self, api_cert},
     config::{HttpsCert, HttpsConfig},
 };

@@ -123,12 +123,12 @@ mod tests {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
     use super::*;
-    use crate::{ca::CaManager, config::Config, store::memory::MemStore};
+    use crate::{ca::CaManager, store::memory::MemStore};
 
     #[tokio::test]
     async fn api_certificate_names_loopback_and_the_address() {
         let store = Arc::new(MemStore::new());
-        let ca = CaManager::start(&Config::for_tests(), store.clone())
+        let ca = CaManager::start(Default::default(), crate::ca::CaRole::Server, store.clone())
             .await
             .expect("ca");
         let state = ca.state();

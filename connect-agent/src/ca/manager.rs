@@ -35,7 +35,6 @@ use super::{
     verify::TrustBundle,
 };
 use crate::{
-    config::Config,
     identity::{Datacenter, ServiceName, TrustDomain},
     store::{Index, Store, View},
 };
@@ -117,26 +116,15 @@ impl Drop for CaManager {
 }
 
 impl CaManager {
-    /// Starts the built-in CA for `config`'s datacenter on `store`: loads it, or
-    /// creates it on first start (race-safe across agents sharing the store).
-    /// A client agent (`config.server` false) waits for a server to create it.
-    pub async fn start(config: &Config, store: Arc<dyn Store>) -> Result<Arc<Self>, Error> {
-        let role = if config.server {
-            CaRole::Server
-        } else {
-            CaRole::Client(RemoteSigner::new(
-                &config.server_addrs,
-                config.node_name.clone(),
-                config.agent_token.as_ref().map(|t| t.0.clone()),
-            ))
-        };
-        Self::start_with_role(
-            Arc::new(BuiltinProvider),
-            config.datacenter.clone(),
-            store,
-            role,
-        )
-        .await
+    /// Starts the built-in CA of `datacenter` on `store` in `role`: loads it, or
+    /// creates it on first start (race-safe across agents sharing the store). A
+    /// client agent waits for a server to create it.
+    pub async fn start(
+        datacenter: Datacenter,
+        role: CaRole,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<Self>, Error> {
+        Self::start_with_role(Arc::new(BuiltinProvider), datacenter, store, role).await
     }
 
     /// [`CaManager::start`] of a server agent with a chosen provider.

@@ -16,7 +16,7 @@ use std::{
 
 use serde_json::{Map, Value};
 
-use super::model::{Proxy, ServiceKind, Upstream};
+use super::model::{ProxyDefinition, ServiceKind, UpstreamDefinition};
 use crate::identity::ServiceName;
 
 /// Longest service ID accepted (IDs are store key segments).
@@ -51,8 +51,8 @@ pub struct Definition {
     pub meta: BTreeMap<String, String>,
     pub cgroup: Option<PathBuf>,
     pub native: bool,
-    pub proxy: Option<Proxy>,
-    pub upstreams: Vec<Upstream>,
+    pub proxy: Option<ProxyDefinition>,
+    pub upstreams: Vec<UpstreamDefinition>,
     pub sidecar: Option<SidecarSpec>,
 }
 
@@ -64,7 +64,7 @@ pub struct SidecarSpec {
     pub address: Option<String>,
     pub tags: Option<Vec<String>>,
     pub meta: Option<BTreeMap<String, String>>,
-    pub upstreams: Vec<Upstream>,
+    pub upstreams: Vec<UpstreamDefinition>,
     pub config: Map<String, Value>,
 }
 
@@ -315,7 +315,7 @@ fn parse_sidecar(v: &Value, at: &str) -> Result<SidecarSpec, InputError> {
     Ok(spec)
 }
 
-fn parse_proxy(v: &Value, at: &str) -> Result<Proxy, InputError> {
+fn parse_proxy(v: &Value, at: &str) -> Result<ProxyDefinition, InputError> {
     let obj = as_object(v, at)?;
     let dest = string(obj, "DestinationServiceName", at)?
         .filter(|s| !s.is_empty())
@@ -330,7 +330,7 @@ fn parse_proxy(v: &Value, at: &str) -> Result<Proxy, InputError> {
         Some((k, c)) => as_object(c, &path(at, k))?.clone(),
         None => Map::new(),
     };
-    Ok(Proxy {
+    Ok(ProxyDefinition {
         destination_service_name,
         destination_service_id: string(obj, "DestinationServiceID", at)?.unwrap_or_default(),
         local_service_address: string(obj, "LocalServiceAddress", at)?.unwrap_or_default(),
@@ -341,7 +341,10 @@ fn parse_proxy(v: &Value, at: &str) -> Result<Proxy, InputError> {
 }
 
 /// `upstreams` of `obj`, if any; duplicates (same bind address and port) refused.
-fn parse_upstreams(obj: &Map<String, Value>, at: &str) -> Result<Vec<Upstream>, InputError> {
+fn parse_upstreams(
+    obj: &Map<String, Value>,
+    at: &str,
+) -> Result<Vec<UpstreamDefinition>, InputError> {
     let Some((k, v)) = field(obj, "Upstreams") else {
         return Ok(Vec::new());
     };
@@ -383,7 +386,7 @@ fn parse_upstreams(obj: &Map<String, Value>, at: &str) -> Result<Vec<Upstream>, 
                 ),
             ));
         }
-        out.push(Upstream {
+        out.push(UpstreamDefinition {
             destination_name,
             datacenter: string(u, "Datacenter", &at)?.unwrap_or_default(),
             local_bind_address,

@@ -36,6 +36,7 @@ use crate::{
     identity::{Datacenter, ServiceName},
     proxy::{Directory, Endpoint, LocalService, Upstream},
     redirect::{self, Desired, DestinationKind},
+    redirect::{CgroupId, OrigDst},
     vip::{self, VipTable},
 };
 
@@ -57,7 +58,7 @@ pub struct DirIndex {
     local: HashMap<ServiceName, LocalService>,
     /// Lower-cased name → healthy Connect endpoints, anywhere.
     endpoints: HashMap<ServiceName, Vec<Endpoint>>,
-    cgroups: HashMap<u64, ServiceName>,
+    cgroups: HashMap<CgroupId, ServiceName>,
     /// Instance addresses (every node) → service.
     by_addr: HashMap<SocketAddrV4, ServiceName>,
     /// Local plaintext ports → service, for loopback destinations.
@@ -66,7 +67,7 @@ pub struct DirIndex {
     by_vip: HashMap<Ipv4Addr, ServiceName>,
     upstreams: Vec<Upstream>,
     /// What the eBPF maps should hold.
-    desired: Desired,
+    desired: Arc<Desired>,
     /// Whether some service names a cgroup that does not exist (yet).
     unresolved_cgroups: bool,
 }
@@ -76,6 +77,7 @@ impl DirIndex {
     /// without it); `vips` the virtual IPs allocated so far.
     pub fn build(snap: &CatalogSnapshot, cgroup_root: Option<&Path>, vips: &VipTable) -> Self {
         let mut ix = DirIndex::default();
+        let mut desired = Desired::default();
         let mut seen = BTreeSet::new();
         for inst in snap.all() {
             if !inst.service.kind.is_typical() {
@@ -86,9 +88,7 @@ impl DirIndex {
                 && inst.service.port != 0
             {
                 ix.by_addr.insert(a, name.clone());
-                ix.desired
-                    .destinations
-                    .insert((a, DestinationKind::Instance));
+                desired.destinations.insert((a, DestinationKind::Instance));
             }
             if seen.insert(name.clone()) {
                 let eps = snap
@@ -104,7 +104,7 @@ impl DirIndex {
                     && vip::is_virtual(ip)
                 {
                     ix.by_vip.insert(ip, name.clone());
-                    ix.desired
+                    desired
                         .destinations
                         .insert((SocketAddrV4::new(ip, 0), DestinationKind::VirtualIp));
                 }
@@ -129,7 +129,7 @@ impl DirIndex {
                         local.addrs.push(addr);
                     }
                     ix.local_ports.insert(svc.port, svc.service.clone());
-                    ix.desired.protected_ports.insert(svc.port);
+                    desired.protected_ports.insert(svc.port);
                 }
                 if let (Some(root), Some(rel)) = (cgroup_root, &svc.cgroup) {
                     match redirect::cgroup_id(&root.join(rel)) {
@@ -151,16 +151,17 @@ impl DirIndex {
         }
         ix.upstreams.sort_by_key(|u| u.bind);
         ix.upstreams.dedup_by_key(|u| u.bind);
+        ix.desired = Arc::new(desired);
         ix
     }
 
     /// What the eBPF maps should hold for this view.
-    pub fn desired(&self) -> &Desired {
+    pub fn desired(&self) -> &Arc<Desired> {
         &self.desired
     }
 }
 
-fn upstream(source: &ServiceName, u: &super::model::Upstream) -> Upstream {
+fn upstream(source: &ServiceName, u: &super::model::UpstreamDefinition) -> Upstream {
     Upstream {
         source: source.clone(),
         destination: u.destination_name.clone(),
@@ -265,10 +266,10 @@ impl Directory for CatalogDirectory {
             .cloned()
             .unwrap_or_default()
     }
-    fn service_of_cgroup(&self, cgroup_id: u64) -> Option<ServiceName> {
+    fn service_of_cgroup(&self, cgroup_id: CgroupId) -> Option<ServiceName> {
         self.index().cgroups.get(&cgroup_id).cloned()
     }
-    fn destination_of(&self, orig_dst: SocketAddrV4) -> Option<ServiceName> {
+    fn destination_of(&self, OrigDst(orig_dst): OrigDst) -> Option<ServiceName> {
         let ix = self.index();
         if let Some(n) = ix.by_addr.get(&orig_dst) {
             return Some(n.clone());
@@ -291,69 +292,6 @@ impl Directory for CatalogDirectory {
     }
 }
 
-/// Keeps the eBPF maps in step with the directory: one full diff per change, and a
-/// retry on the next tick when some entries could not be written.
-pub fn sync_redirect(
-    directory: Arc<CatalogDirectory>,
-    redirector: Arc<redirect::Redirector>,
-) -> AbortOnDropHandle<()> {
-    AbortOnDropHandle::new(tokio::spawn(async move {
-        let mut changes = directory.changes();
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let ix = directory.index();
-            let stats = redirector.sync(ix.desired());
-            if stats.added + stats.removed + stats.failed > 0 {
-                tracing::info!(
-                    added = stats.added,
-                    removed = stats.removed,
-                    failed = stats.failed,
-                    destinations = ix.desired().destinations.len(),
-                    protected_ports = ix.desired().protected_ports.len(),
-                    "redirect maps synced"
-                );
-            }
-            let failed = stats.failed > 0;
-            tokio::select! {
-                r = changes.changed() => if r.is_err() { return },
-                _ = tick.tick(), if failed => {}
-            }
-        }
-    }))
-}
-
-/// How long a by-port record may wait for the proxy to claim it; the proxy claims
-/// right after `accept()`, so anything older belongs to a connection that is gone.
-const UNCLAIMED_AFTER: Duration = Duration::from_secs(30);
-/// How long a `connect()` may take before its record counts as abandoned: longer
-/// than Linux's default SYN retries (about 127 s).
-const UNESTABLISHED_AFTER: Duration = Duration::from_secs(180);
-
-/// Sweeps stale redirect records every 10 s (see [`redirect::Redirector::sweep`]).
-pub fn sweep_redirect(redirector: Arc<redirect::Redirector>) -> AbortOnDropHandle<()> {
-    AbortOnDropHandle::new(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let r = redirector.clone();
-            let stats =
-                tokio::task::spawn_blocking(move || r.sweep(UNCLAIMED_AFTER, UNESTABLISHED_AFTER))
-                    .await;
-            match stats {
-                Ok(s) if s.unclaimed + s.unestablished > 0 => tracing::info!(
-                    unclaimed = s.unclaimed,
-                    unestablished = s.unestablished,
-                    "removed stale redirect records"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "the redirect sweep failed"),
-            }
-        }
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,9 +303,13 @@ mod tests {
         let mut config = Config::for_tests();
         config.advertise_addr = "198.18.0.2".parse().expect("ip");
         config.inbound_addr = "198.18.0.2:20000".parse().expect("addr");
-        let c = Catalog::start(&config, &crate::catalog::NodeId::for_tests(), store)
-            .await
-            .expect("catalog");
+        let c = Catalog::start(
+            &config.catalog(),
+            &crate::catalog::NodeId::for_tests(),
+            store,
+        )
+        .await
+        .expect("catalog");
         (c, dir)
     }
 
@@ -411,17 +353,17 @@ mod tests {
         assert_eq!(eps[0].addr, "198.18.0.2:20000".parse().expect("addr"));
 
         let node_socat: SocketAddrV4 = "198.18.0.2:8181".parse().expect("addr");
-        assert_eq!(dir.destination_of(node_socat), Some(svc("Socat")));
+        assert_eq!(dir.destination_of(OrigDst(node_socat)), Some(svc("Socat")));
         let loopback: SocketAddrV4 = "127.0.0.1:8181".parse().expect("addr");
-        assert_eq!(dir.destination_of(loopback), Some(svc("Socat")));
+        assert_eq!(dir.destination_of(OrigDst(loopback)), Some(svc("Socat")));
         assert_eq!(
-            dir.destination_of("198.18.0.9:8181".parse().expect("addr")),
+            dir.destination_of(OrigDst("198.18.0.9:8181".parse().expect("addr"))),
             None
         );
 
         let id = redirect::cgroup_id(&cgroups.path().join("web")).expect("inode");
         assert_eq!(dir.service_of_cgroup(id), Some(svc("web")));
-        assert_eq!(dir.service_of_cgroup(id + 1), None);
+        assert_eq!(dir.service_of_cgroup(CgroupId(id.0 + 1)), None);
 
         let ups = dir.upstream_listeners();
         assert_eq!(ups.len(), 1, "{ups:?}");
@@ -448,7 +390,7 @@ mod tests {
         })
         .await
         .expect("deregistration is seen");
-        assert_eq!(dir.destination_of(node_socat), None);
+        assert_eq!(dir.destination_of(OrigDst(node_socat)), None);
         assert!(!dir.index().desired().protected_ports.contains(&8181));
     }
 
@@ -490,7 +432,10 @@ mod tests {
         // follows the table as well as the catalog.
         let ip = vips.get_or_allocate(&svc("echo")).await.expect("vip");
         tokio::time::timeout(Duration::from_secs(2), async {
-            while dir.destination_of(SocketAddrV4::new(ip, 1)).is_none() {
+            while dir
+                .destination_of(OrigDst(SocketAddrV4::new(ip, 1)))
+                .is_none()
+            {
                 changes.changed().await.expect("open");
             }
         })
@@ -498,13 +443,16 @@ mod tests {
         .expect("the VIP reaches the directory");
         for port in [0, 80, 7001, 65535] {
             assert_eq!(
-                dir.destination_of(SocketAddrV4::new(ip, port)),
+                dir.destination_of(OrigDst(SocketAddrV4::new(ip, port))),
                 Some(svc("echo")),
                 "{ip}:{port}"
             );
         }
         let other = Ipv4Addr::from_bits(ip.to_bits() ^ 1);
-        assert_eq!(dir.destination_of(SocketAddrV4::new(other, 7001)), None);
+        assert_eq!(
+            dir.destination_of(OrigDst(SocketAddrV4::new(other, 7001))),
+            None
+        );
         let ix = dir.index();
         assert!(
             ix.desired()
@@ -526,7 +474,10 @@ mod tests {
         catalog.deregister("echo-1").await.expect("deregister");
         catalog.deregister("echo-2").await.expect("deregister");
         tokio::time::timeout(Duration::from_secs(2), async {
-            while dir.destination_of(SocketAddrV4::new(ip, 1)).is_some() {
+            while dir
+                .destination_of(OrigDst(SocketAddrV4::new(ip, 1)))
+                .is_some()
+            {
                 changes.changed().await.expect("open");
             }
         })

@@ -195,9 +195,13 @@ mod tests {
         config.node_name = "Node-1".into();
         config.advertise_addr = "198.18.0.2".parse().expect("ip");
         config.inbound_addr = "198.18.0.2:20000".parse().expect("addr");
-        let catalog = Catalog::start(&config, &crate::catalog::NodeId::for_tests(), store)
-            .await
-            .expect("catalog");
+        let catalog = Catalog::start(
+            &config.catalog(),
+            &crate::catalog::NodeId::for_tests(),
+            store,
+        )
+        .await
+        .expect("catalog");
         let dns = CatalogDns::new(catalog.clone());
         assert_eq!(dns.service(&svc("socat")), None);
 

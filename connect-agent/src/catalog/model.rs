@@ -46,7 +46,7 @@ impl ServiceKind {
 /// An upstream: a local listener that reaches `destination_name` through the mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct Upstream {
+pub struct UpstreamDefinition {
     pub destination_name: ServiceName,
     #[serde(default)]
     pub datacenter: String,
@@ -58,7 +58,7 @@ pub struct Upstream {
 /// The `Proxy` block of a `connect-proxy` registration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct Proxy {
+pub struct ProxyDefinition {
     pub destination_service_name: ServiceName,
     #[serde(rename = "DestinationServiceID", default)]
     pub destination_service_id: String,
@@ -67,7 +67,7 @@ pub struct Proxy {
     #[serde(default)]
     pub local_service_port: u16,
     #[serde(default)]
-    pub upstreams: Vec<Upstream>,
+    pub upstreams: Vec<UpstreamDefinition>,
     /// Opaque to the agent, kept as given (Consul does not rewrite it either).
     #[serde(default)]
     pub config: Map<String, Value>,
@@ -97,11 +97,11 @@ pub struct Service {
     pub native: bool,
     /// Present for `connect-proxy` services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proxy: Option<Proxy>,
+    pub proxy: Option<ProxyDefinition>,
     /// Upstream listeners the agent opens for this service
     /// (`connect.proxy.config.upstreams`).
     #[serde(default)]
-    pub upstreams: Vec<Upstream>,
+    pub upstreams: Vec<UpstreamDefinition>,
     /// For a sidecar registered through `connect.sidecar_service`: its parent's ID,
     /// so deregistering the parent removes it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,7 +148,7 @@ impl Service {
     }
 }
 
-fn upstream_json(u: &Upstream) -> Value {
+fn upstream_json(u: &UpstreamDefinition) -> Value {
     json!({
         "DestinationType": "service",
         "DestinationName": u.destination_name,
@@ -160,7 +160,7 @@ fn upstream_json(u: &Upstream) -> Value {
     })
 }
 
-fn proxy_json(p: &Proxy) -> Value {
+fn proxy_json(p: &ProxyDefinition) -> Value {
     json!({
         "DestinationServiceName": p.destination_service_name,
         "DestinationServiceID": p.destination_service_id,

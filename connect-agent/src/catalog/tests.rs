@@ -3,13 +3,13 @@ use std::{sync::Arc, time::Duration};
 use serde_json::json;
 
 use super::*;
-use crate::store::memory::MemStore;
+use crate::{config::Config, store::memory::MemStore};
 
 async fn catalog_with(dir: Option<PathBuf>) -> (Arc<Catalog>, Arc<dyn Store>) {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let mut config = Config::for_tests();
     config.config_dir = dir;
-    let c = Catalog::start(&config, &NodeId::for_tests(), store.clone())
+    let c = Catalog::start(&config.catalog(), &NodeId::for_tests(), store.clone())
         .await
         .expect("start");
     (c, store)
@@ -109,9 +109,13 @@ async fn a_bad_file_at_startup_fails_loudly() {
     std::fs::write(dir.path().join("x.json"), "{").expect("write");
     let mut config = Config::for_tests();
     config.config_dir = Some(dir.path().to_owned());
-    let e = Catalog::start(&config, &NodeId::for_tests(), Arc::new(MemStore::new()))
-        .await
-        .expect_err("accepted");
+    let e = Catalog::start(
+        &config.catalog(),
+        &NodeId::for_tests(),
+        Arc::new(MemStore::new()),
+    )
+    .await
+    .expect_err("accepted");
     assert!(e.to_string().contains("x.json"), "{e}");
 }
 
@@ -182,7 +186,7 @@ async fn a_node_name_held_by_another_node_id_is_refused() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let config = Config::for_tests();
     let (a, b) = (node_id(0xa), node_id(0xb));
-    let first = Catalog::start(&config, &a, store.clone())
+    let first = Catalog::start(&config.catalog(), &a, store.clone())
         .await
         .expect("first");
     first
@@ -190,7 +194,7 @@ async fn a_node_name_held_by_another_node_id_is_refused() {
         .await
         .expect("register");
 
-    let e = Catalog::start(&config, &b, store.clone())
+    let e = Catalog::start(&config.catalog(), &b, store.clone())
         .await
         .expect_err("a second agent of the same name started");
     let text = e.to_string();
@@ -217,7 +221,7 @@ async fn a_node_name_held_by_another_node_id_is_refused() {
     // The same ID again (a restart on its own data directory) is welcome, and the
     // record carries the ID for the API.
     drop(first);
-    let again = Catalog::start(&config, &a, store.clone())
+    let again = Catalog::start(&config.catalog(), &a, store.clone())
         .await
         .expect("restart with the same ID");
     assert_eq!(ids(&again), ["web"]);
@@ -243,11 +247,11 @@ async fn a_record_without_an_id_is_taken_over() {
         )
         .await
         .expect("put");
-    let c = Catalog::start(&config, &node_id(7), store.clone())
+    let c = Catalog::start(&config.catalog(), &node_id(7), store.clone())
         .await
         .expect("legacy record");
     assert_eq!(c.node().id, node_id(7).id.to_string());
-    Catalog::start(&config, &node_id(8), store)
+    Catalog::start(&config.catalog(), &node_id(8), store)
         .await
         .expect_err("now the name is held");
 }

@@ -76,7 +76,7 @@ mod tests {
     async fn every_mesh_service_gets_one_stable_address() {
         let store: Arc<dyn crate::store::Store> = Arc::new(MemStore::new());
         let catalog = Catalog::start(
-            &Config::for_tests(),
+            &Config::for_tests().catalog(),
             &crate::catalog::NodeId::for_tests(),
             store.clone(),
         )

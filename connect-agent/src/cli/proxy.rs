@@ -16,7 +16,7 @@
 use std::{
     collections::HashMap,
     io::Write,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     process::ExitCode,
     sync::{Arc, RwLock},
     time::Duration,
@@ -40,6 +40,7 @@ use crate::{
         self, AuthorizeError, Authorizer, Directory, Endpoint, Limits, LocalService, Metrics,
         Parts, Proxy, StaticLeaf, Upstream, Verdict,
     },
+    redirect::{CgroupId, OrigDst},
     shutdown::{DRAIN_DEADLINE, Shutdown, Signal, Signals},
 };
 
@@ -597,10 +598,10 @@ impl Directory for FlagDirectory {
             .cloned()
             .unwrap_or_default()
     }
-    fn service_of_cgroup(&self, _cgroup_id: u64) -> Option<ServiceName> {
+    fn service_of_cgroup(&self, _cgroup_id: CgroupId) -> Option<ServiceName> {
         None
     }
-    fn destination_of(&self, _orig_dst: SocketAddrV4) -> Option<ServiceName> {
+    fn destination_of(&self, _orig_dst: OrigDst) -> Option<ServiceName> {
         None
     }
     fn upstream_listeners(&self) -> Vec<Upstream> {

@@ -18,7 +18,7 @@ use super::{
 /// What the run of one connection returned: what the splice moved and how it
 /// ended, the error that stopped it before or instead, or `None` when a forced
 /// shutdown cut it.
-pub(super) type Ran = Option<Result<splice::Outcome, ConnError>>;
+pub(super) type Ran = Option<Result<splice::Spliced, ConnError>>;
 
 /// One application connection (see the module doc). Holds its slot of the
 /// connection limit until it is finished or dropped.

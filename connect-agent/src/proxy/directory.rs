@@ -3,7 +3,7 @@
 //! tests, [`MemDirectory`] (services, instances, cgroups and upstreams set by
 //! hand). The catalog's implementation lives with the catalog.
 
-use std::net::SocketAddrV4;
+use crate::redirect::{CgroupId, OrigDst};
 
 use tokio::sync::watch;
 
@@ -31,10 +31,10 @@ impl Directory for EmptyDirectory {
     fn endpoints(&self, _name: &ServiceName) -> Vec<Endpoint> {
         Vec::new()
     }
-    fn service_of_cgroup(&self, _cgroup_id: u64) -> Option<ServiceName> {
+    fn service_of_cgroup(&self, _cgroup_id: CgroupId) -> Option<ServiceName> {
         None
     }
-    fn destination_of(&self, _orig_dst: SocketAddrV4) -> Option<ServiceName> {
+    fn destination_of(&self, _orig_dst: OrigDst) -> Option<ServiceName> {
         None
     }
     fn upstream_listeners(&self) -> Vec<Upstream> {
@@ -59,10 +59,12 @@ mod mem {
     use tokio::sync::watch;
 
     use super::super::{Directory, Endpoint, LocalService, Upstream};
-    use crate::identity::ServiceName;
+    use crate::{
+        identity::ServiceName,
+        redirect::{CgroupId, OrigDst},
+    };
 
-    /// A directory set by hand, for tests. Names are matched case-insensitively,
-    /// as the trait asks.
+    /// A directory set by hand, for tests.
     #[derive(Debug)]
     pub struct MemDirectory {
         state: RwLock<State>,
@@ -162,11 +164,11 @@ mod mem {
         fn endpoints(&self, name: &ServiceName) -> Vec<Endpoint> {
             self.read(|s| s.endpoints.get(name).cloned().unwrap_or_default())
         }
-        fn service_of_cgroup(&self, cgroup_id: u64) -> Option<ServiceName> {
-            self.read(|s| s.cgroups.get(&cgroup_id).cloned())
+        fn service_of_cgroup(&self, cgroup_id: CgroupId) -> Option<ServiceName> {
+            self.read(|s| s.cgroups.get(&cgroup_id.0).cloned())
         }
-        fn destination_of(&self, orig_dst: SocketAddrV4) -> Option<ServiceName> {
-            self.read(|s| s.destinations.get(&orig_dst).cloned())
+        fn destination_of(&self, orig_dst: OrigDst) -> Option<ServiceName> {
+            self.read(|s| s.destinations.get(&orig_dst.0).cloned())
         }
         fn upstream_listeners(&self) -> Vec<Upstream> {
             self.read(|s| s.upstreams.clone())

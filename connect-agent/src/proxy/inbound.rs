@@ -38,7 +38,6 @@ use tracing::{Instrument, field};
 use super::{
     ConnError, LocalService, Outcome, Permit, Shared, Side, accept_loop,
     connection::{Connection, denied},
-    pool,
     readahead::ReadAhead,
     splice,
     streams::{self, Framed, Idles},
@@ -50,6 +49,19 @@ use crate::{
 
 /// Distinct instances of a local service tried per connection.
 pub const MAX_LOCAL_ATTEMPTS: usize = 3;
+
+/// Idle inbound connections (waiting for their next stream) a proxy keeps at
+/// most; they hold no slot of the connection limit, so this bounds them instead.
+pub const MAX_IDLE_INBOUND: usize = 1024;
+
+/// How long the inbound side waits for the next stream on an idle connection.
+/// Longer than any client's [`PoolLimits::idle_timeout`](super::PoolLimits) so
+/// that a client never takes a connection the server is closing.
+pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The inbound side closes a connection older than this after its stream: twice
+/// the client's [`pool::MAX_AGE`], for the same reason.
+pub const SERVER_MAX_AGE: Duration = Duration::from_secs(10 * 60);
 
 /// Ends a node-to-node connection that refused its application connection with a
 /// TCP reset (SO_LINGER 0, then the caller drops it), not close_notify: to the
@@ -154,8 +166,8 @@ enum Ended {
 impl Carrier {
     /// Waits for the next application connection: at once for a dedicated
     /// connection's one, the next `OPEN` on a streams connection. Between streams
-    /// the connection counts against [`pool::MAX_IDLE_INBOUND`] and holds its TLS
-    /// state only; it closes after [`pool::SERVER_IDLE_TIMEOUT`] without a stream,
+    /// the connection counts against [`MAX_IDLE_INBOUND`] and holds its TLS
+    /// state only; it closes after [`SERVER_IDLE_TIMEOUT`] without a stream,
     /// and when shutdown begins.
     async fn next(
         &mut self,
@@ -181,7 +193,7 @@ impl Carrier {
         let opened = tokio::select! {
             biased;
             () = shared.shutdown.stop.cancelled() => None,
-            r = timeout(pool::SERVER_IDLE_TIMEOUT, framed.read_open()) => Some(r),
+            r = timeout(SERVER_IDLE_TIMEOUT, framed.read_open()) => Some(r),
         };
         drop(idle);
         let (why, outcome) = match opened {
@@ -205,7 +217,7 @@ impl Carrier {
         local: TcpStream,
         limits: splice::Limits,
         cancel: &tokio_util::sync::CancellationToken,
-    ) -> splice::Outcome {
+    ) -> splice::Spliced {
         match self {
             Carrier::Dedicated(tls) => splice::splice(local, tls, limits, cancel).await,
             Carrier::Streams(framed) => {
@@ -223,11 +235,11 @@ impl Carrier {
 
     /// Whether another application connection may follow one that ended with
     /// `end`: on a streams connection after a clean end, while the connection is
-    /// younger than [`pool::SERVER_MAX_AGE`].
+    /// younger than [`SERVER_MAX_AGE`].
     fn again(&self, end: splice::End, born: Instant) -> bool {
         matches!(self, Carrier::Streams(_))
             && end == splice::End::Closed
-            && born.elapsed() < pool::SERVER_MAX_AGE
+            && born.elapsed() < SERVER_MAX_AGE
     }
 }
 
@@ -310,7 +322,7 @@ impl<'a> IdleInbound<'a> {
     fn enter(count: &'a AtomicUsize) -> Option<Self> {
         count
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < pool::MAX_IDLE_INBOUND).then_some(n + 1)
+                (n < MAX_IDLE_INBOUND).then_some(n + 1)
             })
             .ok()
             .map(|_| Self(count))

@@ -8,7 +8,7 @@
 //! the endpoint, the pool only saves the handshake to it.
 //!
 //! Not reused: a connection idle longer than [`PoolLimits::idle_timeout`] (the
-//! server keeps idle ones longer, [`SERVER_IDLE_TIMEOUT`], so it does not close one
+//! server keeps idle ones longer, [`SERVER_IDLE_TIMEOUT`](super::inbound::SERVER_IDLE_TIMEOUT), so it does not close one
 //! just as it is taken), older than [`MAX_AGE`] (so renewed server leaves take
 //! over), made under another trust bundle or another leaf of ours than the current
 //! ones (a root rotation or a renewal takes effect for the next stream), or one on
@@ -41,21 +41,8 @@ pub(crate) type ClientTls = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>
 /// and socket, not its read buffers (released when it is parked).
 pub const MAX_IDLE: usize = 1024;
 
-/// Idle inbound connections (waiting for their next stream) a proxy keeps at
-/// most; they hold no slot of the connection limit, so this bounds them instead.
-pub const MAX_IDLE_INBOUND: usize = 1024;
-
 /// Connections older than this are not reused.
 pub const MAX_AGE: Duration = Duration::from_secs(5 * 60);
-
-/// How long the inbound side waits for the next stream on an idle connection.
-/// Longer than any client's [`PoolLimits::idle_timeout`] so that a client never
-/// takes a connection the server is closing.
-pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// The inbound side closes a connection older than this after its stream: twice
-/// [`MAX_AGE`], for the same reason.
-pub const SERVER_MAX_AGE: Duration = Duration::from_secs(10 * 60);
 
 /// How often expired idle connections are dropped.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -67,7 +54,7 @@ pub struct PoolLimits {
     /// off (the proxy then does not offer streams at all).
     pub max_idle_per_endpoint: usize,
     /// An idle connection is dropped after this long (at most
-    /// [`SERVER_IDLE_TIMEOUT`] minus a margin).
+    /// [`SERVER_IDLE_TIMEOUT`](super::inbound::SERVER_IDLE_TIMEOUT) minus a margin).
     pub idle_timeout: Duration,
 }
 
@@ -126,7 +113,7 @@ impl Pool {
     pub fn new(mut limits: PoolLimits) -> Self {
         limits.idle_timeout = limits
             .idle_timeout
-            .min(SERVER_IDLE_TIMEOUT.saturating_sub(Duration::from_secs(30)));
+            .min(super::inbound::SERVER_IDLE_TIMEOUT.saturating_sub(Duration::from_secs(30)));
         Self {
             limits,
             idle: Mutex::new(Parked::default()),

@@ -61,7 +61,7 @@ pub enum End {
 /// (the application's, outbound; the local service's, inbound), the other side is
 /// the peer (a node-to-node TLS connection or one stream of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
+pub struct Spliced {
     /// Bytes read from the local connection and sent to the peer.
     pub from_local: u64,
     /// Bytes received from the peer and written to the local connection.
@@ -71,7 +71,7 @@ pub struct Outcome {
 
 /// Splices `local` (the plaintext connection on this node) and `peer` until done,
 /// idle, cancelled or failed.
-pub async fn splice<L, P>(local: L, peer: P, limits: Limits, cancel: &CancellationToken) -> Outcome
+pub async fn splice<L, P>(local: L, peer: P, limits: Limits, cancel: &CancellationToken) -> Spliced
 where
     L: AsyncRead + AsyncWrite + Unpin,
     P: AsyncRead + AsyncWrite + Unpin,
@@ -93,7 +93,7 @@ where
         }
     };
     let end = drive(both, &activity, limits, cancel).await;
-    Outcome {
+    Spliced {
         from_local: from_local.load(Ordering::Relaxed),
         to_local: to_local.load(Ordering::Relaxed),
         end,
@@ -245,7 +245,7 @@ mod tests {
         let out = task.await.expect("join");
         assert_eq!(
             out,
-            Outcome {
+            Spliced {
                 from_local: 5,
                 to_local: 6,
                 end: End::Closed

@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     readahead::ReadAhead,
-    splice::{self, Activity, BUF_SIZE, End, Limits, Outcome, gather, read_ready},
+    splice::{self, Activity, BUF_SIZE, End, Limits, Spliced, gather, read_ready},
 };
 
 /// The ALPN protocol name of connections that carry streams.
@@ -181,7 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
 /// Carries one stream between `plain` (the application's or the local service's
 /// connection) and `framed` until both sides finished, the stream idles, it is
 /// cancelled or something fails. `plain` is the local side of the outcome
-/// ([`Outcome::from_local`] is `plain` → `framed`). The
+/// ([`Spliced::from_local`] is `plain` → `framed`). The
 /// connection may carry another stream only if the outcome is [`End::Closed`].
 ///
 /// `open`: the client side starts the stream with `OPEN` (see [`send`]); the
@@ -192,7 +192,7 @@ pub async fn splice_stream<P, S>(
     open: bool,
     limits: Limits,
     cancel: &CancellationToken,
-) -> Outcome
+) -> Spliced
 where
     P: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
@@ -219,7 +219,7 @@ where
         }
     };
     let end = splice::drive(both, &activity, limits, cancel).await;
-    splice::Outcome {
+    splice::Spliced {
         from_local: to_framed.load(Ordering::Relaxed),
         to_local: to_plain.load(Ordering::Relaxed),
         end,

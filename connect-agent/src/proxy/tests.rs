@@ -26,10 +26,12 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 
-use super::{node::IntentionsAuthorizer, *};
+use super::*;
+use crate::app::IntentionsAuthorizer;
 use crate::test_support::eventually;
 use crate::{
-    app::{self, Agent},
+    agent::Agent,
+    app,
     ca::{
         CaManager,
         tls::{SpiffeServerVerifier, server_name_for},
@@ -454,9 +456,13 @@ async fn no_client_certificate_or_a_foreign_ca_fails_the_handshake() {
     let n = node().await;
     let backend = echo_backend().await;
     n.serve("socat", &backend);
-    let foreign = CaManager::start(&Config::for_tests(), Arc::new(MemStore::new()))
-        .await
-        .expect("foreign CA");
+    let foreign = CaManager::start(
+        Default::default(),
+        crate::ca::CaRole::Server,
+        Arc::new(MemStore::new()),
+    )
+    .await
+    .expect("foreign CA");
     let foreign_leaf = foreign
         .leaf(&svc("web"))
         .await
@@ -1394,8 +1400,8 @@ fn recorded_socket(origin: &MemOrigin, orig: SocketAddrV4, cgroup_id: u64) -> Tc
     origin.insert(
         local,
         Redirect {
-            orig_dst: orig,
-            cgroup_id,
+            orig_dst: redirect::OrigDst(orig),
+            cgroup_id: redirect::CgroupId(cgroup_id),
         },
     );
     socket
@@ -1518,4 +1524,23 @@ async fn a_denied_transparent_connection_is_reset_at_once() {
         }
     }
     assert_eq!(backend.accepted(), 0);
+}
+
+#[tokio::test]
+async fn a_port_conflict_fails_at_bind_naming_the_listener() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let err = Listeners::bind(addr, None).await.expect_err("port taken");
+    assert!(
+        matches!(err, Error::Bind { listener: "inbound", addr: a, .. } if a == addr),
+        "{err}"
+    );
+    // Without --cgroup there is no transparent listener.
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let l = Listeners::bind(any, None).await.expect("binds");
+    assert!(l.inbound_addr().is_some() && l.transparent_addr().is_none());
+    let l = Listeners::bind(any, Some("127.0.0.1:0".parse().expect("addr")))
+        .await
+        .expect("binds");
+    assert!(l.transparent_addr().is_some());
 }

@@ -16,7 +16,7 @@ use crate::{
         DefaultPolicy,
         testing::{agent_with_acls, bootstrap, token_with_rules},
     },
-    app::Agent,
+    agent::Agent,
 };
 
 /// How the endpoint answers callers without the right.

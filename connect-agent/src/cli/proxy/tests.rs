@@ -19,10 +19,12 @@ use tokio::{
 use super::*;
 use crate::test_support::eventually;
 use crate::{
-    app::{self, Agent},
+    agent::Agent,
+    app,
+    app::IntentionsAuthorizer,
     config::Config,
     intentions::Selector,
-    proxy::{MemDirectory, Outcome, Side, node::IntentionsAuthorizer},
+    proxy::{MemDirectory, Outcome, Side},
     store::memory::MemStore,
 };
 

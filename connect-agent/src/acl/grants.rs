@@ -1,5 +1,5 @@
-//! Decisions: an [`Authorizer`] compiled from a token's rules answers whether it holds
-//! a [`Right`], in memory and without allocation.
+//! Decisions: the [`Grants`] compiled from a token's rules answer whether it holds
+//! a [`Right`], in memory.
 //!
 //! Consul's semantics (reference §3): for a named resource an exact rule wins over
 //! prefix rules, the longest matching prefix wins among those, and without any rule
@@ -128,7 +128,7 @@ impl NameTable {
 
 /// One token's compiled rules plus the default policy.
 #[derive(Debug, Clone)]
-pub struct Authorizer {
+pub struct Grants {
     services: NameTable,
     intentions: NameTable,
     nodes: NameTable,
@@ -138,11 +138,11 @@ pub struct Authorizer {
     default: DefaultPolicy,
 }
 
-impl Authorizer {
-    /// The authorizer of a token whose policies hold `rules` (already filtered to
+impl Grants {
+    /// The grants of a token whose policies hold `rules` (already filtered to
     /// the ones that apply in this datacenter).
     pub fn new<'a>(rules: impl IntoIterator<Item = &'a Rules>, default: DefaultPolicy) -> Self {
-        let mut a = Authorizer {
+        let mut a = Grants {
             services: NameTable::default(),
             intentions: NameTable::default(),
             nodes: NameTable::default(),
@@ -191,7 +191,7 @@ impl Authorizer {
         a
     }
 
-    /// The anonymous request's authorizer: the default policy alone.
+    /// The anonymous request's grants: the default policy alone.
     pub fn anonymous(default: DefaultPolicy) -> Self {
         Self::new([], default)
     }
@@ -230,12 +230,12 @@ impl Authorizer {
 mod tests {
     use super::*;
 
-    fn auth(rules: &[&str], default: DefaultPolicy) -> Authorizer {
+    fn auth(rules: &[&str], default: DefaultPolicy) -> Grants {
         let parsed: Vec<Rules> = rules
             .iter()
             .map(|r| Rules::parse(r).expect("rules"))
             .collect();
-        Authorizer::new(&parsed, default)
+        Grants::new(&parsed, default)
     }
 
     #[test]
@@ -351,8 +351,8 @@ mod tests {
 
     #[test]
     fn anonymous_follows_the_default() {
-        let deny = Authorizer::anonymous(DefaultPolicy::Deny);
-        let allow = Authorizer::anonymous(DefaultPolicy::Allow);
+        let deny = Grants::anonymous(DefaultPolicy::Deny);
+        let allow = Grants::anonymous(DefaultPolicy::Allow);
         for r in [
             Right::ServiceRead("web"),
             Right::IntentionWrite("web"),

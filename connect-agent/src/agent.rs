@@ -1,0 +1,31 @@
+//! The running agent's components, as the API handlers and the proxy share them.
+//! `app` builds it; everything that serves requests reads it.
+
+use std::sync::Arc;
+
+use crate::{
+    acl::Acl, ca, catalog, config::Config, intentions::Intentions, proxy, redirect::Redirector,
+    shutdown::Shutdown, store::Store, vip,
+};
+
+/// Everything the API handlers and proxies share.
+#[derive(Debug)]
+pub struct Agent {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    /// The CA: trust bundle, leaves, configuration.
+    pub ca: Arc<ca::CaManager>,
+    /// Intentions and the authorize decision, served from memory.
+    pub intentions: Arc<Intentions>,
+    /// ACL tokens and policies; every API request is checked against them.
+    pub acl: Arc<Acl>,
+    /// Services and nodes, served from memory.
+    pub catalog: Arc<catalog::Catalog>,
+    /// Virtual IPs of services (allocated through the store, read from memory).
+    pub vips: Arc<vip::Allocator>,
+    /// Present when the agent runs with `--cgroup`.
+    pub redirect: Option<Arc<Redirector>>,
+    /// The mTLS proxy's counters (for `/v1/agent/metrics`).
+    pub proxy_metrics: Arc<proxy::Metrics>,
+    pub shutdown: Shutdown,
+}
