@@ -13,8 +13,8 @@
 //! meaning. Reads for request paths are served from the owners' in-memory caches
 //! ([`view::View`]), which follow the store through [`Store::watch`].
 
-#[cfg(any(test, feature = "testing"))]
 pub mod backoff;
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod etcd;
 pub mod memory;
