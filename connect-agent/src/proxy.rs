@@ -247,6 +247,15 @@ pub struct Limits {
     pub pool: PoolLimits,
 }
 
+impl Limits {
+    /// What every splice of this proxy is bounded by.
+    fn splice(&self) -> splice::Limits {
+        splice::Limits {
+            idle_timeout: self.idle_timeout,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {

@@ -98,19 +98,7 @@ impl CgroupProc {
     /// execs the program, so it starts there from its first instruction (and keeps the
     /// shell's PID). stdout and stderr are piped for [`CgroupProc::output`].
     pub fn spawn(cgroup: &Path, program: &str, args: &[&str]) -> Result<Self> {
-        let mut script = format!(
-            "echo $$ > '{}/cgroup.procs' && exec '{program}'",
-            cgroup.display()
-        );
-        for a in args {
-            script.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
-        }
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+        let child = xtask::command_in(Some(cgroup), None, program, args)
             .spawn()
             .with_context(|| format!("starting {program} in {}", cgroup.display()))?;
         Ok(Self { child: Some(child) })
@@ -217,23 +205,7 @@ impl TestNetns {
 
     /// Runs `program args` in this namespace and, if given, inside `cgroup`.
     pub fn spawn(&self, cgroup: Option<&Path>, program: &str, args: &[&str]) -> Result<CgroupProc> {
-        let mut script = String::new();
-        if let Some(cg) = cgroup {
-            script.push_str(&format!("echo $$ > '{}/cgroup.procs' && ", cg.display()));
-        }
-        script.push_str(&format!(
-            "exec nsenter --net=/var/run/netns/{} -- '{program}'",
-            self.name
-        ));
-        for a in args {
-            script.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
-        }
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+        let child = xtask::command_in(cgroup, Some(&self.name), program, args)
             .spawn()
             .with_context(|| format!("starting {program} in {}", self.name))?;
         Ok(CgroupProc { child: Some(child) })

@@ -5,7 +5,8 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -23,6 +24,46 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
             (fstype == "cgroup2").then(|| PathBuf::from(dir))
         })
         .context("no cgroup2 mount in /proc/mounts: Connect needs cgroup v2")
+}
+
+/// A command that starts `program args` inside `cgroup` and the network namespace
+/// `netns` (either optional): `sh -c` writes its own PID to the cgroup's
+/// `cgroup.procs`, then execs the program (through `nsenter` for a namespace;
+/// arguments quoted), so the program is in both from its first instruction.
+/// Stdin is null, stdout and stderr are piped.
+pub fn command_in(
+    cgroup: Option<&Path>,
+    netns: Option<&str>,
+    program: &str,
+    args: &[&str],
+) -> Command {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let mut script = String::new();
+    if let Some(cg) = cgroup {
+        script.push_str(&format!(
+            "echo $$ > {} && ",
+            quote(&format!("{}/cgroup.procs", cg.display()))
+        ));
+    }
+    script.push_str("exec ");
+    if let Some(ns) = netns {
+        script.push_str(&format!(
+            "nsenter {} -- ",
+            quote(&format!("--net=/var/run/netns/{ns}"))
+        ));
+    }
+    script.push_str(&quote(program));
+    for a in args {
+        script.push(' ');
+        script.push_str(&quote(a));
+    }
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
 }
 
 /// One HTTP/1.1 request to an agent's plaintext API.
@@ -98,7 +139,18 @@ fn dechunk(mut s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::dechunk;
+    use super::{command_in, dechunk};
+
+    #[test]
+    fn commands_keep_their_arguments_whole() {
+        let out = command_in(None, None, "printf", &["%s|", "it's", "two words", "$HOME"])
+            .output()
+            .expect("sh runs");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "it's|two words|$HOME|"
+        );
+    }
 
     #[test]
     fn dechunks_what_hyper_sends() {

@@ -255,9 +255,7 @@ async fn carry(shared: &Shared, shaken: Handshaken, first: Connection<'_>) {
     let Handshaken { mut carrier, local } = shaken;
     let tls_span = first.span.clone();
     let born = Instant::now();
-    let limits = splice::Limits {
-        idle_timeout: shared.limits.idle_timeout,
-    };
+    let limits = shared.limits.splice();
     let mut first = Some(first);
     loop {
         if let Err(ended) = carrier.next(shared, first.is_some(), &tls_span).await {

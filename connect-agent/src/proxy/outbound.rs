@@ -139,9 +139,7 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAddr, route
             .registry
             .register(id, src.clone(), dst.clone(), &shared.shutdown.force);
         let dialed = dial(&shared, &src, &dst).await?;
-        let limits = splice::Limits {
-            idle_timeout: shared.limits.idle_timeout,
-        };
+        let limits = shared.limits.splice();
         let out = match dialed {
             Dialed::Dedicated(tls) => {
                 tracing::debug!("connected to the destination");

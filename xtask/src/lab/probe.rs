@@ -116,21 +116,15 @@ pub(super) fn http_in(
 /// One echo round trip from inside `ns` and `cgroup` (so eBPF redirects it).
 pub(super) fn echo_in(ns: &Netns, cgroup: &Path, addr: &str, payload: &str) -> Result<String> {
     let me = std::env::current_exe()?;
-    let script = format!(
-        "echo $$ > '{}/cgroup.procs' && exec nsenter --net=/var/run/netns/{} -- '{}' lab-probe echo '{addr}' '{}'",
-        cgroup.display(),
-        ns.name,
-        me.display(),
-        payload.replace('\'', "'\\''")
-    );
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting the echo probe")?;
+    let me = me.to_string_lossy();
+    let mut child = xtask::command_in(
+        Some(cgroup),
+        Some(&ns.name),
+        &me,
+        &["lab-probe", "echo", addr, payload],
+    )
+    .spawn()
+    .context("starting the echo probe")?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if child.try_wait()?.is_some() {
