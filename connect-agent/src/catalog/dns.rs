@@ -85,19 +85,11 @@ impl DnsIndex {
             }
             entry.mesh |= inst.service.kind.is_typical();
         }
-        // Connect endpoints of each mesh service (spellings that differ in case are one).
-        let mut spellings: Vec<ServiceName> = snap
-            .all()
-            .filter(|i| i.service.kind.is_typical())
-            .map(|i| i.service.service.clone())
-            .collect();
-        spellings.sort();
-        spellings.dedup();
-        for name in spellings {
-            let endpoints = snap.connect_endpoints(&name);
-            if let Some(entry) = ix.services.get_mut(&name) {
-                entry.connect.extend(endpoints.iter().map(connect_instance));
-            }
+        // The snapshot's index folds case as `ServiceName` does: one lookup per
+        // mesh service covers every spelling.
+        for entry in ix.services.values_mut().filter(|e| e.mesh) {
+            let endpoints = snap.connect_endpoints(&entry.name);
+            entry.connect.extend(endpoints.iter().map(connect_instance));
         }
         ix
     }

@@ -142,6 +142,8 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
 struct Handshaken {
     carrier: Carrier,
     local: LocalService,
+    /// The client, verified by the handshake (for its first application connection).
+    client: SpiffeId,
 }
 
 type ServerTls = tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>;
@@ -244,15 +246,20 @@ impl Carrier {
 }
 
 /// The application connections of one TLS connection, one after another: the
-/// client's certificate is checked against the bundle of now, the connection is
-/// registered and authorized, and the local service connected and spliced, the
+/// client's certificate is checked against the bundle of now (the first
+/// connection's was, by the handshake), the connection is registered and
+/// authorized, and the local service connected and spliced, the
 /// same way for the one connection of a dedicated TLS connection and for each
 /// stream of a reused one. Each takes a slot of the connection limit for as long
 /// as it lives (the first, the handshake's); between streams the TLS connection
 /// holds none, so that idle connections do not crowd out live ones. A stream
 /// that does not end cleanly, or is denied, closes the TLS connection.
 async fn carry(shared: &Shared, shaken: Handshaken, first: Connection<'_>) {
-    let Handshaken { mut carrier, local } = shaken;
+    let Handshaken {
+        mut carrier,
+        local,
+        client,
+    } = shaken;
     let tls_span = first.span.clone();
     let born = Instant::now();
     let limits = shared.limits.splice();
@@ -268,8 +275,10 @@ async fn carry(shared: &Shared, shaken: Handshaken, first: Connection<'_>) {
         if matches!(carrier, Carrier::Streams(_)) {
             shared.metrics.count_stream(Side::Inbound, reused);
         }
-        let conn = match first.take() {
-            Some(conn) => conn,
+        // The first application connection is the handshake's, whose verification
+        // of the client still holds; later ones check it against the bundle of now.
+        let (conn, verified) = match first.take() {
+            Some(conn) => (conn, Some(client.clone())),
             None => {
                 let span = |id| {
                     tracing::info_span!(
@@ -281,18 +290,22 @@ async fn carry(shared: &Shared, shaken: Handshaken, first: Connection<'_>) {
                     )
                 };
                 match Connection::open(shared, Side::Inbound, span) {
-                    Some(conn) => conn,
+                    Some(conn) => (conn, None),
                     None => return,
                 }
             }
         };
         let id = conn.id;
         let run = async {
-            // The handshake verified the certificate; the bundle of now decides
-            // whether it is still good for this connection (expired, or its root
-            // removed, since).
-            let client = peer_identity(carrier.tls().get_ref().1, &shared.tls.bundle())?;
-            tracing::Span::current().record("src", field::display(&client.service));
+            let client = match verified {
+                Some(client) => client,
+                // Expired, or its root removed, since the handshake?
+                None => {
+                    let client = peer_identity(carrier.tls().get_ref().1, &shared.tls.bundle())?;
+                    tracing::Span::current().record("src", field::display(&client.service));
+                    client
+                }
+            };
             let (backend, guard) = admit(shared, id, &client, &local).await?;
             Ok(carrier.splice(backend, limits, guard.cancelled()).await)
         }
@@ -384,7 +397,11 @@ async fn handshake(shared: &Shared, tcp: TcpStream) -> Result<Handshaken, ConnEr
     } else {
         Carrier::Dedicated(tls)
     };
-    Ok(Handshaken { carrier, local })
+    Ok(Handshaken {
+        carrier,
+        local,
+        client,
+    })
 }
 
 /// Registers and authorizes one application connection from `client` to `local`

@@ -116,26 +116,27 @@ impl Inner {
         };
         let state = self.current();
         let key = new_leaf_key()?;
-        let id = SpiffeId::service(
-            state.trust_domain.clone(),
-            self.datacenter.clone(),
-            service.clone(),
-        );
+        let id = self.leaf_id(&state, service);
         let mut cert = remote.sign(&state, &id, &key).await?;
         cert.index = self.next_leaf_index();
         tracing::debug!(service = %id.service, serial = %cert.serial_hex(), "leaf signed by a server agent");
         Ok(Arc::new(Leaf::new(cert, key.serialize_der())?))
     }
 
+    /// The SPIFFE ID of `service`'s leaf in this datacenter and `state`'s trust domain.
+    fn leaf_id(&self, state: &CaState, service: &ServiceName) -> SpiffeId {
+        SpiffeId::service(
+            state.trust_domain.clone(),
+            self.datacenter.clone(),
+            service.clone(),
+        )
+    }
+
     /// [`Inner::issue`] with this agent's own signer (server agents).
     pub(super) fn issue_local(&self, service: &ServiceName) -> Result<Arc<Leaf>, Error> {
         let state = self.current();
         let key = new_leaf_key()?;
-        let id = SpiffeId::service(
-            state.trust_domain.clone(),
-            self.datacenter.clone(),
-            service.clone(),
-        );
+        let id = self.leaf_id(&state, service);
         let cert = self.sign(
             &state,
             &id,
