@@ -12,7 +12,7 @@ mod maintain;
 pub use self::maintain::{sweep_records, sync_maps};
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsFd,
@@ -27,8 +27,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps},
 };
 use connect_common::{
-    Config as BpfConfig, Counter, DEST_INSTANCE, DEST_VIRTUAL_IP, Ipv4Key, MeshDestination,
-    PortKey, ProtectedPort, RedirectRecord, map, program,
+    Config as BpfConfig, Counter, DEST_INSTANCE, DEST_VIRTUAL_IP, MeshDestination, PortKey,
+    ProtectedPort, RedirectRecord, SockKey, addr, map, program,
 };
 
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded at compile time.
@@ -151,8 +151,9 @@ pub enum DestinationKind {
 pub struct Desired {
     /// Service instances (`IP:port`) and virtual IPs whose connections go to the proxy.
     pub destinations: BTreeSet<(SocketAddrV4, DestinationKind)>,
-    /// Plaintext ports of this node's services.
-    pub protected_ports: BTreeSet<u16>,
+    /// Plaintext ports of this node's services, each with the cgroup of the service
+    /// that owns it (the one application cgroup whose UDP may reach it directly).
+    pub protected_ports: BTreeMap<u16, Option<CgroupId>>,
 }
 
 /// What one [`Redirector::sweep`] removed.
@@ -184,9 +185,9 @@ pub struct SyncStats {
 pub struct Redirector {
     cgroup: PathBuf,
     // Field order matters for drop: maps and links go before the logger.
-    mesh: Mutex<HashMap<MapData, Ipv4Key, MeshDestination>>,
+    mesh: Mutex<HashMap<MapData, SockKey, MeshDestination>>,
     protected: Mutex<HashMap<MapData, PortKey, ProtectedPort>>,
-    by_port: Mutex<HashMap<MapData, Ipv4Key, RedirectRecord>>,
+    by_port: Mutex<HashMap<MapData, SockKey, RedirectRecord>>,
     by_cookie: Mutex<HashMap<MapData, u64, RedirectRecord>>,
     counters: PerCpuArray<MapData, u64>,
     /// What the last [`Redirector::sync`] wrote, to diff the next one against.
@@ -274,7 +275,14 @@ impl Redirector {
                 source: Box::new(e),
             }
         };
-        for name in [program::CONNECT4, program::GETPEERNAME4] {
+        for name in [
+            program::CONNECT4,
+            program::CONNECT6,
+            program::SENDMSG4,
+            program::SENDMSG6,
+            program::GETPEERNAME4,
+            program::GETPEERNAME6,
+        ] {
             let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             prog.load().map_err(load_err(name))?;
             prog.attach(fd, mode).map_err(attach_err(name))?;
@@ -339,25 +347,28 @@ impl Redirector {
                 }
             }
         }
-        for &port in applied.protected_ports.difference(&desired.protected_ports) {
+        for (&port, &owner) in &applied.protected_ports {
+            if desired.protected_ports.contains_key(&port) {
+                continue;
+            }
             match self.unprotect_port(port) {
                 Ok(()) => stats.removed += 1,
                 Err(error) => {
                     tracing::warn!(port, %error, "cannot unprotect port");
                     stats.failed += 1;
-                    now.protected_ports.insert(port);
+                    now.protected_ports.insert(port, owner);
                 }
             }
         }
-        for &port in &desired.protected_ports {
-            if applied.protected_ports.contains(&port) {
-                now.protected_ports.insert(port);
+        for (&port, &owner) in &desired.protected_ports {
+            if applied.protected_ports.get(&port) == Some(&owner) {
+                now.protected_ports.insert(port, owner);
                 continue;
             }
-            match self.protect_port(port) {
+            match self.protect_port(port, owner) {
                 Ok(()) => {
                     stats.added += 1;
-                    now.protected_ports.insert(port);
+                    now.protected_ports.insert(port, owner);
                 }
                 Err(error) => {
                     tracing::warn!(port, %error, "cannot protect port");
@@ -398,15 +409,18 @@ impl Redirector {
             .map_err(map_err(map::MESH_DESTINATIONS))
     }
 
-    /// Protects a plaintext service port: off-node packets to it are dropped, and
-    /// application connections to it on loopback go through the proxy.
-    pub fn protect_port(&self, port: u16) -> Result<(), Error> {
+    /// Protects a plaintext service port: off-node connections and datagrams to it
+    /// are dropped, application TCP connections to it on a host-local address go
+    /// through the proxy, and application UDP to it is refused except from `owner`,
+    /// the cgroup of the service that listens there.
+    pub fn protect_port(&self, port: u16, owner: Option<CgroupId>) -> Result<(), Error> {
         lock(&self.protected)
             .insert(
                 PortKey::new(port),
                 ProtectedPort {
                     redirect_loopback: 1,
                     _pad: 0,
+                    owner_cgroup_id: owner.map_or(0, |c| c.0),
                 },
                 0,
             )
@@ -430,11 +444,13 @@ impl Redirector {
             Err(e) => return Err(map_err(map::REDIRECT_BY_PORT)(e)),
         };
         ignore_missing(m.remove(&key)).map_err(map_err(map::REDIRECT_BY_PORT))?;
+        let Some(ip) = orig_ipv4(&rec.orig_ip_be) else {
+            // The programs redirect only mesh addresses (IPv4) and host-local ones.
+            tracing::warn!(%peer, "redirect record with an IPv6 destination that is not ::1");
+            return Ok(None);
+        };
         Ok(Some(Redirect {
-            orig_dst: OrigDst(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(rec.orig_ip_be)),
-                rec.orig_port,
-            )),
+            orig_dst: OrigDst(SocketAddrV4::new(ip, rec.orig_port)),
             cgroup_id: CgroupId(rec.cgroup_id),
         }))
     }
@@ -446,10 +462,11 @@ impl Redirector {
         let rec = RedirectRecord {
             cgroup_id: redirect.cgroup_id.0,
             created_ns: monotonic_ns(),
-            orig_ip_be: u32::from(*redirect.orig_dst.0.ip()).to_be(),
+            orig_ip_be: addr::mapped(u32::from(*redirect.orig_dst.0.ip()).to_be()),
             orig_port: redirect.orig_dst.0.port(),
             established: 1,
             _pad: 0,
+            _pad2: 0,
         };
         lock(&self.by_port)
             .insert(ip_key(*peer.ip(), peer.port()), rec, 0)
@@ -471,7 +488,7 @@ impl Redirector {
         let mut stats = SweepStats::default();
         {
             let mut m = lock(&self.by_port);
-            let stale: Vec<Ipv4Key> = m
+            let stale: Vec<SockKey> = m
                 .iter()
                 .filter_map(Result::ok)
                 .filter(|(_, rec)| older(rec, unclaimed))
@@ -552,8 +569,17 @@ pub fn cgroup_id(path: &Path) -> std::io::Result<CgroupId> {
     Ok(CgroupId(std::fs::metadata(path)?.ino()))
 }
 
-fn ip_key(ip: Ipv4Addr, port: u16) -> Ipv4Key {
-    Ipv4Key::new(u32::from(ip).to_be(), port)
+fn ip_key(ip: Ipv4Addr, port: u16) -> SockKey {
+    SockKey::v4(u32::from(ip).to_be(), port)
+}
+
+/// The IPv4 form of a recorded destination: v4-mapped addresses are IPv4, and `::1`
+/// is the same host-local services as 127.0.0.1 (a listener on `[::]` serves both).
+fn orig_ipv4(ip_be: &[u32; 4]) -> Option<Ipv4Addr> {
+    if let Some(v4) = addr::as_v4(ip_be) {
+        return Some(Ipv4Addr::from(u32::from_be(v4)));
+    }
+    addr::is_loopback(ip_be).then_some(Ipv4Addr::LOCALHOST)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -8,18 +8,31 @@
 //!
 //! This crate deliberately holds no logic beyond key construction: policy lives in
 //! the agent, enforcement in the programs.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 // ───────────────────────────── names ─────────────────────────────
 
 /// Program names, as the functions are called in the object (`aya` looks them up by these).
 pub mod program {
     pub const CONNECT4: &str = "connect4";
+    pub const CONNECT6: &str = "connect6";
+    pub const SENDMSG4: &str = "sendmsg4";
+    pub const SENDMSG6: &str = "sendmsg6";
     pub const SOCK_OPS: &str = "sock_ops";
     pub const GETPEERNAME4: &str = "getpeername4";
+    pub const GETPEERNAME6: &str = "getpeername6";
     pub const INGRESS: &str = "ingress";
     /// Every program the agent loads and attaches to the application cgroup.
-    pub const ALL: &[&str] = &[CONNECT4, SOCK_OPS, GETPEERNAME4, INGRESS];
+    pub const ALL: &[&str] = &[
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        SOCK_OPS,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        INGRESS,
+    ];
 }
 
 /// Map names, as the statics are called in the object.
@@ -73,28 +86,106 @@ const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
 // ───────────────────────────── keys ─────────────────────────────
 
-/// An IPv4 socket address as a map key.
+/// A socket address of either family as a map key.
+///
+/// IPv4 is stored v4-mapped (`::ffff:a.b.c.d`), the form the kernel itself gives an
+/// IPv4 peer of an IPv6 socket: one key type serves both families, and a v4-mapped
+/// destination is the same key as its IPv4 form, so no program can treat the two
+/// differently.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Ipv4Key {
-    /// Address, network order.
-    pub ip_be: u32,
+pub struct SockKey {
+    /// Address, network order, as four 32-bit words (the layout of `bpf_sock_addr.user_ip6`).
+    pub ip_be: [u32; 4],
     /// Port, host order. `0` in `MESH_DESTINATIONS` means "every port" (virtual IPs).
     pub port: u16,
     /// Always zero: keeps the key free of uninitialised bytes.
     pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<Ipv4Key>() == 8);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
 
-impl Ipv4Key {
-    /// Builds a key. Every program and the agent build keys through this one helper,
-    /// so byte order is decided in one place.
+impl SockKey {
+    /// The key of an IPv4 address (network order) and port. Every program and the
+    /// agent build keys through these helpers, so byte order is decided in one place.
     #[inline(always)]
-    pub const fn new(ip_be: u32, port: u16) -> Self {
+    pub const fn v4(ip_be: u32, port: u16) -> Self {
+        Self::v6(addr::mapped(ip_be), port)
+    }
+
+    /// The key of an IPv6 address (network-order words) and port.
+    #[inline(always)]
+    pub const fn v6(ip_be: [u32; 4], port: u16) -> Self {
         Self {
             ip_be,
             port,
             _pad: 0,
+        }
+    }
+}
+
+/// Address classification shared by the programs and the agent (and unit-tested
+/// here, where it is plain Rust). Addresses are network-order words as in [`SockKey`].
+pub mod addr {
+    /// The third word of a v4-mapped address, `0000:ffff`.
+    const MAPPED_WORD: u32 = 0x0000_ffff_u32.to_be();
+
+    /// `::ffff:a.b.c.d` for an IPv4 address in network order.
+    #[inline(always)]
+    pub const fn mapped(ip4_be: u32) -> [u32; 4] {
+        [0, 0, MAPPED_WORD, ip4_be]
+    }
+
+    /// The IPv4 address (network order) of a v4-mapped address.
+    #[inline(always)]
+    pub const fn as_v4(ip: &[u32; 4]) -> Option<u32> {
+        if ip[0] == 0 && ip[1] == 0 && ip[2] == MAPPED_WORD {
+            Some(ip[3])
+        } else {
+            None
+        }
+    }
+
+    /// Addresses the kernel delivers to this host whatever the routes say:
+    /// 127.0.0.0/8, `::1`, and the unspecified `0.0.0.0` and `::` (a `connect()` to
+    /// them reaches the local host). In either family, v4-mapped included.
+    #[inline(always)]
+    pub const fn is_host_local(ip: &[u32; 4]) -> bool {
+        match as_v4(ip) {
+            Some(v4) => {
+                let host = u32::from_be(v4);
+                host >> 24 == 127 || host == 0
+            }
+            None => {
+                ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 0 || ip[3] == 1_u32.to_be())
+            }
+        }
+    }
+
+    /// Loopback only (127.0.0.0/8 and `::1`, v4-mapped included): the sources the
+    /// agent's inbound proxy sends from.
+    #[inline(always)]
+    pub const fn is_loopback(ip: &[u32; 4]) -> bool {
+        match as_v4(ip) {
+            Some(v4) => u32::from_be(v4) >> 24 == 127,
+            None => ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1_u32.to_be(),
+        }
+    }
+
+    /// The address a connection to `ip` really has as its peer: the unspecified
+    /// address becomes loopback of its family (what Linux connects to and what
+    /// `getpeername()` reports); every other address is itself.
+    #[inline(always)]
+    pub const fn peer_form(ip: [u32; 4]) -> [u32; 4] {
+        match as_v4(&ip) {
+            Some(0) => mapped(0x7f00_0001_u32.to_be()),
+            Some(_) => ip,
+            None => {
+                if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 0 {
+                    [0, 0, 0, 1_u32.to_be()]
+                } else {
+                    ip
+                }
+            }
         }
     }
 }
@@ -137,12 +228,15 @@ pub const DEST_VIRTUAL_IP: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProtectedPort {
-    /// Non-zero: also redirect connections from application cgroups to this port on
-    /// loopback (co-located services go through the proxy too).
+    /// Non-zero: also redirect TCP connections from application cgroups to this port
+    /// on a host-local address (co-located services go through the proxy too).
     pub redirect_loopback: u32,
     pub _pad: u32,
+    /// The cgroup id of the service that owns the port, `0` if it has none: the only
+    /// application cgroup whose datagrams may reach the port directly.
+    pub owner_cgroup_id: u64,
 }
-const _: () = assert!(core::mem::size_of::<ProtectedPort>() == 8);
+const _: () = assert!(core::mem::size_of::<ProtectedPort>() == 16);
 
 /// The original destination and source of a redirected connection.
 #[repr(C)]
@@ -154,8 +248,9 @@ pub struct RedirectRecord {
     /// When `connect()` was redirected (`bpf_ktime_get_ns`, CLOCK_MONOTONIC): lets the
     /// agent sweep records nobody will claim.
     pub created_ns: u64,
-    /// The address the application dialed, network order.
-    pub orig_ip_be: u32,
+    /// The address the application dialed, network-order words, IPv4 v4-mapped, the
+    /// unspecified address as loopback ([`addr::peer_form`]).
+    pub orig_ip_be: [u32; 4],
     /// The port the application dialed, host order.
     pub orig_port: u16,
     /// Set by `sock_ops` once the connection is established: from then on the record
@@ -163,8 +258,9 @@ pub struct RedirectRecord {
     /// `connect()` would leave it behind.
     pub established: u8,
     pub _pad: u8,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<RedirectRecord>() == 24);
+const _: () = assert!(core::mem::size_of::<RedirectRecord>() == 40);
 
 // ───────────────────────────── counters ─────────────────────────────
 
@@ -191,11 +287,16 @@ pub enum Counter {
     /// An IPv6 packet whose transport header sits behind extension headers was dropped
     /// because its destination port could not be checked (fail closed).
     IngressIpv6ExtDropped = 7,
+    /// A UDP datagram (or a UDP `connect()`) from an application cgroup to another
+    /// service's protected port, or to a mesh destination, was refused (EPERM).
+    UdpRefused = 8,
+    /// A UDP datagram from off the node to a protected port was dropped.
+    IngressUdpDropped = 9,
 }
 
 impl Counter {
     /// Number of counters (size of the `COUNTERS` array).
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     /// Every counter with its metric name, for the agent's exporter.
     pub const ALL: [(Counter, &'static str); Self::COUNT as usize] = [
         (Counter::Redirected, "redirected"),
@@ -206,6 +307,8 @@ impl Counter {
         (Counter::PeerNameRestored, "peername_restored"),
         (Counter::NotConfigured, "not_configured"),
         (Counter::IngressIpv6ExtDropped, "ingress_ipv6_ext_dropped"),
+        (Counter::UdpRefused, "udp_refused"),
+        (Counter::IngressUdpDropped, "ingress_udp_dropped"),
     ];
 }
 
@@ -217,7 +320,7 @@ mod pod {
     // padding fields, so every bit pattern is valid and none of its bytes is uninitialised.
     unsafe impl aya::Pod for Config {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for Ipv4Key {}
+    unsafe impl aya::Pod for SockKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PortKey {}
     // SAFETY: as above.
@@ -226,4 +329,73 @@ mod pod {
     unsafe impl aya::Pod for ProtectedPort {}
     // SAFETY: as above.
     unsafe impl aya::Pod for RedirectRecord {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::addr::*;
+
+    fn words(ip: core::net::Ipv6Addr) -> [u32; 4] {
+        let o = ip.octets();
+        core::array::from_fn(|i| {
+            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+        })
+    }
+    fn v4(s: &str) -> [u32; 4] {
+        let ip: core::net::Ipv4Addr = s.parse().expect("test address");
+        mapped(u32::from_ne_bytes(ip.octets()))
+    }
+    fn v6(s: &str) -> [u32; 4] {
+        words(s.parse().expect("test address"))
+    }
+
+    #[test]
+    fn a_mapped_address_is_its_ipv4_form() {
+        assert_eq!(v4("127.0.0.1"), v6("::ffff:127.0.0.1"));
+        assert_eq!(v4("198.18.0.2"), v6("::ffff:198.18.0.2"));
+        assert_eq!(
+            as_v4(&v6("::ffff:198.18.0.2")),
+            Some(u32::from_ne_bytes([198, 18, 0, 2]))
+        );
+        assert_eq!(as_v4(&v6("::1")), None);
+        assert_eq!(as_v4(&v6("fe80::1")), None);
+    }
+
+    #[test]
+    fn host_local_is_loopback_and_unspecified_in_both_families() {
+        for local in ["127.0.0.1", "127.1.2.3", "0.0.0.0"] {
+            assert!(is_host_local(&v4(local)), "{local}");
+        }
+        for local in ["::1", "::", "::ffff:127.0.0.1", "::ffff:0.0.0.0"] {
+            assert!(is_host_local(&v6(local)), "{local}");
+        }
+        for remote in ["198.18.0.2", "128.0.0.1", "0.0.0.1"] {
+            assert!(!is_host_local(&v4(remote)), "{remote}");
+        }
+        for remote in [
+            "fe80::1",
+            "::2",
+            "2001:db8::1",
+            "::ffff:198.18.0.2",
+            "::127.0.0.1",
+        ] {
+            assert!(!is_host_local(&v6(remote)), "{remote}");
+        }
+    }
+
+    #[test]
+    fn loopback_excludes_unspecified() {
+        assert!(is_loopback(&v4("127.0.0.9")) && is_loopback(&v6("::1")));
+        assert!(is_loopback(&v6("::ffff:127.0.0.1")));
+        assert!(!is_loopback(&v4("0.0.0.0")) && !is_loopback(&v6("::")));
+        assert!(!is_loopback(&v6("fe80::1")) && !is_loopback(&v4("198.18.0.1")));
+    }
+
+    #[test]
+    fn unspecified_peers_become_loopback_of_their_family() {
+        assert_eq!(peer_form(v4("0.0.0.0")), v4("127.0.0.1"));
+        assert_eq!(peer_form(v6("::")), v6("::1"));
+        assert_eq!(peer_form(v4("198.18.0.2")), v4("198.18.0.2"));
+        assert_eq!(peer_form(v6("fe80::1")), v6("fe80::1"));
+    }
 }

@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use connect_common::{
-    Config, Counter, Ipv4Key, MAX_MESH_DESTINATIONS, MAX_PROTECTED_PORTS, MAX_REDIRECTS,
-    MeshDestination, PortKey, ProtectedPort, RedirectRecord,
+    Config, Counter, MAX_MESH_DESTINATIONS, MAX_PROTECTED_PORTS, MAX_REDIRECTS, MeshDestination,
+    PortKey, ProtectedPort, RedirectRecord, SockKey,
 };
 
 // ───────────────────────────── maps ─────────────────────────────
@@ -29,7 +29,7 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 /// Mesh destinations (service instance `IP:port`, virtual IP with port 0), from the catalog.
 #[map(name = "MESH_DESTINATIONS")]
-static MESH_DESTINATIONS: HashMap<Ipv4Key, MeshDestination> =
+static MESH_DESTINATIONS: HashMap<SockKey, MeshDestination> =
     HashMap::with_max_entries(MAX_MESH_DESTINATIONS, 0);
 
 /// Plaintext service ports on this node, from the catalog.
@@ -45,7 +45,7 @@ static REDIRECT_BY_COOKIE: LruHashMap<u64, RedirectRecord> =
 /// client `IP:port` -> original destination + cgroup, from establishment until the agent
 /// claims it at `accept()`.
 #[map(name = "REDIRECT_BY_PORT")]
-static REDIRECT_BY_PORT: LruHashMap<Ipv4Key, RedirectRecord> =
+static REDIRECT_BY_PORT: LruHashMap<SockKey, RedirectRecord> =
     LruHashMap::with_max_entries(MAX_REDIRECTS, 0);
 
 /// Per-CPU event and error counters, indexed by [`Counter`].
@@ -72,18 +72,42 @@ fn config() -> Option<Config> {
     }
 }
 
-// ───────────────────────────── cgroup/connect4 ─────────────────────────────
+// ───────────────────────── cgroup/connect4, cgroup/connect6 ─────────────────────────
 
-/// Redirects TCP connections to mesh destinations to the outbound listener.
+/// Redirects TCP connections to mesh destinations (and to protected ports on a
+/// host-local address) to the outbound listener; refuses UDP `connect()`s that would
+/// reach another service's protected port. One body serves both families: IPv4 is
+/// handled in its v4-mapped form, so `[::ffff:127.0.0.1]:p` is `127.0.0.1:p`.
 ///
 /// Fails closed: if the original destination cannot be recorded, the `connect()` is
 /// refused (EPERM) rather than let through to the plaintext destination.
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    match connect::try_connect4(&ctx) {
-        Ok(verdict) => verdict,
-        Err(()) => connect::REJECT,
-    }
+    connect::on_connect(&ctx, connect::Family::V4)
+}
+
+/// See [`connect4`].
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    connect::on_connect(&ctx, connect::Family::V6)
+}
+
+// ───────────────────────── cgroup/sendmsg4, cgroup/sendmsg6 ─────────────────────────
+
+/// Refuses datagrams from an application cgroup to another service's protected port
+/// (or to a mesh destination: Connect carries TCP only), sent with an address on an
+/// unconnected UDP socket. Connected UDP sockets were checked at `connect()`.
+///
+/// Fails closed: a datagram that cannot be checked is refused.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    connect::on_sendmsg(&ctx, connect::Family::V4)
+}
+
+/// See [`sendmsg4`].
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    connect::on_sendmsg(&ctx, connect::Family::V6)
 }
 
 // ───────────────────────────── sock_ops ─────────────────────────────
@@ -99,20 +123,29 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-// ───────────────────────────── cgroup/getpeername4 ─────────────────────────────
+// ─────────────────────── cgroup/getpeername4, cgroup/getpeername6 ───────────────────────
 
 /// Shows the application the address it dialed instead of the proxy's.
 ///
 /// Fails open: without a record the real peer address is returned; no traffic depends on it.
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-    peername::try_getpeername4(&ctx);
+    peername::restore(&ctx, connect::Family::V4);
+    1
+}
+
+/// See [`getpeername4`].
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    peername::restore(&ctx, connect::Family::V6);
     1
 }
 
 // ───────────────────────────── cgroup_skb/ingress ─────────────────────────────
 
-/// Drops packets from off the node to protected (plaintext service) ports.
+/// Drops what would open a connection from off the node to a protected (plaintext
+/// service) port: TCP SYNs and anything for a listening socket, and UDP datagrams for
+/// an unconnected socket. Replies to the node's own sockets pass, whatever their port.
 ///
 /// Fails closed: a packet that cannot be parsed is dropped.
 #[cgroup_skb(ingress)]

@@ -222,9 +222,12 @@ impl Drop for TestNetns {
 }
 
 /// Joins two namespaces with a veth pair; addresses in CIDR form from 198.18.0.0/15.
-pub fn veth(a: &TestNetns, a_addr: &str, b: &TestNetns, b_addr: &str) -> Result<()> {
+/// Returns the interface names (a's, b's), unique within the test process.
+pub fn veth(a: &TestNetns, a_addr: &str, b: &TestNetns, b_addr: &str) -> Result<(String, String)> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let pid = std::process::id() % 100_000;
-    let (ai, bi) = (format!("va{pid}"), format!("vb{pid}"));
+    let (ai, bi) = (format!("va{pid}x{n}"), format!("vb{pid}x{n}"));
     run(Command::new("ip").args([
         "link", "add", &ai, "netns", &a.name, "type", "veth", "peer", "name", &bi, "netns", &b.name,
     ]))?;
@@ -232,7 +235,7 @@ pub fn veth(a: &TestNetns, a_addr: &str, b: &TestNetns, b_addr: &str) -> Result<
     b.ip(&["addr", "add", b_addr, "dev", &bi])?;
     a.ip(&["link", "set", &ai, "up"])?;
     b.ip(&["link", "set", &bi, "up"])?;
-    Ok(())
+    Ok((ai, bi))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

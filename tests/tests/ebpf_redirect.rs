@@ -220,7 +220,7 @@ fn ingress_drops_off_node_connections_to_protected_ports() -> Result<()> {
         },
     )?;
     let (protected, open) = (18181u16, 18182u16);
-    redirector.protect_port(protected)?;
+    redirector.protect_port(protected, None)?;
 
     const SERVE: &str = "import socket,sys,threading\n\
 def serve(port):\n    l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); l.bind(('0.0.0.0',port)); l.listen()\n    while True:\n        c,_=l.accept(); c.sendall(b'ok'); c.close()\n\
@@ -289,7 +289,7 @@ fn ingress_drops_off_node_packets_to_protected_ports_only() -> Result<()> {
         let l = TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
     };
-    redirector.protect_port(port)?;
+    redirector.protect_port(port, None)?;
     // A listener inside the service cgroup on the protected port.
     let server = CgroupProc::spawn(
         &svc,
@@ -347,7 +347,7 @@ fn sync_adds_and_removes_destinations() -> Result<()> {
     desired
         .destinations
         .insert((MESH_DST, DestinationKind::Instance));
-    desired.protected_ports.insert(18183);
+    desired.protected_ports.insert(18183, None);
     let stats = redirector.sync(&desired);
     assert_eq!((stats.added, stats.removed, stats.failed), (2, 0, 0));
     assert_eq!(

@@ -113,6 +113,19 @@ impl DirIndex {
         for inst in snap.local() {
             let svc = &inst.service;
             if svc.kind.is_typical() {
+                let cgroup = match (cgroup_root, &svc.cgroup) {
+                    (Some(root), Some(rel)) => match redirect::cgroup_id(&root.join(rel)) {
+                        Ok(id) => {
+                            ix.cgroups.insert(id, svc.service.clone());
+                            Some(id)
+                        }
+                        Err(_) => {
+                            ix.unresolved_cgroups = true;
+                            None
+                        }
+                    },
+                    _ => None,
+                };
                 if svc.port != 0 {
                     // The inbound side reaches a local service on loopback: its port
                     // is protected from everyone off the node, loopback is not.
@@ -129,15 +142,17 @@ impl DirIndex {
                         local.addrs.push(addr);
                     }
                     ix.local_ports.insert(svc.port, svc.service.clone());
-                    desired.protected_ports.insert(svc.port);
-                }
-                if let (Some(root), Some(rel)) = (cgroup_root, &svc.cgroup) {
-                    match redirect::cgroup_id(&root.join(rel)) {
-                        Ok(id) => {
-                            ix.cgroups.insert(id, svc.service.clone());
-                        }
-                        Err(_) => ix.unresolved_cgroups = true,
-                    }
+                    // The owner's cgroup may send datagrams to its own port; two
+                    // claims that disagree leave the port with no owner (closed).
+                    desired
+                        .protected_ports
+                        .entry(svc.port)
+                        .and_modify(|owner| {
+                            if *owner != cgroup {
+                                *owner = None;
+                            }
+                        })
+                        .or_insert(cgroup);
                 }
                 for u in &svc.upstreams {
                     ix.upstreams.push(upstream(&svc.service, u));
@@ -373,7 +388,7 @@ mod tests {
 
         let ix = dir.index();
         let d = ix.desired();
-        assert!(d.protected_ports.contains(&8181) && d.protected_ports.contains(&8080));
+        assert!(d.protected_ports.contains_key(&8181) && d.protected_ports.contains_key(&8080));
         assert!(
             d.destinations
                 .contains(&(node_socat, DestinationKind::Instance))
@@ -391,7 +406,7 @@ mod tests {
         .await
         .expect("deregistration is seen");
         assert_eq!(dir.destination_of(OrigDst(node_socat)), None);
-        assert!(!dir.index().desired().protected_ports.contains(&8181));
+        assert!(!dir.index().desired().protected_ports.contains_key(&8181));
     }
 
     #[tokio::test]
