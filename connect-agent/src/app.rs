@@ -94,18 +94,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let transparent = config.cgroup.as_ref().map(|_| config.outbound_addr);
     let proxy_listeners = proxy::Listeners::bind(config.inbound_addr, transparent).await?;
 
+    // Loaded now, attached once the maps hold what the store says (below).
     let redirect = match &config.cgroup {
-        Some(cgroup) => {
-            let r = Redirector::attach(
-                cgroup,
-                RedirectConfig {
-                    proxy: config.outbound_addr,
-                    debug: false,
-                },
-            )?;
-            tracing::info!(cgroup = %cgroup.display(), "eBPF programs attached");
-            Some(Arc::new(r))
-        }
+        Some(cgroup) => Some(Arc::new(Redirector::load(
+            cgroup,
+            RedirectConfig {
+                proxy: config.outbound_addr,
+                debug: false,
+            },
+        )?)),
         None => None,
     };
 
@@ -138,6 +135,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
         agent.config.cgroup.clone(),
         Some(&agent.vips),
     );
+    if let Some(r) = &agent.redirect {
+        // Programs new to the cgroup (a first start, or another map layout) start
+        // with the store's protection in place; adopted maps get the same diff.
+        let stats = r.sync(directory.index().desired());
+        tracing::info!(
+            added = stats.added,
+            removed = stats.removed,
+            failed = stats.failed,
+            adopted = r.adopted(),
+            "eBPF maps programmed from the store"
+        );
+        r.attach_programs()?;
+    }
     let _redirect_sync = agent.redirect.clone().map(|r| {
         let dir = directory.clone();
         let changes = proxy::Directory::changes(directory.as_ref());
@@ -189,8 +199,25 @@ pub async fn run(config: Config) -> Result<(), Error> {
             Err(e) => tracing::error!(error = %e, "HTTPS API task failed"),
         }
     }
+    let (detach, kept) = match agent.config.cgroup.clone() {
+        Some(c) if agent.config.detach_on_exit => (Some(c), None),
+        other => (None, other),
+    };
     drop(agent);
     drop(opened);
+    if let Some(cgroup) = detach {
+        match Redirector::detach(&cgroup) {
+            Ok(_) => {
+                tracing::info!(cgroup = %cgroup.display(), "eBPF programs detached (--detach-on-exit)")
+            }
+            Err(error) => tracing::error!(%error, "cannot detach the eBPF programs"),
+        }
+    } else if let Some(cgroup) = &kept {
+        tracing::info!(
+            cgroup = %cgroup.display(),
+            "eBPF programs stay attached; `connect-agent detach --cgroup` removes them"
+        );
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -26,7 +26,7 @@ pub mod snapshot;
 pub mod virtual_ips;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -92,6 +92,12 @@ pub enum Error {
     },
     #[error("no sidecar port left in the range [21000, 21255] for {id:?}")]
     NoSidecarPort { id: String },
+    /// Every protected port needs an eBPF map entry; a port that cannot have one
+    /// would be open to everyone, so its registration is refused instead.
+    #[error(
+        "service {id:?} would add port {port}, but this node protects {limit} plaintext ports already (the capacity of the eBPF map); deregister a service or move it to another node"
+    )]
+    ProtectedPortsFull { id: String, port: u16, limit: usize },
     #[error("Unknown service ID {id:?}")]
     UnknownService { id: String },
     #[error(transparent)]
@@ -126,6 +132,7 @@ impl crate::fault::Blame for Error {
         use crate::fault::Fault;
         match self {
             Error::UnknownService { .. } => Fault::NotFound,
+            Error::ProtectedPortsFull { .. } => Fault::Conflict,
             e if e.is_user_error() => Fault::Caller,
             _ => Fault::Ours,
         }
@@ -142,6 +149,40 @@ impl Error {
     }
 }
 
+/// Refuses a write that would leave the node with more distinct protected ports
+/// (plaintext ports of typical services) than `limit`, naming a service that adds one.
+fn check_port_capacity(
+    existing: &BTreeMap<String, Service>,
+    new: &BTreeMap<String, Service>,
+    limit: usize,
+) -> Result<(), Error> {
+    let protected = |s: &&Service| s.kind.is_typical() && s.port != 0;
+    let before: BTreeSet<u16> = existing
+        .values()
+        .filter(protected)
+        .map(|s| s.port)
+        .collect();
+    let after: BTreeSet<u16> = existing
+        .values()
+        .filter(|s| !new.contains_key(&s.id))
+        .chain(new.values())
+        .filter(protected)
+        .map(|s| s.port)
+        .collect();
+    if after.len() <= limit || after.len() <= before.len() {
+        return Ok(());
+    }
+    let adder = new
+        .values()
+        .filter(protected)
+        .find(|s| !before.contains(&s.port));
+    Err(Error::ProtectedPortsFull {
+        id: adder.map_or_else(String::new, |s| s.id.clone()),
+        port: adder.map_or(0, |s| s.port),
+        limit,
+    })
+}
+
 /// What a reload did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReloadSummary {
@@ -155,6 +196,7 @@ pub struct Catalog {
     store: Arc<dyn Store>,
     node: Node,
     config_dir: Option<PathBuf>,
+    protected_port_limit: Option<usize>,
     advertise: IpAddr,
     /// The catalog, kept equal to `catalog/`; following stops when this is dropped.
     view: View<Published>,
@@ -218,6 +260,9 @@ pub struct CatalogConfig {
     pub inbound_addr: SocketAddr,
     /// `--config-dir`: service definitions applied at start and on reload.
     pub config_dir: Option<PathBuf>,
+    /// How many distinct plaintext ports this node's services may have: with eBPF
+    /// each needs an entry in the protected-port map, whose capacity this is.
+    pub protected_port_limit: Option<usize>,
 }
 
 impl Catalog {
@@ -252,6 +297,7 @@ impl Catalog {
             store,
             node,
             config_dir: config.config_dir.clone(),
+            protected_port_limit: config.protected_port_limit,
             advertise: config.advertise_addr,
             view,
             writes: tokio::sync::Mutex::new(()),
@@ -419,6 +465,9 @@ impl Catalog {
                 new.insert(s.id.clone(), s);
             }
             new.insert(svc.id.clone(), svc);
+        }
+        if let Some(limit) = self.protected_port_limit {
+            check_port_capacity(&existing, &new, limit)?;
         }
         for s in new.values() {
             txn = txn.put(self.service_key(&s.id), encode(s)?);

@@ -62,6 +62,20 @@ pub enum Command {
     Services(services::ServicesCommand),
     /// Run a Connect proxy for a service, through the local agent (like `consul connect proxy`).
     Proxy(proxy::ProxyArgs),
+    /// Remove Connect's eBPF programs and maps from a cgroup.
+    ///
+    /// They are pinned on bpffs and outlive the agent on purpose (a crash or an
+    /// upgrade must not open the services' plaintext ports); this is the deliberate
+    /// way to take them away. Run it after stopping the agent.
+    Detach(DetachArgs),
+}
+
+/// Arguments of `connect-agent detach`.
+#[derive(Debug, clap::Args)]
+pub struct DetachArgs {
+    /// The `--cgroup` the agent ran with.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: std::path::PathBuf,
 }
 
 impl Command {
@@ -119,6 +133,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Doctor(args) => return doctor::run(args).await,
         Command::Services(cmd) => services::run(cmd).await,
         Command::Proxy(args) => proxy::run(args).await,
+        Command::Detach(args) => detach(&args),
     };
     match result {
         Ok(code) => code,
@@ -127,6 +142,27 @@ pub async fn run(command: Command) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn detach(args: &DetachArgs) -> anyhow::Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("detach needs root: run it with sudo");
+    }
+    let dir = crate::redirect::pins::PinDir::for_cgroup(&args.cgroup);
+    if crate::redirect::Redirector::detach(&args.cgroup)? {
+        println!(
+            "Detached Connect's eBPF programs from {} (removed {})",
+            args.cgroup.display(),
+            dir.path.display()
+        );
+    } else {
+        println!(
+            "Nothing of Connect's is pinned for {} ({} does not exist)",
+            args.cgroup.display(),
+            dir.path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn reload(args: &http::HttpArgs) -> anyhow::Result<ExitCode> {

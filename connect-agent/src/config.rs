@@ -27,6 +27,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
 
+    /// On SIGTERM or SIGINT, remove the eBPF programs from `--cgroup` (as
+    /// `connect-agent detach` does). Without it they stay attached, pinned on bpffs,
+    /// and keep every protection in force until the next agent adopts them.
+    #[arg(long, requires = "cgroup")]
+    pub detach_on_exit: bool,
+
     /// Directory of service definition files (`*.json`, Consul's shape).
     #[arg(long, value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
@@ -166,6 +172,8 @@ pub struct EtcdUser {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub cgroup: Option<PathBuf>,
+    /// Remove the eBPF programs on a clean stop (`--detach-on-exit`).
+    pub detach_on_exit: bool,
     pub config_dir: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub dev: bool,
@@ -378,6 +386,7 @@ impl AgentArgs {
         };
         Ok(Config {
             cgroup: self.cgroup,
+            detach_on_exit: self.detach_on_exit,
             config_dir: self.config_dir,
             data_dir: self.data_dir,
             dev: self.dev,
@@ -412,6 +421,10 @@ impl Config {
             advertise_addr: self.advertise_addr,
             inbound_addr: self.inbound_addr,
             config_dir: self.config_dir.clone(),
+            protected_port_limit: self
+                .cgroup
+                .as_ref()
+                .map(|_| connect_common::MAX_PROTECTED_PORTS as usize),
         }
     }
 
@@ -443,6 +456,7 @@ impl Config {
         let any = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         Config {
             cgroup: None,
+            detach_on_exit: false,
             config_dir: None,
             data_dir: std::env::temp_dir().join("connect-test-unused"),
             dev: true,

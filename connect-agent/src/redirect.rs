@@ -1,13 +1,20 @@
 //! The eBPF side of the agent: loads the embedded object, attaches its programs to
-//! the application cgroup, owns the maps, and detaches everything when dropped.
+//! the application cgroup, and owns the maps.
 //!
-//! What it owns: the programs' lifetime (through BPF links, so a killed agent leaves
-//! nothing attached), the maps' contents (mesh destinations and protected ports,
-//! written from the catalog; redirect records, read and removed for the proxy) and
-//! the counters. What it does not: deciding what is a mesh destination — the catalog
-//! says so and calls [`Redirector`]'s setters.
+//! What it owns: the programs' attachment (through BPF links pinned on bpffs, so
+//! enforcement outlives the agent: a crash or an upgrade never opens a protected
+//! port; [`Redirector::detach`] is the one way to remove it), the maps' contents
+//! (mesh destinations and protected ports, written from the catalog; redirect
+//! records, read and removed for the proxy) and the counters. What it does not:
+//! deciding what is a mesh destination — the catalog says so and calls
+//! [`Redirector`]'s setters.
+//!
+//! While no agent runs, the programs keep enforcing with the maps as they were:
+//! off-node packets to protected ports are dropped, and redirected connections go to
+//! the outbound listener's address, where nothing listens, so they are refused.
 
 mod maintain;
+pub mod pins;
 
 pub use self::maintain::{sweep_records, sync_maps};
 
@@ -24,7 +31,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink,
+    },
 };
 use connect_common::{
     Config as BpfConfig, Counter, DEST_INSTANCE, DEST_VIRTUAL_IP, MeshDestination, PortKey,
@@ -56,6 +65,10 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
+        "connect-agent runs inside --cgroup {path} (its own cgroup is {own}): it would redirect its own connections to itself; start it outside that cgroup"
+    )]
+    InsideCgroup { path: PathBuf, own: PathBuf },
+    #[error(
         "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): Connect needs a kernel built with CONFIG_DEBUG_INFO_BTF"
     )]
     NoBtf,
@@ -80,6 +93,32 @@ pub enum Error {
     Missing {
         kind: &'static str,
         name: &'static str,
+    },
+    #[error(
+        "cannot mount bpffs at /sys/fs/bpf (the pins that keep enforcement across restarts live there): {0}"
+    )]
+    Bpffs(#[source] std::io::Error),
+    #[error("cannot pin eBPF state at {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot pin the link of eBPF program {name} (pinned links need Linux 5.7 or later): {source}"
+    )]
+    Link {
+        name: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "the pinned eBPF state in {path} cannot be read ({source}); remove it with `connect-agent detach --cgroup <path>`"
+    )]
+    PinnedState {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::maps::MapError>,
     },
     #[error("eBPF map {map}: {source}")]
     Map {
@@ -180,21 +219,49 @@ pub struct SyncStats {
     pub failed: usize,
 }
 
-/// Loaded and attached programs plus the maps the agent drives. Dropping it detaches
-/// every program (the links close with their file descriptors).
+/// Loaded programs plus the maps the agent drives. Dropping it closes the agent's
+/// handles only: the pinned links keep the programs attached (see the module doc).
 pub struct Redirector {
     cgroup: PathBuf,
+    pins: pins::PinDir,
     // Field order matters for drop: maps and links go before the logger.
     mesh: Mutex<HashMap<MapData, SockKey, MeshDestination>>,
     protected: Mutex<HashMap<MapData, PortKey, ProtectedPort>>,
     by_port: Mutex<HashMap<MapData, SockKey, RedirectRecord>>,
     by_cookie: Mutex<HashMap<MapData, u64, RedirectRecord>>,
     counters: PerCpuArray<MapData, u64>,
-    /// What the last [`Redirector::sync`] wrote, to diff the next one against.
+    /// What the maps hold: read from adopted maps at load, then what the last
+    /// [`Redirector::sync`] wrote, to diff the next one against.
     applied: Mutex<Desired>,
-    ebpf: Ebpf,
+    /// Whether [`Redirector::load`] found a previous agent's maps and took them over.
+    adopted: bool,
+    /// Map writes that failed, ever (a metric), and entries the last sync could not
+    /// write (a port or destination not enforced until a retry succeeds: `doctor`
+    /// reports it).
+    write_failures: std::sync::atomic::AtomicU64,
+    unapplied: std::sync::atomic::AtomicUsize,
+    ebpf: Mutex<Ebpf>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
+
+/// How each program attaches.
+#[derive(Clone, Copy)]
+enum Hook {
+    SockAddr,
+    SockOps,
+    SkbIngress,
+}
+
+const PROGRAMS: [(&str, Hook); 8] = [
+    (program::CONNECT4, Hook::SockAddr),
+    (program::CONNECT6, Hook::SockAddr),
+    (program::SENDMSG4, Hook::SockAddr),
+    (program::SENDMSG6, Hook::SockAddr),
+    (program::GETPEERNAME4, Hook::SockAddr),
+    (program::GETPEERNAME6, Hook::SockAddr),
+    (program::SOCK_OPS, Hook::SockOps),
+    (program::INGRESS, Hook::SkbIngress),
+];
 
 /// Checks what loading needs, so the user gets one line that says what is missing.
 pub fn preflight(cgroup: &Path) -> Result<(), Error> {
@@ -217,17 +284,77 @@ pub fn preflight(cgroup: &Path) -> Result<(), Error> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(Error::NoBtf);
     }
+    if let Some(own) = own_cgroup()
+        && let Ok(target) = std::fs::canonicalize(cgroup)
+        && own.starts_with(&target)
+    {
+        return Err(Error::InsideCgroup {
+            path: cgroup.to_owned(),
+            own,
+        });
+    }
     Ok(())
 }
 
+/// This process's cgroup (v2) directory, from /proc/self/cgroup and the cgroup2
+/// mount in /proc/self/mountinfo; `None` if either cannot be read.
+fn own_cgroup() -> Option<PathBuf> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mountinfo.lines().find_map(|l| {
+        // "id parent maj:min root mountpoint options... - fstype source superoptions"
+        let (fields, tail) = l.split_once(" - ")?;
+        (tail.split(' ').next() == Some("cgroup2")).then(|| fields.split(' ').nth(4))?
+    })?;
+    Some(Path::new(mount).join(rel.trim_start_matches('/')))
+}
+
 impl Redirector {
-    /// Loads the embedded object, writes the config, and attaches every program to
-    /// `cgroup` (and so to every cgroup below it) beside programs others attached.
+    /// [`Redirector::load`] then [`Redirector::attach_programs`] with whatever the
+    /// maps hold (empty, or what a previous agent left).
     pub fn attach(cgroup: &Path, config: RedirectConfig) -> Result<Self, Error> {
+        let r = Self::load(cgroup, config)?;
+        r.attach_programs()?;
+        Ok(r)
+    }
+
+    /// Loads the embedded object with its maps pinned for `cgroup` (adopting the
+    /// maps a previous agent of the same layout left there), writes the config, and
+    /// loads the programs into the kernel without attaching them. The caller fills
+    /// the maps ([`Redirector::sync`]) and then calls
+    /// [`Redirector::attach_programs`], so new programs never run on empty maps.
+    pub fn load(cgroup: &Path, config: RedirectConfig) -> Result<Self, Error> {
         preflight(cgroup)?;
-        let mut ebpf = EbpfLoader::new()
-            .load(OBJECT)
-            .map_err(|e| Error::Load(Box::new(e)))?;
+        pins::ensure_bpffs()?;
+        let id = cgroup_id(cgroup).map_err(|source| Error::OpenCgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let dir = pins::PinDir::for_cgroup(cgroup);
+        let adopted = match pinned_cgroup_id(&dir)? {
+            Some(pinned) if pinned == id.0 => true,
+            Some(pinned) => {
+                // Pins of a cgroup that was removed and made again at this path:
+                // their programs went with the old cgroup.
+                tracing::warn!(dir = %dir.path.display(), pinned, current = id.0, "removing stale eBPF pins");
+                pins::remove(&dir).map_err(|source| Error::Pin {
+                    path: dir.path.clone(),
+                    source,
+                })?;
+                false
+            }
+            None => false,
+        };
+        for d in [dir.maps(), dir.links()] {
+            std::fs::create_dir_all(&d).map_err(|source| Error::Pin { path: d, source })?;
+        }
+
+        let mut loader = EbpfLoader::new();
+        for name in map::ALL {
+            loader.map_pin_path(name, dir.maps().join(name));
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
         // aya-log needs its map alive for as long as the programs run; keep the logger.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -246,67 +373,167 @@ impl Redirector {
                     proxy_port: config.proxy.port(),
                     enabled: 1,
                     debug: u8::from(config.debug),
+                    cgroup_id: id.0,
                 },
                 0,
             )
             .map_err(map_err(map::CONFIG))?;
-
-        let file = File::open(cgroup).map_err(|source| Error::OpenCgroup {
-            path: cgroup.to_owned(),
-            source,
-        })?;
-        let fd = file.as_fd();
-        // Through BPF links (kernel >= 5.7, which aya uses when available) a cgroup
-        // attachment always coexists with others: the kernel ignores the legacy
-        // BPF_F_ALLOW_MULTI semantics for links and rejects any flag with EINVAL
-        // (`cgroup_bpf_link_attach`). So the mode must be the flag-less default.
-        let mode = CgroupAttachMode::default();
-        let attach_err = |name: &'static str| {
-            let path = cgroup.to_owned();
-            move |e: aya::programs::ProgramError| Error::Attach {
-                name,
-                path: path.clone(),
-                source: Box::new(e),
-            }
-        };
-        let load_err = |name: &'static str| {
-            move |e: aya::programs::ProgramError| Error::LoadProgram {
+        for (name, hook) in PROGRAMS {
+            let load_err = |e| Error::LoadProgram {
                 name,
                 source: Box::new(e),
+            };
+            match hook {
+                Hook::SockAddr => program_mut::<CgroupSockAddr>(&mut ebpf, name)?
+                    .load()
+                    .map_err(load_err)?,
+                Hook::SockOps => program_mut::<SockOps>(&mut ebpf, name)?
+                    .load()
+                    .map_err(load_err)?,
+                Hook::SkbIngress => program_mut::<CgroupSkb>(&mut ebpf, name)?
+                    .load()
+                    .map_err(load_err)?,
             }
-        };
-        for name in [
-            program::CONNECT4,
-            program::CONNECT6,
-            program::SENDMSG4,
-            program::SENDMSG6,
-            program::GETPEERNAME4,
-            program::GETPEERNAME6,
-        ] {
-            let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            prog.load().map_err(load_err(name))?;
-            prog.attach(fd, mode).map_err(attach_err(name))?;
         }
-        let prog: &mut SockOps = program_mut(&mut ebpf, program::SOCK_OPS)?;
-        prog.load().map_err(load_err(program::SOCK_OPS))?;
-        prog.attach(fd, mode)
-            .map_err(attach_err(program::SOCK_OPS))?;
-        let prog: &mut CgroupSkb = program_mut(&mut ebpf, program::INGRESS)?;
-        prog.load().map_err(load_err(program::INGRESS))?;
-        prog.attach(fd, CgroupSkbAttachType::Ingress, mode)
-            .map_err(attach_err(program::INGRESS))?;
 
+        let mesh: HashMap<MapData, SockKey, MeshDestination> =
+            take_map(&mut ebpf, map::MESH_DESTINATIONS)?;
+        let protected: HashMap<MapData, PortKey, ProtectedPort> =
+            take_map(&mut ebpf, map::PROTECTED_PORTS)?;
+        let applied = read_applied(&mesh, &protected);
+        if adopted {
+            tracing::info!(
+                dir = %dir.path.display(),
+                destinations = applied.destinations.len(),
+                protected_ports = applied.protected_ports.len(),
+                "adopted the eBPF maps a previous agent left"
+            );
+        }
         Ok(Self {
             cgroup: cgroup.to_owned(),
-            mesh: Mutex::new(take_map(&mut ebpf, map::MESH_DESTINATIONS)?),
-            protected: Mutex::new(take_map(&mut ebpf, map::PROTECTED_PORTS)?),
+            pins: dir,
+            mesh: Mutex::new(mesh),
+            protected: Mutex::new(protected),
             by_port: Mutex::new(take_map(&mut ebpf, map::REDIRECT_BY_PORT)?),
             by_cookie: Mutex::new(take_map(&mut ebpf, map::REDIRECT_BY_COOKIE)?),
             counters: take_map(&mut ebpf, map::COUNTERS)?,
-            applied: Mutex::new(Desired::default()),
-            ebpf,
+            applied: Mutex::new(applied),
+            adopted,
+            write_failures: std::sync::atomic::AtomicU64::new(0),
+            unapplied: std::sync::atomic::AtomicUsize::new(0),
+            ebpf: Mutex::new(ebpf),
             _logger: logger,
         })
+    }
+
+    /// Attaches every program to the cgroup (and so to every cgroup below it)
+    /// through links pinned under the cgroup's pin directory, then retires the links
+    /// and maps a previous agent left there. The new set runs before the old one is
+    /// removed, so no connection ever finds the cgroup without programs.
+    pub fn attach_programs(&self) -> Result<(), Error> {
+        let mut ebpf = lock(&self.ebpf);
+        let file = File::open(&self.cgroup).map_err(|source| Error::OpenCgroup {
+            path: self.cgroup.clone(),
+            source,
+        })?;
+        let fd = file.as_fd();
+        // Through BPF links (kernel >= 5.7) a cgroup attachment always coexists with
+        // others: the kernel ignores the legacy BPF_F_ALLOW_MULTI semantics for links
+        // and rejects any flag with EINVAL (`cgroup_bpf_link_attach`). So the mode
+        // must be the flag-less default.
+        let mode = CgroupAttachMode::default();
+        let links = self.pins.links();
+        let token = format!("{}-{}", std::process::id(), monotonic_ns());
+        let mut ours = Vec::new();
+        let result = (|| {
+            for (name, hook) in PROGRAMS {
+                let attach_err = |e| Error::Attach {
+                    name,
+                    path: self.cgroup.clone(),
+                    source: Box::new(e),
+                };
+                let link_err = |e: aya::programs::links::LinkError| Error::Link {
+                    name,
+                    source: Box::new(e),
+                };
+                let link: FdLink = match hook {
+                    Hook::SockAddr => {
+                        let p = program_mut::<CgroupSockAddr>(&mut ebpf, name)?;
+                        let id = p.attach(fd, mode).map_err(attach_err)?;
+                        let link = p.take_link(id).map_err(attach_err)?;
+                        FdLink::try_from(link).map_err(link_err)?
+                    }
+                    Hook::SockOps => {
+                        let p = program_mut::<SockOps>(&mut ebpf, name)?;
+                        let id = p.attach(fd, mode).map_err(attach_err)?;
+                        let link = p.take_link(id).map_err(attach_err)?;
+                        FdLink::try_from(link).map_err(link_err)?
+                    }
+                    Hook::SkbIngress => {
+                        let p = program_mut::<CgroupSkb>(&mut ebpf, name)?;
+                        let id = p
+                            .attach(fd, CgroupSkbAttachType::Ingress, mode)
+                            .map_err(attach_err)?;
+                        let link = p.take_link(id).map_err(attach_err)?;
+                        FdLink::try_from(link).map_err(link_err)?
+                    }
+                };
+                let path = links.join(format!("{name}@{token}"));
+                link.pin(&path).map_err(|e| Error::Link {
+                    name,
+                    source: Box::new(e),
+                })?;
+                ours.push(path);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Leave the previous set (if any) in force and take back what we added.
+            for path in &ours {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        let mut retired = 0;
+        for entry in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if !ours.contains(&path) && std::fs::remove_file(&path).is_ok() {
+                retired += 1;
+            }
+        }
+        for old in pins::other_layouts(&self.pins) {
+            if let Err(error) = std::fs::remove_dir_all(&old) {
+                tracing::warn!(dir = %old.display(), %error, "cannot remove old eBPF maps");
+            }
+        }
+        tracing::info!(
+            cgroup = %self.cgroup.display(),
+            pins = %self.pins.path.display(),
+            retired,
+            "eBPF programs attached"
+        );
+        Ok(())
+    }
+
+    /// Removes every pin of `cgroup`'s programs and maps: the programs detach once
+    /// no process holds their links. The one deliberate way to stop enforcement
+    /// (`connect-agent detach`, `--detach-on-exit`). Returns whether anything was pinned.
+    pub fn detach(cgroup: &Path) -> Result<bool, Error> {
+        let dir = pins::PinDir::for_cgroup(cgroup);
+        pins::remove(&dir).map_err(|source| Error::Pin {
+            path: dir.path.clone(),
+            source,
+        })
+    }
+
+    /// The pin directory of this cgroup's programs and maps.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.path
+    }
+
+    /// Whether the maps were a previous agent's, taken over at load.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// The cgroup the programs are attached to.
@@ -377,7 +604,35 @@ impl Redirector {
             }
         }
         *applied = now;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.write_failures.fetch_add(stats.failed as u64, Relaxed);
+        self.unapplied.store(stats.failed, Relaxed);
         stats
+    }
+
+    /// (map writes that ever failed, entries the last sync left unwritten).
+    pub fn failures(&self) -> (u64, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.write_failures.load(Relaxed),
+            self.unapplied.load(Relaxed),
+        )
+    }
+
+    /// The programs whose links are pinned for this cgroup (what enforces while no
+    /// agent runs), by name, sorted.
+    pub fn pinned_programs(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.pins.links())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.split_once('@').map(|(p, _)| p.to_owned())
+            })
+            .collect();
+        names.sort();
+        names
     }
 
     /// Makes `addr` a mesh destination: connections to it go to the proxy.
@@ -547,11 +802,6 @@ impl Redirector {
             applied.protected_ports.len(),
         )
     }
-
-    /// The loaded object, for callers that need a program or map this type does not wrap.
-    pub fn ebpf(&self) -> &Ebpf {
-        &self.ebpf
-    }
 }
 
 impl std::fmt::Debug for Redirector {
@@ -567,6 +817,50 @@ impl std::fmt::Debug for Redirector {
 pub fn cgroup_id(path: &Path) -> std::io::Result<CgroupId> {
     use std::os::unix::fs::MetadataExt;
     Ok(CgroupId(std::fs::metadata(path)?.ino()))
+}
+
+/// The cgroup id in a pinned config map, if the pin directory has one.
+fn pinned_cgroup_id(dir: &pins::PinDir) -> Result<Option<u64>, Error> {
+    let path = dir.maps().join(map::CONFIG);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let unreadable = |source: aya::maps::MapError| Error::PinnedState {
+        path: path.clone(),
+        source: Box::new(source),
+    };
+    let data = MapData::from_pin(&path).map_err(unreadable)?;
+    let cfg: Array<MapData, BpfConfig> =
+        Array::try_from(aya::maps::Map::Array(data)).map_err(unreadable)?;
+    let value = cfg
+        .get(&connect_common::CONFIG_KEY, 0)
+        .map_err(unreadable)?;
+    Ok(Some(value.cgroup_id))
+}
+
+/// What adopted maps hold, in the form [`Redirector::sync`] diffs against.
+fn read_applied(
+    mesh: &HashMap<MapData, SockKey, MeshDestination>,
+    protected: &HashMap<MapData, PortKey, ProtectedPort>,
+) -> Desired {
+    let mut d = Desired::default();
+    for (key, value) in mesh.iter().filter_map(Result::ok) {
+        let Some(ip4) = addr::as_v4(&key.ip_be) else {
+            continue;
+        };
+        let kind = if value.kind == DEST_VIRTUAL_IP {
+            DestinationKind::VirtualIp
+        } else {
+            DestinationKind::Instance
+        };
+        let addr = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(ip4)), key.port);
+        d.destinations.insert((addr, kind));
+    }
+    for (key, value) in protected.iter().filter_map(Result::ok) {
+        let owner = (value.owner_cgroup_id != 0).then_some(CgroupId(value.owner_cgroup_id));
+        d.protected_ports.insert(key.port, owner);
+    }
+    d
 }
 
 fn ip_key(ip: Ipv4Addr, port: u16) -> SockKey {

@@ -81,8 +81,18 @@ pub struct Config {
     pub enabled: u8,
     /// Non-zero to emit per-connection debug logs through aya-log.
     pub debug: u8,
+    /// The cgroup (v2) id the programs are attached to. The maps are pinned and
+    /// outlive the agent; a restarted agent adopts them only if this matches, so pins
+    /// left for a cgroup that was removed and made again are not mistaken for its own.
+    pub cgroup_id: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+/// Version of the maps' layout (every key and value type in this crate). The agent
+/// pins maps under a directory named after it: an agent of the same layout adopts
+/// the maps a previous one left, one of another layout makes new ones (and removes
+/// the old once its programs replaced the old programs). Bump on any layout change.
+pub const MAP_LAYOUT: u32 = 2;
 
 // ───────────────────────────── keys ─────────────────────────────
 

@@ -231,9 +231,10 @@ impl AgentProcess {
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
 impl Drop for AgentProcess {
-    /// Stops the agent by its PID: SIGTERM first, so that it detaches eBPF and
+    /// Stops the agent by its PID: SIGTERM first, so that it stops cleanly and
     /// removes its `--dev` directory, SIGKILL if it is still there after
-    /// [`STOP_GRACE`].
+    /// [`STOP_GRACE`]. Its eBPF programs stay pinned, as they do for users: the
+    /// test's [`crate::lab::TestCgroup`] removes them when it drops.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let graceful = i32::try_from(child.id()).is_ok_and(|pid| {

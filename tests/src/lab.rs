@@ -78,6 +78,9 @@ pub fn cgroup_id(path: &Path) -> Result<u64> {
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         self.children.clear();
+        // Programs an agent (or a test's Redirector) attached here are pinned and
+        // outlive it by design: remove the pins, or they outlive the test.
+        let _ = connect_agent::redirect::Redirector::detach(&self.path);
         // Processes the test started are gone by now (Proc guards drop first); a
         // cgroup with processes left cannot be removed, so retry briefly.
         let deadline = Instant::now() + Duration::from_secs(2);

@@ -84,7 +84,7 @@ fn connect4_redirects_an_unmodified_client_and_detaches_cleanly() -> Result<()> 
     )
     .context("loading and attaching the embedded eBPF object")?;
     let attached = attached_programs(&cg.path)?;
-    for p in ["connect4", "sock_ops", "getpeername4", "ingress"] {
+    for p in connect_common::program::ALL {
         assert!(
             attached.iter().any(|n| n == p),
             "{p} not attached to {}: {attached:?}",
@@ -177,8 +177,20 @@ fn connect4_redirects_an_unmodified_client_and_detaches_cleanly() -> Result<()> 
         "a process outside the cgroup is not redirected"
     );
 
-    // Detach: nothing of ours stays attached, and the client is no longer redirected.
+    // Dropping the redirector leaves the programs attached (pinned, to outlive the
+    // agent); detach removes them: nothing of ours stays attached, and the client is
+    // no longer redirected.
+    let pins = redirector.pin_dir().to_owned();
     drop(redirector);
+    assert!(
+        !attached_programs(&cg.path)?.is_empty(),
+        "the programs outlive the redirector"
+    );
+    assert!(
+        Redirector::detach(&cg.path)?,
+        "there was something to detach"
+    );
+    assert!(!pins.exists(), "detach leaves nothing in bpffs");
     assert_eventually(Duration::from_secs(2), "programs detached", || {
         attached_programs(&cg.path).is_ok_and(|a| a.is_empty())
     })?;

@@ -736,8 +736,9 @@ fn scenarios(lab: &mut Lab, removed_pids: &mut Vec<(u32, u64)>) -> Result<()> {
     );
     drop(probe);
 
-    // 3. n2's etcd member and agent stop (by PID): the agent with SIGTERM (it detaches
-    //    its eBPF programs), etcd with SIGKILL (a crash).
+    // 3. n2's etcd member and agent stop (by PID): the agent with SIGTERM (its eBPF
+    //    programs stay pinned and keep n2's ports protected), etcd with SIGKILL (a
+    //    crash).
     let agent2 = lab.proc("n2", "agent")?;
     let etcd2 = lab.proc("n2", "etcd")?;
     stop_pid(

@@ -186,8 +186,7 @@ fn web_on_node_a_reaches_socat_on_node_b_over_mtls_only() -> Result<()> {
     require_privileges()?;
     let a = TestNetns::create("two-a")?;
     let b = TestNetns::create("two-b")?;
-    veth(&a, &format!("{A_IP}/24"), &b, &format!("{B_IP}/24"))?;
-    let iface = format!("va{}", std::process::id() % 100_000);
+    let (iface, _) = veth(&a, &format!("{A_IP}/24"), &b, &format!("{B_IP}/24"))?;
     let work = private_dir("two-nodes")?;
     let _work_guard = RemoveDir(work.clone());
 

@@ -492,7 +492,7 @@ impl ConnectPair {
                 cmd.arg("--proxy-pool-size").arg(n.to_string());
             }
             if let Some(cg) = cgroup {
-                cmd.arg("--cgroup").arg(cg);
+                cmd.arg("--cgroup").arg(cg).arg("--detach-on-exit");
             }
             cmd.stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.join("agent.log"))?);
@@ -551,8 +551,8 @@ impl ConnectPair {
 
 impl Drop for ConnectPair {
     fn drop(&mut self) {
-        // SIGTERM so the client agent detaches its programs; Proc's drop kills what
-        // is left.
+        // SIGTERM so the client agent detaches its programs (it runs with
+        // --detach-on-exit); Proc's drop kills what is left.
         for p in [self.client_agent.pid(), self.server_agent.pid()] {
             let _ = Command::new("kill")
                 .args(["-TERM", &p.to_string()])

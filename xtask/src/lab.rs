@@ -702,7 +702,8 @@ fn stop_node(name: &str, node: &str) -> Result<()> {
     st.node(node)?;
     let agent: Vec<&ProcRecord> = st.proc(node, Role::Agent).into_iter().collect();
     let etcd: Vec<&ProcRecord> = st.proc(node, Role::Etcd).into_iter().collect();
-    // The agent first: it detaches its eBPF programs on SIGTERM.
+    // The agent first. Its eBPF programs stay attached (pinned) and keep the
+    // node's services protected while it is down, as they would in production.
     let mut stuck = stop_procs(&agent);
     stuck.extend(stop_procs(&etcd));
     ensure!(stuck.is_empty(), "processes {stuck:?} would not stop");

@@ -79,6 +79,18 @@ fn redirect_metrics(agent: &Agent, out: &mut String) {
         "Plaintext service ports protected by the eBPF ingress program.",
         ports,
     );
+    let (failures, unapplied) = redirect.failures();
+    let name = "connect_ebpf_map_write_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} eBPF map writes that failed (retried every 5 s).\n# TYPE {name} counter\n{name} {failures}"
+    );
+    gauge(
+        out,
+        "connect_ebpf_unapplied_entries",
+        "Map entries the last sync could not write: ports or destinations not enforced yet.",
+        unapplied,
+    );
 }
 
 fn catalog_metrics(agent: &Agent, out: &mut String) {

@@ -81,6 +81,12 @@ pub struct IngressReport {
     /// mesh (no non-Connect traffic to services).
     pub attached: bool,
     pub cgroup: Option<PathBuf>,
+    /// Where the programs' links and maps are pinned (they outlive the agent).
+    pub pin_dir: Option<PathBuf>,
+    /// The programs whose links are pinned there, by name.
+    pub pinned_programs: Vec<String>,
+    /// Map entries (protected ports, destinations) the last sync could not write.
+    pub unapplied_entries: usize,
 }
 
 async fn report(State(agent): State<ApiState>, authz: Authz) -> Result<impl IntoResponse, Error> {
@@ -138,6 +144,13 @@ async fn report(State(agent): State<ApiState>, authz: Authz) -> Result<impl Into
         ingress_protection: IngressReport {
             attached: agent.redirect.is_some(),
             cgroup: agent.redirect.as_ref().and(c.cgroup.clone()),
+            pin_dir: agent.redirect.as_ref().map(|r| r.pin_dir().to_owned()),
+            pinned_programs: agent
+                .redirect
+                .as_ref()
+                .map(|r| r.pinned_programs())
+                .unwrap_or_default(),
+            unapplied_entries: agent.redirect.as_ref().map_or(0, |r| r.failures().1),
         },
     };
     Ok(axum::Json(body))

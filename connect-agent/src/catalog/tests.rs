@@ -287,3 +287,52 @@ async fn of_two_agents_claiming_one_name_at_once_exactly_one_wins() {
         assert_eq!(&held, winner);
     }
 }
+
+/// With eBPF every distinct plaintext port needs a map entry: a registration that
+/// would pass the map's capacity is refused (409, naming the service and the port),
+/// and nothing of it is written; ports already held, a re-registration and a sidecar
+/// (not a plaintext port) still go through.
+#[tokio::test]
+async fn a_registration_beyond_the_protected_port_capacity_is_refused() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let mut cc = Config::for_tests().catalog();
+    cc.protected_port_limit = Some(2);
+    let c = Catalog::start(&cc, &NodeId::for_tests(), store)
+        .await
+        .expect("start");
+    for (id, port) in [("a", 7001), ("b", 7002), ("b2", 7002)] {
+        c.register(&json!({"name": id, "id": id, "port": port}))
+            .await
+            .expect("within capacity");
+    }
+    c.register(&json!({"name": "a", "id": "a", "port": 7001, "tags": ["again"]}))
+        .await
+        .expect("a re-registration adds no port");
+    let err = c
+        .register(&json!({"name": "c", "id": "c", "port": 7003}))
+        .await
+        .expect_err("a third port is refused");
+    assert!(
+        matches!(err, Error::ProtectedPortsFull { ref id, port: 7003, limit: 2 } if id == "c"),
+        "{err:?}"
+    );
+    assert_eq!(
+        crate::fault::Blame::fault(&err),
+        crate::fault::Fault::Conflict
+    );
+    assert!(
+        err.to_string().contains("protects 2 plaintext ports"),
+        "{err}"
+    );
+    assert!(
+        !ids(&c).contains(&"c".to_owned()),
+        "nothing of it is written"
+    );
+    // Moving a service to a held port frees its old one for another.
+    c.register(&json!({"name": "a", "id": "a", "port": 7002}))
+        .await
+        .expect("a move within capacity");
+    c.register(&json!({"name": "c", "id": "c", "port": 7003}))
+        .await
+        .expect("the freed slot is usable");
+}

@@ -179,6 +179,57 @@ pub fn evaluate(r: &SecurityReport) -> Vec<Check> {
             _ => "eBPF ingress protection is not attached (start the agent with --cgroup): service ports are reachable directly".to_owned(),
         },
     });
+
+    let no_ebpf = "no eBPF programs (start the agent with --cgroup)";
+    let pinned: std::collections::BTreeSet<&str> =
+        ingress.pinned_programs.iter().map(String::as_str).collect();
+    let missing: Vec<&str> = connect_common::program::ALL
+        .iter()
+        .copied()
+        .filter(|p| !pinned.contains(p))
+        .collect();
+    checks.push(Check {
+        ok: ingress.attached && missing.is_empty(),
+        item: "IPv4 and IPv6, TCP and UDP covered",
+        reason: if !ingress.attached {
+            no_ebpf.to_owned()
+        } else if missing.is_empty() {
+            "connect4/6, sendmsg4/6, getpeername4/6, sock_ops and ingress are attached: every address family and form, and UDP, is enforced".to_owned()
+        } else {
+            format!("programs missing: {}", missing.join(", "))
+        },
+    });
+    let dir = ingress
+        .pin_dir
+        .as_ref()
+        .map_or_else(|| "bpffs".to_owned(), |d| d.display().to_string());
+    checks.push(Check {
+        ok: ingress.attached && !pinned.is_empty(),
+        item: "enforcement fails closed",
+        reason: if !ingress.attached {
+            no_ebpf.to_owned()
+        } else if pinned.is_empty() {
+            format!("nothing is pinned in {dir}: protection would end with the agent")
+        } else {
+            format!(
+                "the programs are pinned in {dir}: they keep enforcing while no agent runs (only `connect-agent detach` removes them)"
+            )
+        },
+    });
+    checks.push(Check {
+        ok: ingress.attached && ingress.unapplied_entries == 0,
+        item: "every protected port enforced",
+        reason: if !ingress.attached {
+            no_ebpf.to_owned()
+        } else if ingress.unapplied_entries == 0 {
+            "every service port and mesh destination is in the eBPF maps".to_owned()
+        } else {
+            format!(
+                "{} map entries could not be written (see connect_ebpf_map_write_failures_total and the agent's log): those ports are not protected",
+                ingress.unapplied_entries
+            )
+        },
+    });
     checks
 }
 
@@ -217,6 +268,12 @@ mod tests {
             ingress_protection: IngressReport {
                 attached: true,
                 cgroup: Some(PathBuf::from("/sys/fs/cgroup/app")),
+                pin_dir: Some(PathBuf::from("/sys/fs/bpf/connect/sys%2Ffs%2Fcgroup%2Fapp")),
+                pinned_programs: connect_common::program::ALL
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect(),
+                unapplied_entries: 0,
             },
         }
     }
@@ -224,10 +281,12 @@ mod tests {
     #[test]
     fn every_item_judged() {
         let all_ok = evaluate(&secure());
-        assert_eq!(all_ok.len(), 5);
+        assert_eq!(all_ok.len(), 8);
         assert!(all_ok.iter().all(|c| c.ok), "{all_ok:?}");
 
         type Break = fn(&mut SecurityReport);
+        // Each break fails exactly its item (the first listed), except no eBPF at all,
+        // which fails every eBPF item.
         let cases: &[(Break, &str, &str)] = &[
             (|r| r.acl.enabled = false, "ACLs enabled", "disabled"),
             (
@@ -281,15 +340,44 @@ mod tests {
                 "non-Connect",
                 "--cgroup",
             ),
+            (
+                |r| {
+                    r.ingress_protection
+                        .pinned_programs
+                        .retain(|p| p != "connect6")
+                },
+                "IPv6",
+                "missing: connect6",
+            ),
+            (
+                |r| r.ingress_protection.pinned_programs.clear(),
+                "fails closed",
+                "nothing is pinned",
+            ),
+            (
+                |r| r.ingress_protection.unapplied_entries = 2,
+                "every protected port",
+                "2 map entries",
+            ),
         ];
         for (brk, item, reason) in cases {
             let mut r = secure();
             brk(&mut r);
             let checks = evaluate(&r);
             let failed: Vec<&Check> = checks.iter().filter(|c| !c.ok).collect();
-            assert_eq!(failed.len(), 1, "{item}: {checks:?}");
-            assert!(failed[0].item.contains(item), "{:?}", failed[0]);
-            assert!(failed[0].reason.contains(reason), "{:?}", failed[0]);
+            let expected = if r.ingress_protection.attached {
+                // Dropping every pin also leaves programs "missing".
+                1 + usize::from(r.ingress_protection.pinned_programs.is_empty())
+            } else {
+                4
+            };
+            assert_eq!(failed.len(), expected, "{item}: {checks:?}");
+            assert!(
+                failed
+                    .iter()
+                    .any(|c| c.item.contains(item) && c.reason.contains(reason)),
+                "{item} / {reason}: {failed:?}"
+            );
         }
     }
 }

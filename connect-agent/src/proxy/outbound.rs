@@ -125,6 +125,13 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAddr, route
         )
     };
     let Some(conn) = Connection::open(&shared, Side::Outbound, span) else {
+        // Claim the origin record of a refused connection too: left behind, it would
+        // be handed to a later socket that reuses the client port.
+        if let (Route::Transparent(origin), SocketAddr::V4(peer)) = (&route, peer)
+            && let Err(error) = origin.take_redirect(peer)
+        {
+            tracing::debug!(%peer, %error, "cannot remove the refused connection's redirect record");
+        }
         refuse(&app);
         return;
     };

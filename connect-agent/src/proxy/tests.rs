@@ -843,6 +843,43 @@ async fn the_transparent_listener_routes_by_cgroup_and_original_destination() {
     .await;
 }
 
+/// A transparent connection the limit refuses still has its origin claimed: left
+/// behind, the record would be handed to a later socket that reuses the client port.
+#[tokio::test]
+async fn a_refused_transparent_connection_leaves_no_record_behind() {
+    // Two slots: the first connection's outbound side and, on this same node, its
+    // inbound side.
+    let limits = Limits {
+        max_connections: 2,
+        ..Limits::default()
+    };
+    let n = node_with(agent().await, limits, None).await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let (origin, transparent, orig) = transparent_listener(&n).await;
+    let mut first = recorded_socket(&origin, orig, 42)
+        .connect(transparent)
+        .await
+        .expect("connect");
+    expect_echo(&mut first, b"holds the one slot").await;
+
+    let mut refused = recorded_socket(&origin, orig, 42)
+        .connect(transparent)
+        .await
+        .expect("connect");
+    expect_closed(&mut refused, DEADLINE).await;
+    let m = n.metrics();
+    eventually("the refusal", || {
+        m.closed(Side::Outbound, Outcome::LimitReached) == 1
+    })
+    .await;
+    assert!(
+        origin.0.lock().expect("lock").is_empty(),
+        "the refused connection's record is gone"
+    );
+    expect_echo(&mut first, b"unaffected").await;
+}
+
 #[tokio::test]
 async fn upstream_listeners_follow_the_directory() {
     let (n, _backend, up) = socat_behind_upstream().await;

@@ -31,9 +31,10 @@ pub(super) fn down(name: &str) -> Result<()> {
     let mut problems = Vec::new();
     let mut removed = Vec::new();
     if let Some(st) = &st {
-        // Agents first (they detach their eBPF programs on SIGTERM), then the demo
-        // services, then the etcd members one at a time (members stopped together
-        // wait for each other's leadership transfer); only the PIDs `up` recorded.
+        // Agents first, then the demo services, then the etcd members one at a time
+        // (members stopped together wait for each other's leadership transfer);
+        // only the PIDs `up` recorded. The agents' eBPF programs outlive them
+        // (pinned): `connect-agent detach` removes them, node by node.
         let role =
             |r: Role| -> Vec<&ProcRecord> { st.procs.iter().filter(|p| p.role == r).collect() };
         let live = st.procs.iter().filter(|p| alive(p)).count();
@@ -44,6 +45,30 @@ pub(super) fn down(name: &str) -> Result<()> {
         }
         if !stuck.is_empty() {
             problems.push(format!("processes {stuck:?} would not stop"));
+        }
+        let mut detached = 0;
+        for node in &st.nodes {
+            let out = Command::new(&st.agent_bin)
+                .arg("detach")
+                .arg("--cgroup")
+                .arg(&node.cgroup)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {
+                    if String::from_utf8_lossy(&o.stdout).starts_with("Detached") {
+                        detached += 1;
+                    }
+                }
+                Ok(o) => problems.push(format!(
+                    "connect-agent detach --cgroup {}: {}",
+                    node.cgroup.display(),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(e) => problems.push(format!("cannot run {}: {e}", st.agent_bin.display())),
+            }
+        }
+        if detached > 0 {
+            removed.push(format!("the eBPF programs of {detached} nodes"));
         }
         removed.push(format!("{live} processes"));
     }
