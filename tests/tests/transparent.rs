@@ -439,3 +439,95 @@ fn now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
+
+/// `web => db` decided by intentions whatever way web dials: every host-local form
+/// of db's port, in both families, goes through the mesh when allowed (each one
+/// counted as redirected, none reaching the listener on its own) and is reset when
+/// denied. UDP to db's port is refused from web either way (Connect carries TCP
+/// only) and reaches it from db's own cgroup; a process outside the application
+/// cgroup (the operator's) reaches it directly, the positive control.
+#[test]
+fn web_reaches_db_by_every_address_form_only_as_intentions_allow() -> Result<()> {
+    use connect_tests::probes::{DIAL, SERVE};
+    require_privileges()?;
+    let mut cg = TestCgroup::create("transp-forms")?;
+    let web = cg.child("web")?.to_owned();
+    let db = cg.child("db")?.to_owned();
+    let cgroup = cg.path.to_string_lossy().into_owned();
+    let agent = AgentProcess::start_dev("transp-forms", &["--cgroup", &cgroup])?;
+    let port = connect_tests::agent::free_port()?;
+    register(&agent, &json!({"Name": "web", "Port": 0, "cgroup": "web"}))?;
+    register(
+        &agent,
+        &json!({"Name": "db", "Port": port, "cgroup": "db", "Connect": {"Proxy": {}}}),
+    )?;
+    let _server = CgroupProc::spawn(&db, "python3", &["-c", SERVE, &port.to_string()])?;
+    let dial = |cgroup: Option<&Path>, mode: &str, host: &str| -> Result<String> {
+        let args = ["-c", DIAL, mode, host, &port.to_string()];
+        let out = match cgroup {
+            Some(cg) => {
+                CgroupProc::spawn(cg, "python3", &args)?
+                    .output(Duration::from_secs(20))?
+                    .1
+            }
+            None => String::from_utf8_lossy(&Command::new("python3").args(args).output()?.stdout)
+                .into_owned(),
+        };
+        Ok(out.trim().to_owned())
+    };
+    assert_eventually(
+        Duration::from_secs(5),
+        "db up and its port protected",
+        || {
+            dial(None, "tcp", "127.0.0.1").is_ok_and(|o| o == "got direct peer 127.0.0.1")
+                && dial(Some(&web), "udp-sendto", "127.0.0.1").is_ok_and(|o| o == "refused")
+        },
+    )?;
+
+    let forms = [
+        ("127.0.0.1", "127.0.0.1"),
+        ("0.0.0.0", "127.0.0.1"),
+        ("::1", "::1"),
+        ("::", "::1"),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+        ("::ffff:0.0.0.0", "::ffff:127.0.0.1"),
+    ];
+    // Allowed (--dev): through the mesh, every form.
+    for (host, peer) in forms {
+        let before = ebpf_counter(&agent, "redirected")?;
+        let out = dial(Some(&web), "tcp", host)?;
+        ensure!(
+            out == format!("got direct peer {peer}"),
+            "web -> db at {host} (allowed): {out}\n{}",
+            agent.log()
+        );
+        ensure!(
+            ebpf_counter(&agent, "redirected")? > before,
+            "web -> db at {host} went through the proxy"
+        );
+    }
+    let out = cli(&agent, &["intention", "create", "-deny", "web", "db"])?;
+    ensure!(out.status.success(), "{out:?}");
+    for (host, _) in forms {
+        let out = dial(Some(&web), "tcp", host)?;
+        ensure!(
+            out == "failed 104",
+            "web -> db at {host} (denied) must be reset: {out}"
+        );
+    }
+    for host in ["127.0.0.1", "::1", "::ffff:127.0.0.1", "::"] {
+        for mode in ["udp-sendto", "udp-connect"] {
+            let out = dial(Some(&web), mode, host)?;
+            ensure!(out == "refused", "web {mode} {host}: {out}");
+        }
+    }
+    // Positive controls: the owner's cgroup over UDP, the operator's process over TCP.
+    let out = dial(Some(&db), "udp-sendto", "::1")?;
+    ensure!(out == "got direct peer -", "db to its own port: {out}");
+    let out = dial(None, "tcp", "::1")?;
+    ensure!(
+        out == "got direct peer ::1",
+        "outside the application cgroup: {out}"
+    );
+    Ok(())
+}
