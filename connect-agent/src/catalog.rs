@@ -336,7 +336,12 @@ impl Catalog {
     /// Registers one service from an API body (Consul's shape, any key case), with its
     /// sidecar when `connect.sidecar_service` is given. Returns the service ID.
     pub async fn register(&self, body: &serde_json::Value) -> Result<String, Error> {
-        let def = definition::parse(body, "")?;
+        self.register_definition(definition::parse(body, "")?).await
+    }
+
+    /// [`Catalog::register`] of a definition parsed already (the API parses first,
+    /// to judge the caller's rights on exactly what is registered).
+    pub async fn register_definition(&self, def: Definition) -> Result<String, Error> {
         let id = def.id.clone();
         self.apply(vec![def], Source::Api, false).await?;
         tracing::info!(id = %id, "service registered");

@@ -346,15 +346,7 @@ impl AgentArgs {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "node".to_owned()),
         };
-        if node_name.is_empty()
-            || node_name.len() > 128
-            || node_name.chars().any(char::is_whitespace)
-        {
-            return Err(Error::NodeName(
-                node_name,
-                "it must be 1-128 characters without spaces",
-            ));
-        }
+        check_node_name(&node_name)?;
         let inbound_addr = self
             .inbound_addr
             .unwrap_or(SocketAddr::new(self.advertise_addr, DEFAULT_INBOUND_PORT));
@@ -496,6 +488,25 @@ fn parse_store(s: &str) -> Result<StoreUrl, Error> {
     Ok(StoreUrl::Etcd { endpoints })
 }
 
+/// Node names as Consul's DNS interface wants them: letters, digits, `-`, `_` and
+/// `.` (host names are the default), starting with a letter or a digit, at most 128
+/// bytes. Above all no `/`, which the catalog's store keys split on.
+fn check_node_name(name: &str) -> Result<(), Error> {
+    let reason = if name.is_empty() || name.len() > 128 {
+        "it must be 1-128 characters"
+    } else if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        "it must start with a letter or a digit"
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        "it may hold only letters, digits, '-', '_' and '.' (like a DNS name)"
+    } else {
+        return Ok(());
+    };
+    Err(Error::NodeName(name.to_owned(), reason))
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -515,6 +526,32 @@ mod tests {
             .expect("flags")
             .agent
             .into_config()
+    }
+
+    /// `/` would split the catalog's store keys (`catalog/nodes/<name>/…`): node
+    /// names are refused unless they are DNS-like, with the reason in the error.
+    #[test]
+    fn node_names_are_dns_like() {
+        for good in ["n1", "web-01", "host.example.com", "a_b", "N3"] {
+            let c = config(&["--node-name", good]).expect(good);
+            assert_eq!(c.node_name, good);
+        }
+        for (bad, why) in [
+            ("a/b", "only letters"),
+            ("../n2", "start with"),
+            ("n 1", "only letters"),
+            ("-n1", "start with"),
+            ("", "1-128"),
+            ("n\u{7}", "only letters"),
+        ] {
+            match config(&[&format!("--node-name={bad}")]) {
+                Err(e @ Error::NodeName(..)) => {
+                    assert!(e.to_string().contains(why), "{bad:?}: {e}")
+                }
+                other => panic!("{bad:?} must be refused: {other:?}"),
+            }
+        }
+        assert!(config(&["--node-name", &"n".repeat(129)]).is_err());
     }
 
     #[test]

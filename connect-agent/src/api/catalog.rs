@@ -69,15 +69,48 @@ async fn register(
     body: Bytes,
 ) -> Result<Response, Error> {
     let value: Value = serde_json::from_slice(&body).map_err(|e| Error::Decode(e.to_string()))?;
-    // service:write on the name registered (an absent or bad name is refused by the
-    // catalog's validation, which names the field).
-    if let Some(name) = definition_name(&value) {
-        authz.require(Right::ServiceWrite(name))?;
-    } else {
-        authz.require(Right::ServiceWrite(""))?;
+    // The rights are judged on the definition as parsed, the one that is registered,
+    // never on a field read another way. A body the parser refuses still needs a
+    // valid token, so that anonymous callers learn nothing from the validation.
+    let def = match catalog::definition::parse(&value, "") {
+        Ok(def) => def,
+        Err(e) => {
+            authz.known()?;
+            return Err(catalog::Error::from(e).into());
+        }
+    };
+    for name in registration_rights(&agent.catalog.snapshot(), &def) {
+        authz.require(Right::ServiceWrite(&name))?;
     }
-    agent.catalog.register(&value).await?;
+    agent.catalog.register_definition(def).await?;
     Ok(().into_response())
+}
+
+/// The services a registration needs `service:write` on: the one it names; for a
+/// `connect-proxy`, the service it fronts (its upstreams dial as that service, as
+/// Consul rules); and, for each ID it writes (its own and its sidecar's) that a
+/// local service holds now, that service, so that a token for `web` cannot replace
+/// `db`'s registration by naming `db`'s ID.
+fn registration_rights(
+    snap: &CatalogSnapshot,
+    def: &catalog::definition::Definition,
+) -> Vec<String> {
+    let mut names = vec![def.name.to_string()];
+    if let Some(p) = &def.proxy {
+        names.push(p.destination_service_name.to_string());
+    }
+    let mut ids = vec![def.id.clone()];
+    if def.sidecar.is_some() {
+        ids.push(format!("{}-sidecar-proxy", def.id));
+    }
+    for id in ids {
+        if let Some(holder) = snap.local_service(&id) {
+            names.push(holder.service.service.to_string());
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 async fn deregister(
@@ -329,11 +362,6 @@ async fn health_connect(
 }
 
 /// The `Name` of a registration body (`name` too, as Consul's decoder is lenient).
-fn definition_name(v: &Value) -> Option<&str> {
-    v.get("Name")
-        .or_else(|| v.get("name"))
-        .and_then(Value::as_str)
-}
 
 /// The service JSON of an entry; for a Connect endpoint, the address to dial is the
 /// node's inbound proxy.

@@ -77,11 +77,28 @@ fn canon(key: &str) -> String {
 }
 
 /// The value of `name` in `obj`, matched on canonical keys; JSON `null` is absent.
-fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<(&'a str, &'a Value)> {
+///
+/// A field given twice in different spellings (`Name` and `NAME`, `cgroup` and
+/// `Cgroup`) is refused: which one wins would otherwise be an accident of key
+/// order, and a check that read the other spelling (an ACL check on the name, say)
+/// would judge a different definition than the one registered.
+fn field<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    at: &str,
+) -> Result<Option<(&'a str, &'a Value)>, InputError> {
     let want = canon(name);
-    obj.iter()
-        .find(|(k, v)| canon(k) == want && !v.is_null())
-        .map(|(k, v)| (k.as_str(), v))
+    let mut spellings = obj.iter().filter(|(k, _)| canon(k) == want);
+    let first = spellings.next();
+    if let (Some((k1, _)), Some((k2, _))) = (first, spellings.next()) {
+        return Err(err(
+            &path(at, k2),
+            format!("{name} is given twice, as {k1:?} and {k2:?}"),
+        ));
+    }
+    Ok(first
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.as_str(), v)))
 }
 
 fn path(parent: &str, key: &str) -> String {
@@ -97,7 +114,7 @@ fn as_object<'a>(v: &'a Value, at: &str) -> Result<&'a Map<String, Value>, Input
 }
 
 fn string(obj: &Map<String, Value>, name: &str, at: &str) -> Result<Option<String>, InputError> {
-    match field(obj, name) {
+    match field(obj, name, &at)? {
         None => Ok(None),
         Some((k, Value::String(s))) => {
             if s.chars().any(char::is_control) {
@@ -110,7 +127,7 @@ fn string(obj: &Map<String, Value>, name: &str, at: &str) -> Result<Option<Strin
 }
 
 fn port(obj: &Map<String, Value>, name: &str, at: &str) -> Result<Option<u16>, InputError> {
-    match field(obj, name) {
+    match field(obj, name, &at)? {
         None => Ok(None),
         Some((k, v)) => v
             .as_u64()
@@ -121,7 +138,7 @@ fn port(obj: &Map<String, Value>, name: &str, at: &str) -> Result<Option<u16>, I
 }
 
 fn boolean(obj: &Map<String, Value>, name: &str, at: &str) -> Result<bool, InputError> {
-    match field(obj, name) {
+    match field(obj, name, &at)? {
         None => Ok(false),
         Some((_, Value::Bool(b))) => Ok(*b),
         Some((k, _)) => Err(err(&path(at, k), "expected true or false")),
@@ -133,7 +150,7 @@ fn strings(
     name: &str,
     at: &str,
 ) -> Result<Option<Vec<String>>, InputError> {
-    let Some((k, v)) = field(obj, name) else {
+    let Some((k, v)) = field(obj, name, &at)? else {
         return Ok(None);
     };
     let at = path(at, k);
@@ -156,7 +173,7 @@ fn string_map(
     name: &str,
     at: &str,
 ) -> Result<Option<BTreeMap<String, String>>, InputError> {
-    let Some((k, v)) = field(obj, name) else {
+    let Some((k, v)) = field(obj, name, &at)? else {
         return Ok(None);
     };
     let at = path(at, k);
@@ -197,9 +214,9 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
     let obj = as_object(v, if at.is_empty() { "body" } else { at })?;
     // `Name` is Consul's; `Service` is accepted too when it is a string (the catalog's
     // spelling), since definitions get copied between the two.
-    let raw_name = match string(obj, "Name", at)? {
+    let raw_name = match string(obj, "Name", &at)? {
         Some(n) => Some(n),
-        None => match field(obj, "Service") {
+        None => match field(obj, "Service", &at)? {
             Some((_, Value::String(s))) => Some(s.clone()),
             _ => None,
         },
@@ -208,11 +225,11 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
         return Err(err(&path(at, "Name"), "Missing service name"));
     };
     let svc = name(&raw_name, &path(at, "Name"))?;
-    let id = string(obj, "ID", at)?
+    let id = string(obj, "ID", &at)?
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| raw_name.clone());
     check_id(&id).map_err(|e| err(&path(at, "ID"), e.reason))?;
-    let kind = match string(obj, "Kind", at)?.as_deref() {
+    let kind = match string(obj, "Kind", &at)?.as_deref() {
         None | Some("") => ServiceKind::Typical,
         Some("connect-proxy") => ServiceKind::ConnectProxy,
         Some(other) => {
@@ -222,11 +239,11 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
             ));
         }
     };
-    let address = string(obj, "Address", at)?.filter(|s| !s.is_empty());
-    let port = port(obj, "Port", at)?.unwrap_or(0);
-    let tags = strings(obj, "Tags", at)?.unwrap_or_default();
-    let meta = string_map(obj, "Meta", at)?.unwrap_or_default();
-    let cgroup = match string(obj, "cgroup", at)? {
+    let address = string(obj, "Address", &at)?.filter(|s| !s.is_empty());
+    let port = port(obj, "Port", &at)?.unwrap_or(0);
+    let tags = strings(obj, "Tags", &at)?.unwrap_or_default();
+    let meta = string_map(obj, "Meta", &at)?.unwrap_or_default();
+    let cgroup = match string(obj, "cgroup", &at)? {
         None => None,
         Some(s) if s.is_empty() => None,
         Some(s) => Some(cgroup_path(&s, &path(at, "cgroup"))?),
@@ -235,19 +252,19 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
     let mut native = false;
     let mut upstreams = Vec::new();
     let mut sidecar = None;
-    if let Some((k, c)) = field(obj, "Connect") {
+    if let Some((k, c)) = field(obj, "Connect", &at)? {
         let at = path(at, k);
         let c = as_object(c, &at)?;
         native = boolean(c, "Native", &at)?;
-        if let Some((k, s)) = field(c, "SidecarService") {
+        if let Some((k, s)) = field(c, "SidecarService", &at)? {
             sidecar = Some(parse_sidecar(s, &path(&at, k))?);
         }
         // The managed-proxy form, `connect.proxy.config.upstreams`: the agent itself
         // opens these listeners for the service.
-        if let Some((k, p)) = field(c, "Proxy") {
+        if let Some((k, p)) = field(c, "Proxy", &at)? {
             let at = path(&at, k);
             let p = as_object(p, &at)?;
-            if let Some((k, cfg)) = field(p, "Config") {
+            if let Some((k, cfg)) = field(p, "Config", &at)? {
                 let at = path(&at, k);
                 let cfg = as_object(cfg, &at)?;
                 upstreams = parse_upstreams(cfg, &at)?;
@@ -258,7 +275,7 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
         }
     }
 
-    let proxy = match field(obj, "Proxy") {
+    let proxy = match field(obj, "Proxy", &at)? {
         Some((k, p)) if kind == ServiceKind::ConnectProxy => Some(parse_proxy(p, &path(at, k))?),
         _ => None,
     };
@@ -296,19 +313,19 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
 }
 
 fn parse_sidecar(v: &Value, at: &str) -> Result<SidecarSpec, InputError> {
-    let obj = as_object(v, at)?;
+    let obj = as_object(v, &at)?;
     let mut spec = SidecarSpec {
-        port: port(obj, "Port", at)?.filter(|p| *p != 0),
-        address: string(obj, "Address", at)?.filter(|s| !s.is_empty()),
-        tags: strings(obj, "Tags", at)?,
-        meta: string_map(obj, "Meta", at)?,
+        port: port(obj, "Port", &at)?.filter(|p| *p != 0),
+        address: string(obj, "Address", &at)?.filter(|s| !s.is_empty()),
+        tags: strings(obj, "Tags", &at)?,
+        meta: string_map(obj, "Meta", &at)?,
         ..SidecarSpec::default()
     };
-    if let Some((k, p)) = field(obj, "Proxy") {
+    if let Some((k, p)) = field(obj, "Proxy", &at)? {
         let at = path(at, k);
         let p = as_object(p, &at)?;
         spec.upstreams = parse_upstreams(p, &at)?;
-        if let Some((k, c)) = field(p, "Config") {
+        if let Some((k, c)) = field(p, "Config", &at)? {
             spec.config = as_object(c, &path(&at, k))?.clone();
         }
     }
@@ -316,8 +333,8 @@ fn parse_sidecar(v: &Value, at: &str) -> Result<SidecarSpec, InputError> {
 }
 
 fn parse_proxy(v: &Value, at: &str) -> Result<ProxyDefinition, InputError> {
-    let obj = as_object(v, at)?;
-    let dest = string(obj, "DestinationServiceName", at)?
+    let obj = as_object(v, &at)?;
+    let dest = string(obj, "DestinationServiceName", &at)?
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
             err(
@@ -326,16 +343,16 @@ fn parse_proxy(v: &Value, at: &str) -> Result<ProxyDefinition, InputError> {
             )
         })?;
     let destination_service_name = name(&dest, &path(at, "DestinationServiceName"))?;
-    let config = match field(obj, "Config") {
+    let config = match field(obj, "Config", &at)? {
         Some((k, c)) => as_object(c, &path(at, k))?.clone(),
         None => Map::new(),
     };
     Ok(ProxyDefinition {
         destination_service_name,
-        destination_service_id: string(obj, "DestinationServiceID", at)?.unwrap_or_default(),
-        local_service_address: string(obj, "LocalServiceAddress", at)?.unwrap_or_default(),
-        local_service_port: port(obj, "LocalServicePort", at)?.unwrap_or(0),
-        upstreams: parse_upstreams(obj, at)?,
+        destination_service_id: string(obj, "DestinationServiceID", &at)?.unwrap_or_default(),
+        local_service_address: string(obj, "LocalServiceAddress", &at)?.unwrap_or_default(),
+        local_service_port: port(obj, "LocalServicePort", &at)?.unwrap_or(0),
+        upstreams: parse_upstreams(obj, &at)?,
         config,
     })
 }
@@ -345,7 +362,7 @@ fn parse_upstreams(
     obj: &Map<String, Value>,
     at: &str,
 ) -> Result<Vec<UpstreamDefinition>, InputError> {
-    let Some((k, v)) = field(obj, "Upstreams") else {
+    let Some((k, v)) = field(obj, "Upstreams", &at)? else {
         return Ok(Vec::new());
     };
     let at = path(at, k);
@@ -378,6 +395,16 @@ fn parse_upstreams(
                 .parse()
                 .map_err(|_| err(&path(&at, "local_bind_address"), "expected an IP address"))?,
         };
+        // The listener speaks as its service to whoever connects: only this host's
+        // own processes may reach it.
+        if !local_bind_address.is_loopback() {
+            return Err(err(
+                &path(&at, "local_bind_address"),
+                format!(
+                    "{local_bind_address} is not a loopback address (an upstream listener dials as its service for anyone who reaches it)"
+                ),
+            ));
+        }
         if !seen.insert((local_bind_address, local_bind_port)) {
             return Err(err(
                 &at,
@@ -414,12 +441,12 @@ fn cgroup_path(s: &str, at: &str) -> Result<PathBuf, InputError> {
 /// `{"services": [{…}, …]}` or a bare service object.
 pub fn parse_document(v: &Value) -> Result<Vec<Definition>, InputError> {
     let obj = as_object(v, "document")?;
-    if let Some((k, s)) = field(obj, "service")
+    if let Some((k, s)) = field(obj, "service", "")?
         && s.is_object()
     {
         return Ok(vec![parse(s, k)?]);
     }
-    if let Some((k, list)) = field(obj, "services") {
+    if let Some((k, list)) = field(obj, "services", "")? {
         let arr = list.as_array().ok_or_else(|| err(k, "expected a list"))?;
         return arr
             .iter()
@@ -461,6 +488,51 @@ mod tests {
         assert_eq!(d[0].upstreams.len(), 1);
         assert_eq!(d[0].upstreams[0].destination_name.as_str(), "socat");
         assert_eq!(d[0].upstreams[0].local_bind_port, 9191);
+    }
+
+    /// An upstream listener dials as its service for whoever connects to it: it
+    /// binds loopback only (IPv4 or IPv6); any other address is refused by name.
+    #[test]
+    fn upstream_listeners_bind_loopback_only() {
+        let with_bind = |addr: &str| {
+            parse(
+                &json!({"Name": "web", "Connect": {"Proxy": {"Config": {"Upstreams": [
+                    {"DestinationName": "db", "LocalBindPort": 9191, "LocalBindAddress": addr}]}}}}),
+                "",
+            )
+        };
+        for ok in ["127.0.0.1", "127.0.0.2", "::1", ""] {
+            assert!(with_bind(ok).is_ok(), "{ok}");
+        }
+        for bad in ["0.0.0.0", "198.18.0.1", "::", "fe80::1"] {
+            let e = with_bind(bad).expect_err(bad);
+            assert!(e.field.ends_with("local_bind_address"), "{bad}: {e:?}");
+            assert!(e.reason.contains("not a loopback address"), "{bad}: {e:?}");
+        }
+    }
+
+    /// A field named twice in two spellings is refused, naming both: the parser
+    /// must not pick one by key order while a check read the other.
+    #[test]
+    fn a_field_given_twice_is_refused() {
+        for body in [
+            json!({"Name": "web", "NAME": "db"}),
+            json!({"Name": "web", "ID": "a", "id": "b"}),
+            json!({"Name": "web", "Connect": {"SidecarService": {}, "sidecar_service": {}}}),
+            json!({"Name": "web", "Port": null, "port": 5432}),
+        ] {
+            let e = parse(&body, "").expect_err(&body.to_string());
+            assert!(e.reason.contains("given twice"), "{body}: {e:?}");
+        }
+        let e = parse(&json!({"Name": "web", "NAME": "db"}), "").expect_err("twice");
+        assert!(e.field == "NAME" || e.field == "Name", "{e:?}");
+        assert!(
+            e.reason.contains("\"NAME\"") && e.reason.contains("\"Name\""),
+            "both spellings named: {e:?}"
+        );
+        // Free-form maps keep keys that only look alike.
+        let d = parse(&json!({"Name": "web", "Meta": {"a_b": "1", "ab": "2"}}), "").expect("meta");
+        assert_eq!(d.meta.len(), 2);
     }
 
     #[test]

@@ -798,3 +798,100 @@ async fn intention_changes_need_intentions_write_and_take_effect() {
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("\"Authorized\":true"), "{body}");
 }
+
+/// A token for one service cannot register as another: not by spelling `Name`
+/// twice, not by naming another service's ID, not as a `connect-proxy` of a service
+/// it may not write; each is refused and leaves the catalog as it was, beside the
+/// same registration that the token's own service may make.
+#[tokio::test]
+async fn a_registration_is_judged_on_what_it_registers() {
+    let agent = agent_with_acls(DefaultPolicy::Deny).await;
+    bootstrap(&agent).await;
+    agent
+        .catalog
+        .register(&json!({"ID": "db-1", "Name": "db", "Port": 5432}))
+        .await
+        .expect("db");
+    let web = token_with_rules(&agent, r#"service "web" { policy = "write" }"#).await;
+    let register = |body: Value| {
+        let agent = agent.clone();
+        let web = web.clone();
+        async move {
+            call(
+                &agent,
+                "PUT",
+                "/v1/agent/service/register",
+                Some(&body),
+                Some((&web, Via::Header)),
+            )
+            .await
+        }
+    };
+    let db_of = |agent: &Agent| {
+        agent
+            .catalog
+            .snapshot()
+            .local_service("db-1")
+            .map(|i| (i.service.service.to_string(), i.service.port))
+    };
+
+    // Two spellings of one field: 400 naming it, whatever the token.
+    let (status, body) = register(json!({"Name": "web", "NAME": "db", "Port": 1})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body.contains("NAME") && body.contains("given twice"),
+        "{body}"
+    );
+    let (status, body) = register(json!({"Name": "web", "cgroup": "web", "Cgroup": "db"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // Another service's ID: refused, db's registration untouched.
+    let (status, body) = register(json!({"ID": "db-1", "Name": "web", "Port": 8080})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(db_of(&agent), Some(("db".into(), 5432)));
+    // A sidecar whose ID would replace db's sidecar: refused too.
+    agent
+        .catalog
+        .register(
+            &json!({"ID": "db-1", "Name": "db", "Port": 5432, "Connect": {"SidecarService": {}}}),
+        )
+        .await
+        .expect("db with a sidecar");
+    let (status, body) = register(
+        json!({"ID": "db-1", "Name": "web", "Port": 8080, "Connect": {"SidecarService": {}}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+
+    // A connect-proxy for db: its upstreams would dial as db.
+    let (status, body) = register(json!({
+        "Name": "web-proxy", "Kind": "connect-proxy", "Port": 21000,
+        "Proxy": {"DestinationServiceName": "db"}
+    }))
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+
+    // Positive controls: web's own registrations, plain and as a proxy of web.
+    let (status, body) = register(json!({"ID": "web-1", "Name": "web", "Port": 8080})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = register(json!({"ID": "web-1", "Name": "web", "Port": 8081})).await;
+    assert_eq!(status, StatusCode::OK, "re-registering its own ID: {body}");
+    let ok = token_with_rules(
+        &agent,
+        r#"service "web" { policy = "write" } service "web-proxy" { policy = "write" }"#,
+    )
+    .await;
+    let (status, body) = call(
+        &agent,
+        "PUT",
+        "/v1/agent/service/register",
+        Some(&json!({
+            "Name": "web-proxy", "Kind": "connect-proxy", "Port": 21000,
+            "Proxy": {"DestinationServiceName": "web"}
+        })),
+        Some((&ok, Via::Header)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(db_of(&agent), Some(("db".into(), 5432)), "db never changed");
+}
