@@ -92,6 +92,17 @@ pub enum Error {
     },
     #[error("no sidecar port left in the range [21000, 21255] for {id:?}")]
     NoSidecarPort { id: String },
+    /// A port or a cgroup names one service on a node: the eBPF maps, the proxy's
+    /// local routing and the Workload API's attestation all go from it to one owner.
+    #[error(
+        "service {id:?} claims {what}, which service {holder:?} (ID {holder_id:?}) holds on this node"
+    )]
+    Claimed {
+        id: String,
+        what: String,
+        holder: String,
+        holder_id: String,
+    },
     /// Every protected port needs an eBPF map entry; a port that cannot have one
     /// would be open to everyone, so its registration is refused instead.
     #[error(
@@ -132,7 +143,7 @@ impl crate::fault::Blame for Error {
         use crate::fault::Fault;
         match self {
             Error::UnknownService { .. } => Fault::NotFound,
-            Error::ProtectedPortsFull { .. } => Fault::Conflict,
+            Error::ProtectedPortsFull { .. } | Error::Claimed { .. } => Fault::Conflict,
             e if e.is_user_error() => Fault::Caller,
             _ => Fault::Ours,
         }
@@ -147,6 +158,45 @@ impl Error {
             Error::Store(_) | Error::Corrupt { .. } | Error::ClaimContended { .. }
         )
     }
+}
+
+/// Refuses a write after which two local services of different names would hold
+/// one port or one cgroup: `evil` registered on `db`'s port or in `web`'s cgroup
+/// would capture or relabel their traffic. Instances of one service may share them
+/// (two processes of `web` in one cgroup, one port on two addresses). Names the holder.
+fn check_claims(
+    existing: &BTreeMap<String, Service>,
+    new: &BTreeMap<String, Service>,
+) -> Result<(), Error> {
+    let after: Vec<&Service> = existing
+        .values()
+        .filter(|s| !new.contains_key(&s.id))
+        .chain(new.values())
+        .collect();
+    for s in new.values() {
+        for other in after.iter().filter(|o| o.id != s.id) {
+            let what = if s.port != 0 && s.port == other.port && s.service != other.service {
+                format!("port {}", s.port)
+            } else if s.cgroup.is_some() && s.cgroup == other.cgroup && s.service != other.service {
+                format!(
+                    "cgroup {:?}",
+                    s.cgroup
+                        .as_deref()
+                        .map(|c| c.display().to_string())
+                        .unwrap_or_default()
+                )
+            } else {
+                continue;
+            };
+            return Err(Error::Claimed {
+                id: s.id.clone(),
+                what,
+                holder: other.service.to_string(),
+                holder_id: other.id.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a write that would leave the node with more distinct protected ports
@@ -471,6 +521,7 @@ impl Catalog {
             }
             new.insert(svc.id.clone(), svc);
         }
+        check_claims(&existing, &new)?;
         if let Some(limit) = self.protected_port_limit {
             check_port_capacity(&existing, &new, limit)?;
         }

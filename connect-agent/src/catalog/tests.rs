@@ -300,8 +300,8 @@ async fn a_registration_beyond_the_protected_port_capacity_is_refused() {
     let c = Catalog::start(&cc, &NodeId::for_tests(), store)
         .await
         .expect("start");
-    for (id, port) in [("a", 7001), ("b", 7002), ("b2", 7002)] {
-        c.register(&json!({"name": id, "id": id, "port": port}))
+    for (id, name, port) in [("a", "a", 7001), ("b", "b", 7002), ("b2", "b", 7002)] {
+        c.register(&json!({"name": name, "id": id, "port": port}))
             .await
             .expect("within capacity");
     }
@@ -328,11 +328,53 @@ async fn a_registration_beyond_the_protected_port_capacity_is_refused() {
         !ids(&c).contains(&"c".to_owned()),
         "nothing of it is written"
     );
-    // Moving a service to a held port frees its old one for another.
-    c.register(&json!({"name": "a", "id": "a", "port": 7002}))
-        .await
-        .expect("a move within capacity");
+    // A deregistration frees its slot for another.
+    c.deregister("a").await.expect("deregister");
     c.register(&json!({"name": "c", "id": "c", "port": 7003}))
         .await
         .expect("the freed slot is usable");
+}
+
+/// A port or a cgroup belongs to one service on a node: `evil` on `db`'s port or in
+/// `web`'s cgroup is refused (409, naming the holder) and nothing is written, while
+/// instances of one service may share both, and a freed port can be taken.
+#[tokio::test]
+async fn a_port_or_a_cgroup_belongs_to_one_service_per_node() {
+    let (c, _) = catalog_with(None).await;
+    c.register(&json!({"ID": "db-1", "Name": "db", "Port": 5432, "cgroup": "db"}))
+        .await
+        .expect("db");
+    c.register(&json!({"ID": "web-1", "Name": "web", "Port": 8080, "cgroup": "web"}))
+        .await
+        .expect("web");
+    for (body, what, holder) in [
+        (
+            json!({"ID": "evil", "Name": "evil", "Port": 5432}),
+            "port 5432",
+            "db-1",
+        ),
+        (
+            json!({"ID": "evil", "Name": "evil", "Port": 9999, "cgroup": "web"}),
+            "cgroup \"web\"",
+            "web-1",
+        ),
+    ] {
+        let err = c.register(&body).await.expect_err("claimed");
+        assert!(
+            matches!(&err, Error::Claimed { what: w, holder_id, .. } if w == what && holder_id == holder),
+            "{err:?}"
+        );
+        assert_eq!(
+            crate::fault::Blame::fault(&err),
+            crate::fault::Fault::Conflict
+        );
+        assert!(!ids(&c).contains(&"evil".to_owned()), "nothing written");
+    }
+    c.register(&json!({"ID": "web-2", "Name": "web", "Port": 8080, "cgroup": "web"}))
+        .await
+        .expect("a second instance of web shares its port and cgroup");
+    c.deregister("db-1").await.expect("deregister");
+    c.register(&json!({"ID": "evil", "Name": "evil", "Port": 5432}))
+        .await
+        .expect("a freed port can be taken");
 }
