@@ -229,9 +229,28 @@ fn enforcement_survives_kill_9_and_restart_until_detach() -> Result<()> {
     ensure!(!pins.path.exists(), "{} is gone", pins.path.display());
     ensure!(dial_peer(PROTECTED)? == "got direct", "open after detach");
 
+    // A first start on a bare cgroup (nothing pinned) fills the maps from the store
+    // before the programs attach, so they never run without the stored protection.
     // --detach-on-exit: a clean stop removes everything.
     let mut third = AgentProcess::start_in(&dir, &[], &["--cgroup", &cgroup, "--detach-on-exit"])?;
     one_copy_each(&cg)?;
+    let log = third.log();
+    let programmed = log
+        .lines()
+        .position(|l| l.contains("eBPF maps programmed from the store") && !l.contains("added=0"))
+        .with_context(|| format!("the maps were not filled from the store:\n{log}"))?;
+    let attached = log
+        .lines()
+        .position(|l| l.contains("eBPF programs attached"))
+        .with_context(|| format!("no attach line:\n{log}"))?;
+    ensure!(
+        programmed < attached,
+        "maps filled before the programs attach:\n{log}"
+    );
+    ensure!(
+        dial_peer(PROTECTED)?.starts_with("failed"),
+        "protected again at once"
+    );
     third.signal_and_wait(Signal::SIGTERM, Duration::from_secs(15))?;
     drop(third);
     assert_eventually(Duration::from_secs(2), "detached on exit", || {

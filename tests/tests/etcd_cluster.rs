@@ -122,11 +122,14 @@ fn deny(source: &str, destination: &str) -> Value {
     json!({"SourceName": source, "DestinationName": destination, "Action": "deny"})
 }
 
+/// A registration of `name` on a port of its own (a port belongs to one service
+/// per node).
 fn register_body(name: &str) -> Value {
+    let port = 8000 + name.bytes().map(u16::from).sum::<u16>() % 1000;
     json!({
         "Name": name,
         "ID": format!("{name}-1"),
-        "Port": 8080,
+        "Port": port,
         "Connect": {"SidecarService": {}},
     })
 }

@@ -361,8 +361,6 @@ async fn health_connect(
     Ok(json_response(headers, body))
 }
 
-/// The `Name` of a registration body (`name` too, as Consul's decoder is lenient).
-
 /// The service JSON of an entry; for a Connect endpoint, the address to dial is the
 /// node's inbound proxy.
 fn entry_service(i: &Instance, connect: bool) -> Value {

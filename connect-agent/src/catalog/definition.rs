@@ -114,7 +114,7 @@ fn as_object<'a>(v: &'a Value, at: &str) -> Result<&'a Map<String, Value>, Input
 }
 
 fn string(obj: &Map<String, Value>, name: &str, at: &str) -> Result<Option<String>, InputError> {
-    match field(obj, name, &at)? {
+    match field(obj, name, at)? {
         None => Ok(None),
         Some((k, Value::String(s))) => {
             if s.chars().any(char::is_control) {
@@ -127,7 +127,7 @@ fn string(obj: &Map<String, Value>, name: &str, at: &str) -> Result<Option<Strin
 }
 
 fn port(obj: &Map<String, Value>, name: &str, at: &str) -> Result<Option<u16>, InputError> {
-    match field(obj, name, &at)? {
+    match field(obj, name, at)? {
         None => Ok(None),
         Some((k, v)) => v
             .as_u64()
@@ -138,7 +138,7 @@ fn port(obj: &Map<String, Value>, name: &str, at: &str) -> Result<Option<u16>, I
 }
 
 fn boolean(obj: &Map<String, Value>, name: &str, at: &str) -> Result<bool, InputError> {
-    match field(obj, name, &at)? {
+    match field(obj, name, at)? {
         None => Ok(false),
         Some((_, Value::Bool(b))) => Ok(*b),
         Some((k, _)) => Err(err(&path(at, k), "expected true or false")),
@@ -150,7 +150,7 @@ fn strings(
     name: &str,
     at: &str,
 ) -> Result<Option<Vec<String>>, InputError> {
-    let Some((k, v)) = field(obj, name, &at)? else {
+    let Some((k, v)) = field(obj, name, at)? else {
         return Ok(None);
     };
     let at = path(at, k);
@@ -173,7 +173,7 @@ fn string_map(
     name: &str,
     at: &str,
 ) -> Result<Option<BTreeMap<String, String>>, InputError> {
-    let Some((k, v)) = field(obj, name, &at)? else {
+    let Some((k, v)) = field(obj, name, at)? else {
         return Ok(None);
     };
     let at = path(at, k);
@@ -214,9 +214,9 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
     let obj = as_object(v, if at.is_empty() { "body" } else { at })?;
     // `Name` is Consul's; `Service` is accepted too when it is a string (the catalog's
     // spelling), since definitions get copied between the two.
-    let raw_name = match string(obj, "Name", &at)? {
+    let raw_name = match string(obj, "Name", at)? {
         Some(n) => Some(n),
-        None => match field(obj, "Service", &at)? {
+        None => match field(obj, "Service", at)? {
             Some((_, Value::String(s))) => Some(s.clone()),
             _ => None,
         },
@@ -225,11 +225,11 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
         return Err(err(&path(at, "Name"), "Missing service name"));
     };
     let svc = name(&raw_name, &path(at, "Name"))?;
-    let id = string(obj, "ID", &at)?
+    let id = string(obj, "ID", at)?
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| raw_name.clone());
     check_id(&id).map_err(|e| err(&path(at, "ID"), e.reason))?;
-    let kind = match string(obj, "Kind", &at)?.as_deref() {
+    let kind = match string(obj, "Kind", at)?.as_deref() {
         None | Some("") => ServiceKind::Typical,
         Some("connect-proxy") => ServiceKind::ConnectProxy,
         Some(other) => {
@@ -239,11 +239,11 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
             ));
         }
     };
-    let address = string(obj, "Address", &at)?.filter(|s| !s.is_empty());
-    let port = port(obj, "Port", &at)?.unwrap_or(0);
-    let tags = strings(obj, "Tags", &at)?.unwrap_or_default();
-    let meta = string_map(obj, "Meta", &at)?.unwrap_or_default();
-    let cgroup = match string(obj, "cgroup", &at)? {
+    let address = string(obj, "Address", at)?.filter(|s| !s.is_empty());
+    let port = port(obj, "Port", at)?.unwrap_or(0);
+    let tags = strings(obj, "Tags", at)?.unwrap_or_default();
+    let meta = string_map(obj, "Meta", at)?.unwrap_or_default();
+    let cgroup = match string(obj, "cgroup", at)? {
         None => None,
         Some(s) if s.is_empty() => None,
         Some(s) => Some(cgroup_path(&s, &path(at, "cgroup"))?),
@@ -252,7 +252,7 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
     let mut native = false;
     let mut upstreams = Vec::new();
     let mut sidecar = None;
-    if let Some((k, c)) = field(obj, "Connect", &at)? {
+    if let Some((k, c)) = field(obj, "Connect", at)? {
         let at = path(at, k);
         let c = as_object(c, &at)?;
         native = boolean(c, "Native", &at)?;
@@ -275,7 +275,7 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
         }
     }
 
-    let proxy = match field(obj, "Proxy", &at)? {
+    let proxy = match field(obj, "Proxy", at)? {
         Some((k, p)) if kind == ServiceKind::ConnectProxy => Some(parse_proxy(p, &path(at, k))?),
         _ => None,
     };
@@ -313,15 +313,15 @@ pub fn parse(v: &Value, at: &str) -> Result<Definition, InputError> {
 }
 
 fn parse_sidecar(v: &Value, at: &str) -> Result<SidecarSpec, InputError> {
-    let obj = as_object(v, &at)?;
+    let obj = as_object(v, at)?;
     let mut spec = SidecarSpec {
-        port: port(obj, "Port", &at)?.filter(|p| *p != 0),
-        address: string(obj, "Address", &at)?.filter(|s| !s.is_empty()),
-        tags: strings(obj, "Tags", &at)?,
-        meta: string_map(obj, "Meta", &at)?,
+        port: port(obj, "Port", at)?.filter(|p| *p != 0),
+        address: string(obj, "Address", at)?.filter(|s| !s.is_empty()),
+        tags: strings(obj, "Tags", at)?,
+        meta: string_map(obj, "Meta", at)?,
         ..SidecarSpec::default()
     };
-    if let Some((k, p)) = field(obj, "Proxy", &at)? {
+    if let Some((k, p)) = field(obj, "Proxy", at)? {
         let at = path(at, k);
         let p = as_object(p, &at)?;
         spec.upstreams = parse_upstreams(p, &at)?;
@@ -333,8 +333,8 @@ fn parse_sidecar(v: &Value, at: &str) -> Result<SidecarSpec, InputError> {
 }
 
 fn parse_proxy(v: &Value, at: &str) -> Result<ProxyDefinition, InputError> {
-    let obj = as_object(v, &at)?;
-    let dest = string(obj, "DestinationServiceName", &at)?
+    let obj = as_object(v, at)?;
+    let dest = string(obj, "DestinationServiceName", at)?
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
             err(
@@ -343,16 +343,16 @@ fn parse_proxy(v: &Value, at: &str) -> Result<ProxyDefinition, InputError> {
             )
         })?;
     let destination_service_name = name(&dest, &path(at, "DestinationServiceName"))?;
-    let config = match field(obj, "Config", &at)? {
+    let config = match field(obj, "Config", at)? {
         Some((k, c)) => as_object(c, &path(at, k))?.clone(),
         None => Map::new(),
     };
     Ok(ProxyDefinition {
         destination_service_name,
-        destination_service_id: string(obj, "DestinationServiceID", &at)?.unwrap_or_default(),
-        local_service_address: string(obj, "LocalServiceAddress", &at)?.unwrap_or_default(),
-        local_service_port: port(obj, "LocalServicePort", &at)?.unwrap_or(0),
-        upstreams: parse_upstreams(obj, &at)?,
+        destination_service_id: string(obj, "DestinationServiceID", at)?.unwrap_or_default(),
+        local_service_address: string(obj, "LocalServiceAddress", at)?.unwrap_or_default(),
+        local_service_port: port(obj, "LocalServicePort", at)?.unwrap_or(0),
+        upstreams: parse_upstreams(obj, at)?,
         config,
     })
 }
@@ -362,7 +362,7 @@ fn parse_upstreams(
     obj: &Map<String, Value>,
     at: &str,
 ) -> Result<Vec<UpstreamDefinition>, InputError> {
-    let Some((k, v)) = field(obj, "Upstreams", &at)? else {
+    let Some((k, v)) = field(obj, "Upstreams", at)? else {
         return Ok(Vec::new());
     };
     let at = path(at, k);

@@ -863,11 +863,26 @@ async fn a_registration_is_judged_on_what_it_registers() {
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 
-    // A connect-proxy for db: its upstreams would dial as db.
-    let (status, body) = register(json!({
-        "Name": "web-proxy", "Kind": "connect-proxy", "Port": 21000,
-        "Proxy": {"DestinationServiceName": "db"}
-    }))
+    // A connect-proxy for db, by a token that may write the proxy's own name: its
+    // upstreams would dial as db.
+    let proxy_token = token_with_rules(
+        &agent,
+        r#"service "web" { policy = "write" } service "web-proxy" { policy = "write" }"#,
+    )
+    .await;
+    let proxy_of = |destination: &str| {
+        json!({
+            "Name": "web-proxy", "Kind": "connect-proxy", "Port": 21100,
+            "Proxy": {"DestinationServiceName": destination}
+        })
+    };
+    let (status, body) = call(
+        &agent,
+        "PUT",
+        "/v1/agent/service/register",
+        Some(&proxy_of("db")),
+        Some((&proxy_token, Via::Header)),
+    )
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 
@@ -876,20 +891,12 @@ async fn a_registration_is_judged_on_what_it_registers() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = register(json!({"ID": "web-1", "Name": "web", "Port": 8081})).await;
     assert_eq!(status, StatusCode::OK, "re-registering its own ID: {body}");
-    let ok = token_with_rules(
-        &agent,
-        r#"service "web" { policy = "write" } service "web-proxy" { policy = "write" }"#,
-    )
-    .await;
     let (status, body) = call(
         &agent,
         "PUT",
         "/v1/agent/service/register",
-        Some(&json!({
-            "Name": "web-proxy", "Kind": "connect-proxy", "Port": 21000,
-            "Proxy": {"DestinationServiceName": "web"}
-        })),
-        Some((&ok, Via::Header)),
+        Some(&proxy_of("web")),
+        Some((&proxy_token, Via::Header)),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
