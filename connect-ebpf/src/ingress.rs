@@ -9,9 +9,7 @@
 //! protected port keeps its replies. What is dropped: a TCP SYN or any segment for a
 //! listening socket, and a datagram for an unconnected UDP socket.
 
-use aya_ebpf::{
-    bindings::bpf_sock, helpers::bpf_sk_fullsock, programs::SkBuffContext,
-};
+use aya_ebpf::{bindings::bpf_sock, helpers::bpf_sk_fullsock, programs::SkBuffContext};
 use aya_log_ebpf::debug;
 use connect_common::{Counter, PortKey, addr};
 
