@@ -26,7 +26,8 @@ use serde_json::{Map, Value};
 
 /// Largest rules text accepted: a policy is a handful of lines; this bounds parsing.
 pub const MAX_RULES_BYTES: usize = 64 * 1024;
-/// Deepest nesting of blocks: rules need three levels; this bounds the recursion.
+/// Deepest nesting of blocks, block labels included (each is a level): rules need
+/// three; this bounds the recursion of parsing, merging and dropping the tree.
 const MAX_DEPTH: usize = 8;
 
 /// A level of access to a resource. Ordered by how much it grants.
@@ -571,6 +572,10 @@ mod hcl {
                     let line = self.line();
                     match self.next() {
                         Tok::Eq if labels.is_empty() => break self.value(depth + 1)?,
+                        // Each label nests the value one level deeper.
+                        Tok::Str(_) if depth + labels.len() >= MAX_DEPTH => {
+                            return Err(RulesError::TooDeep { line });
+                        }
                         Tok::Str(label) => labels.push(label),
                         Tok::LBrace => break Value::Object(self.body(depth + 1, false)?),
                         other => {
@@ -786,5 +791,20 @@ mod tests {
             Rules::parse(&huge),
             Err(RulesError::TooLarge { .. })
         ));
+    }
+
+    /// Each block label is one level of nesting: 20,000 labels (they fit in the size
+    /// limit) are refused like deep braces, not parsed into a value whose merging and
+    /// dropping would overflow the stack.
+    #[test]
+    fn many_labels_are_an_error_not_a_stack_overflow() {
+        let labels = format!("service {} {{ policy = \"read\" }}", "\"\" ".repeat(20_000));
+        assert!(labels.len() <= MAX_RULES_BYTES);
+        assert!(matches!(
+            Rules::parse(&labels),
+            Err(RulesError::TooDeep { line: 1 })
+        ));
+        // The shape rules use still parses.
+        assert!(Rules::parse(r#"service "web" { policy = "read" }"#).is_ok());
     }
 }
