@@ -133,9 +133,10 @@ pub struct AgentArgs {
     #[arg(long)]
     pub server: bool,
 
-    /// A server agent's API (`host:port`, `http://host:port` or
-    /// `https://host:port`) that signs this client agent's leaves; repeat or
-    /// separate with commas for several, tried in order.
+    /// A server agent's API that signs this client agent's leaves:
+    /// `https://host:port`, or plain HTTP (`host:port`, `http://host:port`) to a
+    /// loopback address only, since the node's token goes with every request; repeat
+    /// or separate with commas for several, tried in order.
     #[arg(long, value_name = "ADDR", value_delimiter = ',')]
     pub server_addr: Vec<String>,
 
@@ -246,6 +247,10 @@ pub enum Error {
     OutboundNotV4(SocketAddr),
     #[error("--dns-recursor {0} is the agent's own DNS address: queries would loop")]
     DnsRecursorLoop(SocketAddr),
+    #[error(
+        "--server-addr {0} is plain HTTP to another host: this node's ACL token would cross the network in the clear; use https://{0} (verified against the CA roots)"
+    )]
+    PlainServerAddr(String),
     #[error("--node-name {0:?} is invalid: {1}")]
     NodeName(String, &'static str),
     #[error("--{0} needs --https-addr: it configures the HTTPS API")]
@@ -331,6 +336,9 @@ impl AgentArgs {
         if !server {
             if self.server_addr.is_empty() {
                 return Err(Error::ClientNeeds("server-addr"));
+            }
+            if let Some(plain) = self.server_addr.iter().find(|a| !server_addr_is_private(a)) {
+                return Err(Error::PlainServerAddr(plain.clone()));
             }
             if agent_token.is_none() {
                 return Err(Error::ClientNeeds("agent-token-file"));
@@ -488,6 +496,21 @@ fn parse_store(s: &str) -> Result<StoreUrl, Error> {
     Ok(StoreUrl::Etcd { endpoints })
 }
 
+/// Whether a `--server-addr` keeps the node's token off the network in the clear:
+/// `https://` anywhere, plain HTTP (`http://` or no scheme) only to loopback.
+fn server_addr_is_private(addr: &str) -> bool {
+    if addr.starts_with("https://") {
+        return true;
+    }
+    let rest = addr.strip_prefix("http://").unwrap_or(addr);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Node names as Consul's DNS interface wants them: letters, digits, `-`, `_` and
 /// `.` (host names are the default), starting with a letter or a digit, at most 128
 /// bytes. Above all no `/`, which the catalog's store keys split on.
@@ -526,6 +549,47 @@ mod tests {
             .expect("flags")
             .agent
             .into_config()
+    }
+
+    #[test]
+    fn a_client_sends_its_token_to_other_hosts_over_https_only() {
+        for ok in [
+            "https://198.18.0.10:8501",
+            "127.0.0.1:8500",
+            "http://127.0.0.1:8500",
+            "http://[::1]:8500",
+            "localhost:8500",
+        ] {
+            assert!(server_addr_is_private(ok), "{ok}");
+        }
+        for plain in [
+            "198.18.0.10:8500",
+            "http://198.18.0.10:8500",
+            "http://[fe80::1]:8500",
+            "server.example:8500",
+            "http://127.0.0.1.example:8500",
+        ] {
+            assert!(!server_addr_is_private(plain), "{plain}");
+        }
+        let token = std::env::temp_dir().join(format!("connect-cfg-token-{}", std::process::id()));
+        std::fs::write(&token, "t").expect("token file");
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        let e = config(&[
+            "--store",
+            "etcd://127.0.0.1:2379",
+            "--server-addr",
+            "198.18.0.10:8500",
+            "--agent-token-file",
+            &token.to_string_lossy(),
+        ]);
+        let _ = std::fs::remove_file(&token);
+        match e {
+            Err(e @ Error::PlainServerAddr(_)) => {
+                assert!(e.to_string().contains("https://198.18.0.10:8500"), "{e}")
+            }
+            other => panic!("plain HTTP to another host must be refused: {other:?}"),
+        }
     }
 
     /// `/` would split the catalog's store keys (`catalog/nodes/<name>/…`): node
