@@ -164,15 +164,7 @@ impl Error {
 /// one port or one cgroup: `evil` registered on `db`'s port or in `web`'s cgroup
 /// would capture or relabel their traffic. Instances of one service may share them
 /// (two processes of `web` in one cgroup, one port on two addresses). Names the holder.
-fn check_claims(
-    existing: &BTreeMap<String, Service>,
-    new: &BTreeMap<String, Service>,
-) -> Result<(), Error> {
-    let after: Vec<&Service> = existing
-        .values()
-        .filter(|s| !new.contains_key(&s.id))
-        .chain(new.values())
-        .collect();
+fn check_claims(after: &[&Service], new: &BTreeMap<String, Service>) -> Result<(), Error> {
     for s in new.values() {
         for other in after.iter().filter(|o| o.id != s.id) {
             let what = if s.port != 0 && s.port == other.port && s.service != other.service {
@@ -203,6 +195,7 @@ fn check_claims(
 /// (plaintext ports of typical services) than `limit`, naming a service that adds one.
 fn check_port_capacity(
     existing: &BTreeMap<String, Service>,
+    after: &[&Service],
     new: &BTreeMap<String, Service>,
     limit: usize,
 ) -> Result<(), Error> {
@@ -212,10 +205,9 @@ fn check_port_capacity(
         .filter(protected)
         .map(|s| s.port)
         .collect();
-    let after: BTreeSet<u16> = existing
-        .values()
-        .filter(|s| !new.contains_key(&s.id))
-        .chain(new.values())
+    let after: BTreeSet<u16> = after
+        .iter()
+        .copied()
         .filter(protected)
         .map(|s| s.port)
         .collect();
@@ -521,9 +513,15 @@ impl Catalog {
             }
             new.insert(svc.id.clone(), svc);
         }
-        check_claims(&existing, &new)?;
+        // The node's services as they will be once the write lands.
+        let after: Vec<&Service> = existing
+            .values()
+            .filter(|s| !new.contains_key(&s.id))
+            .chain(new.values())
+            .collect();
+        check_claims(&after, &new)?;
         if let Some(limit) = self.protected_port_limit {
-            check_port_capacity(&existing, &new, limit)?;
+            check_port_capacity(&existing, &after, &new, limit)?;
         }
         for s in new.values() {
             txn = txn.put(self.service_key(&s.id), encode(s)?);

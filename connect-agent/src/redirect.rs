@@ -772,6 +772,16 @@ impl Redirector {
         stats
     }
 
+    /// One counter by its metric name (see [`Counter::ALL`]), summed over CPUs; 0 for
+    /// a name that is not a counter.
+    pub fn counter(&self, name: &str) -> u64 {
+        Counter::ALL
+            .iter()
+            .find(|(_, n)| *n == name)
+            .and_then(|(c, _)| self.counters.get(&(*c as u32), 0).ok())
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+
     /// The programs' counters, summed over CPUs, with their metric names.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         Counter::ALL

@@ -167,6 +167,33 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
+/// Accepts one connection on `l` within `timeout`: what a test's stand-in for the
+/// outbound listener gets when eBPF redirects a client. The peer is IPv4 (the
+/// listener is, and redirected IPv6 sockets arrive v4-mapped).
+pub fn accept_redirected(
+    l: &std::net::TcpListener,
+    timeout: Duration,
+) -> Result<(std::net::TcpStream, std::net::SocketAddrV4)> {
+    l.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match l.accept() {
+            Ok((s, std::net::SocketAddr::V4(peer))) => {
+                s.set_nonblocking(false)?;
+                return Ok((s, peer));
+            }
+            Ok((_, peer)) => bail!("IPv6 peer {peer} on an IPv4 listener"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    bail!("no redirected connection arrived within {timeout:?}");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Polls `f` until it returns true or the deadline passes.
 pub fn assert_eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;

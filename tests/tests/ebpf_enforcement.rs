@@ -16,14 +16,15 @@
 
 use std::{
     io::Write,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    time::{Duration, Instant},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use connect_agent::redirect::{DestinationKind, RedirectConfig, Redirector};
 use connect_tests::lab::{
-    CgroupProc, TestCgroup, TestNetns, assert_eventually, cgroup_id, require_privileges, veth,
+    CgroupProc, TestCgroup, TestNetns, accept_redirected, assert_eventually, cgroup_id,
+    require_privileges, veth,
 };
 use connect_tests::probes::{DIAL, SERVE};
 
@@ -50,13 +51,6 @@ fn dial_outside(mode: &str, host: &str, port: u16) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn counter(r: &Redirector, name: &str) -> u64 {
-    r.counters()
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map_or(0, |(_, v)| *v)
-}
-
 /// A free port on both families' loopback (bound and released).
 fn free_port() -> Result<u16> {
     let l = std::net::UdpSocket::bind("[::]:0")?;
@@ -64,27 +58,6 @@ fn free_port() -> Result<u16> {
     let t = TcpListener::bind(("::", port));
     ensure!(t.is_ok(), "port {port} is taken for TCP");
     Ok(port)
-}
-
-fn accept_one(l: &TcpListener, timeout: Duration) -> Result<(TcpStream, SocketAddrV4)> {
-    l.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match l.accept() {
-            Ok((s, SocketAddr::V4(peer))) => {
-                s.set_nonblocking(false)?;
-                return Ok((s, peer));
-            }
-            Ok((_, peer)) => bail!("IPv6 peer {peer} on an IPv4 listener"),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    bail!("no redirected connection arrived within {timeout:?}");
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// The test's own "outbound listener" and the redirector pointing at it.
@@ -140,13 +113,13 @@ fn tcp_to_a_protected_port_is_redirected_in_every_address_form() -> Result<()> {
         ("::ffff:0.0.0.0", "::ffff:127.0.0.1"),
     ];
     for (dialed, peer) in forms {
-        let before = counter(&redirector, "redirected");
+        let before = redirector.counter("redirected");
         let client = CgroupProc::spawn(
             &web,
             "python3",
             &["-c", DIAL, "tcp", dialed, &port.to_string()],
         )?;
-        let (mut conn, from) = accept_one(&listener, Duration::from_secs(5))
+        let (mut conn, from) = accept_redirected(&listener, Duration::from_secs(5))
             .with_context(|| format!("{dialed}: not redirected"))?;
         let origin = redirector
             .take_redirect(from)?
@@ -166,7 +139,7 @@ fn tcp_to_a_protected_port_is_redirected_in_every_address_form() -> Result<()> {
             "{dialed}: redirected, and getpeername shows the dialed address"
         );
         assert!(
-            counter(&redirector, "redirected") > before,
+            redirector.counter("redirected") > before,
             "{dialed}: counted"
         );
     }
@@ -179,7 +152,7 @@ fn tcp_to_a_protected_port_is_redirected_in_every_address_form() -> Result<()> {
         "python3",
         &["-c", DIAL, "tcp", "::ffff:127.0.0.2", "8080"],
     )?;
-    let (mut conn, from) = accept_one(&listener, Duration::from_secs(5))?;
+    let (mut conn, from) = accept_redirected(&listener, Duration::from_secs(5))?;
     let origin = redirector.take_redirect(from)?.context("no record")?;
     assert_eq!(origin.orig_dst.0, instance);
     conn.write_all(b"proxy")?;
@@ -232,7 +205,7 @@ fn udp_to_a_protected_port_is_refused_except_from_its_owner() -> Result<()> {
         "got direct peer -"
     );
 
-    let before = counter(&redirector, "udp_refused");
+    let before = redirector.counter("udp_refused");
     let mut refused = 0;
     for host in ["127.0.0.1", "0.0.0.0", "::1", "::", "::ffff:127.0.0.1"] {
         for mode in ["udp-sendto", "udp-connect"] {
@@ -250,7 +223,7 @@ fn udp_to_a_protected_port_is_refused_except_from_its_owner() -> Result<()> {
     );
     refused += 1;
     assert!(
-        counter(&redirector, "udp_refused") >= before + refused,
+        redirector.counter("udp_refused") >= before + refused,
         "every refusal is counted"
     );
     Ok(())
@@ -300,8 +273,8 @@ fn off_node_ipv6_and_udp_are_dropped_and_replies_to_node_sockets_pass() -> Resul
     assert_eq!(from_peer("udp-sendto", &node6, open)?, "got direct peer -");
 
     let (tcp_before, udp_before) = (
-        counter(&redirector, "ingress_dropped"),
-        counter(&redirector, "ingress_udp_dropped"),
+        redirector.counter("ingress_dropped"),
+        redirector.counter("ingress_udp_dropped"),
     );
     for (mode, host) in [
         ("tcp", "198.18.2.5"),
@@ -313,11 +286,11 @@ fn off_node_ipv6_and_udp_are_dropped_and_replies_to_node_sockets_pass() -> Resul
         assert_eq!(out, "silent", "off-node {mode} to {host} port {protected}");
     }
     assert!(
-        counter(&redirector, "ingress_dropped") >= tcp_before + 2,
+        redirector.counter("ingress_dropped") >= tcp_before + 2,
         "TCP drops counted"
     );
     assert!(
-        counter(&redirector, "ingress_udp_dropped") >= udp_before + 2,
+        redirector.counter("ingress_udp_dropped") >= udp_before + 2,
         "UDP drops counted"
     );
 

@@ -18,8 +18,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use connect_agent::redirect::{Desired, DestinationKind, RedirectConfig, Redirector};
 use connect_tests::lab::{
-    CgroupProc, TestCgroup, TestNetns, assert_eventually, attached_programs, require_privileges,
-    veth,
+    CgroupProc, TestCgroup, TestNetns, accept_redirected, assert_eventually, attached_programs,
+    require_privileges, veth,
 };
 
 /// A destination in the mesh: nothing listens there, so only redirection can answer.
@@ -40,26 +40,6 @@ peer = s.getpeername()
 print("peer", peer[0], peer[1])
 print("got", s.recv(100).decode())
 "#;
-
-fn accept_one(l: &TcpListener, timeout: Duration) -> Result<(TcpStream, SocketAddr)> {
-    l.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match l.accept() {
-            Ok((s, peer)) => {
-                s.set_nonblocking(false)?;
-                return Ok((s, peer));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    bail!("no redirected connection arrived within {timeout:?}");
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
 
 #[test]
 fn connect4_redirects_an_unmodified_client_and_detaches_cleanly() -> Result<()> {
@@ -104,11 +84,7 @@ fn connect4_redirects_an_unmodified_client_and_detaches_cleanly() -> Result<()> 
             &MESH_DST.port().to_string(),
         ],
     )?;
-    let (mut conn, peer) = accept_one(&listener, Duration::from_secs(5))?;
-    let peer = match peer {
-        SocketAddr::V4(p) => p,
-        SocketAddr::V6(_) => bail!("IPv6 peer"),
-    };
+    let (mut conn, peer) = accept_redirected(&listener, Duration::from_secs(5))?;
     let mut buf = [0u8; 5];
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.read_exact(&mut buf)?;
@@ -254,13 +230,16 @@ print('ready',flush=True)\nimport time\ntime.sleep(30)\n";
     assert_eventually(Duration::from_secs(5), "server ready", || {
         dial(&peer, "198.18.2.1", open).is_ok_and(|o| o.contains("got ok"))
     })?;
-    let before = dropped(&redirector);
+    let before = redirector.counter("ingress_dropped");
     let out = dial(&peer, "198.18.2.1", protected)?;
     assert!(
         out.contains("failed"),
         "off-node connection to a protected port must fail: {out}"
     );
-    assert!(dropped(&redirector) > before, "the drop counter grows");
+    assert!(
+        redirector.counter("ingress_dropped") > before,
+        "the drop counter grows"
+    );
     let out = dial(&node, "127.0.0.1", protected)?;
     assert!(
         out.contains("got ok"),
@@ -274,13 +253,6 @@ print('ready',flush=True)\nimport time\ntime.sleep(30)\n";
         "after unprotect the port is reachable: {out}"
     );
     Ok(())
-}
-
-fn dropped(r: &Redirector) -> u64 {
-    r.counters()
-        .iter()
-        .find(|(n, _)| *n == "ingress_dropped")
-        .map_or(0, |(_, v)| *v)
 }
 
 #[test]
@@ -378,7 +350,7 @@ fn sync_adds_and_removes_destinations() -> Result<()> {
             &MESH_DST.port().to_string(),
         ],
     )?;
-    let (mut conn, _) = accept_one(&listener, Duration::from_secs(5))?;
+    let (mut conn, _) = accept_redirected(&listener, Duration::from_secs(5))?;
     conn.write_all(b"world")?;
     drop(conn);
     let (code, out, _) = client.output(Duration::from_secs(10))?;
@@ -449,10 +421,7 @@ fn stale_records_are_swept_and_live_ones_kept() -> Result<()> {
             &MESH_DST.port().to_string(),
         ],
     )?;
-    let (mut conn, peer) = accept_one(&listener, Duration::from_secs(5))?;
-    let SocketAddr::V4(peer) = peer else {
-        bail!("IPv6 peer");
-    };
+    let (mut conn, peer) = accept_redirected(&listener, Duration::from_secs(5))?;
     let mut buf = [0u8; 5];
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.read_exact(&mut buf)?;
