@@ -2,6 +2,12 @@
 //! dual-stack TCP and UDP server, and a dialer that reports how its socket ended.
 //! Shared by the kernel-level and the agent-level enforcement tests.
 
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Result, ensure};
+
+use crate::lab::CgroupProc;
+
 /// A dual-stack TCP and UDP server on every port given: TCP says `direct` and
 /// closes, UDP answers each datagram with `direct`.
 pub const SERVE: &str = r#"
@@ -63,3 +69,24 @@ except socket.timeout:
 except OSError as e:
     print("failed", e.errno)
 "#;
+
+/// What a probe printed, trimmed; it must have exited 0.
+pub fn probe(p: CgroupProc) -> Result<String> {
+    let (code, out, err) = p.output(Duration::from_secs(15))?;
+    ensure!(code == 0, "probe failed ({code}): {out}{err}");
+    Ok(out.trim().to_owned())
+}
+
+/// [`DIAL`] `mode host port`, inside `cgroup`, or from the test's own cgroup
+/// (outside the application cgroup) with `None`.
+pub fn dial(cgroup: Option<&Path>, mode: &str, host: &str, port: u16) -> Result<String> {
+    let port = port.to_string();
+    let args = ["-c", DIAL, mode, host, &port];
+    match cgroup {
+        Some(cg) => probe(CgroupProc::spawn(cg, "python3", &args)?),
+        None => {
+            let out = Command::new("python3").args(args).output()?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        }
+    }
+}

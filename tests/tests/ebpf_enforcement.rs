@@ -26,30 +26,7 @@ use connect_tests::lab::{
     CgroupProc, TestCgroup, TestNetns, accept_redirected, assert_eventually, cgroup_id,
     require_privileges, veth,
 };
-use connect_tests::probes::{DIAL, SERVE};
-
-/// What a probe printed, trimmed.
-fn probe(p: CgroupProc) -> Result<String> {
-    let (code, out, err) = p.output(Duration::from_secs(15))?;
-    ensure!(code == 0, "probe failed ({code}): {out}{err}");
-    Ok(out.trim().to_owned())
-}
-
-fn dial_in(cgroup: &std::path::Path, mode: &str, host: &str, port: u16) -> Result<String> {
-    probe(CgroupProc::spawn(
-        cgroup,
-        "python3",
-        &["-c", DIAL, mode, host, &port.to_string()],
-    )?)
-}
-
-/// A probe from this test's own cgroup, outside the application cgroup.
-fn dial_outside(mode: &str, host: &str, port: u16) -> Result<String> {
-    let out = std::process::Command::new("python3")
-        .args(["-c", DIAL, mode, host, &port.to_string()])
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
+use connect_tests::probes::{DIAL, SERVE, dial, probe};
 
 /// A free port on both families' loopback (bound and released).
 fn free_port() -> Result<u16> {
@@ -79,7 +56,7 @@ fn attach(cg: &TestCgroup) -> Result<(TcpListener, Redirector)> {
 
 fn wait_ready(port: u16) -> Result<()> {
     assert_eventually(Duration::from_secs(5), "server ready", || {
-        dial_outside("tcp", "127.0.0.1", port).is_ok_and(|o| o.starts_with("got direct"))
+        dial(None, "tcp", "127.0.0.1", port).is_ok_and(|o| o.starts_with("got direct"))
     })
 }
 
@@ -100,7 +77,7 @@ fn tcp_to_a_protected_port_is_redirected_in_every_address_form() -> Result<()> {
 
     // Positive control: outside the application cgroup nothing is redirected, so
     // the server answers on the IPv6 loopback: the probe would see an escape.
-    let out = dial_outside("tcp", "::1", port)?;
+    let out = dial(None, "tcp", "::1", port)?;
     ensure!(out == "got direct peer ::1", "control from outside: {out}");
 
     let web_id = cgroup_id(&web)?;
@@ -163,7 +140,7 @@ fn tcp_to_a_protected_port_is_redirected_in_every_address_form() -> Result<()> {
     let open = free_port()?;
     let _open_server = CgroupProc::spawn(&db, "python3", &["-c", SERVE, &open.to_string()])?;
     wait_ready(open)?;
-    assert_eq!(dial_in(&web, "tcp", "::1", open)?, "got direct peer ::1");
+    assert_eq!(dial(Some(&web), "tcp", "::1", open)?, "got direct peer ::1");
     Ok(())
 }
 
@@ -189,19 +166,16 @@ fn udp_to_a_protected_port_is_refused_except_from_its_owner() -> Result<()> {
     // Positive controls: the owner's own cgroup, and a process outside the
     // application cgroup, reach the port; web reaches an unprotected port.
     assert_eq!(
-        dial_in(&db, "udp-sendto", "127.0.0.1", port)?,
+        dial(Some(&db), "udp-sendto", "127.0.0.1", port)?,
         "got direct peer -"
     );
     assert_eq!(
-        dial_in(&db, "udp-connect", "::1", port)?,
+        dial(Some(&db), "udp-connect", "::1", port)?,
         "got direct peer ::1"
     );
+    assert_eq!(dial(None, "udp-sendto", "::1", port)?, "got direct peer -");
     assert_eq!(
-        dial_outside("udp-sendto", "::1", port)?,
-        "got direct peer -"
-    );
-    assert_eq!(
-        dial_in(&web, "udp-sendto", "::1", open)?,
+        dial(Some(&web), "udp-sendto", "::1", open)?,
         "got direct peer -"
     );
 
@@ -209,7 +183,7 @@ fn udp_to_a_protected_port_is_refused_except_from_its_owner() -> Result<()> {
     let mut refused = 0;
     for host in ["127.0.0.1", "0.0.0.0", "::1", "::", "::ffff:127.0.0.1"] {
         for mode in ["udp-sendto", "udp-connect"] {
-            let out = dial_in(&web, mode, host, port)?;
+            let out = dial(Some(&web), mode, host, port)?;
             assert_eq!(out, "refused", "web {mode} {host}:{port}");
             refused += 1;
         }
@@ -218,7 +192,7 @@ fn udp_to_a_protected_port_is_refused_except_from_its_owner() -> Result<()> {
     let instance = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 8080);
     redirector.add_destination(instance, DestinationKind::Instance)?;
     assert_eq!(
-        dial_in(&web, "udp-sendto", "::ffff:127.0.0.2", 8080)?,
+        dial(Some(&web), "udp-sendto", "::ffff:127.0.0.2", 8080)?,
         "refused"
     );
     refused += 1;

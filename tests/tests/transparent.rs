@@ -448,7 +448,7 @@ fn now() -> f64 {
 /// cgroup (the operator's) reaches it directly, the positive control.
 #[test]
 fn web_reaches_db_by_every_address_form_only_as_intentions_allow() -> Result<()> {
-    use connect_tests::probes::{DIAL, SERVE};
+    use connect_tests::probes::{SERVE, dial as dial_port};
     require_privileges()?;
     let mut cg = TestCgroup::create("transp-forms")?;
     let web = cg.child("web")?.to_owned();
@@ -462,19 +462,7 @@ fn web_reaches_db_by_every_address_form_only_as_intentions_allow() -> Result<()>
         &json!({"Name": "db", "Port": port, "cgroup": "db", "Connect": {"Proxy": {}}}),
     )?;
     let _server = CgroupProc::spawn(&db, "python3", &["-c", SERVE, &port.to_string()])?;
-    let dial = |cgroup: Option<&Path>, mode: &str, host: &str| -> Result<String> {
-        let args = ["-c", DIAL, mode, host, &port.to_string()];
-        let out = match cgroup {
-            Some(cg) => {
-                CgroupProc::spawn(cg, "python3", &args)?
-                    .output(Duration::from_secs(20))?
-                    .1
-            }
-            None => String::from_utf8_lossy(&Command::new("python3").args(args).output()?.stdout)
-                .into_owned(),
-        };
-        Ok(out.trim().to_owned())
-    };
+    let dial = |cgroup: Option<&Path>, mode: &str, host: &str| dial_port(cgroup, mode, host, port);
     assert_eventually(
         Duration::from_secs(5),
         "db up and its port protected",
