@@ -6,6 +6,8 @@
 //! (fsync before commit returns), and only then applied in memory and announced to
 //! watchers. So a write is acknowledged only once it is on disk, and a crash between
 //! the disk commit and the in-memory apply loses nothing: the next open reads it.
+//! Plan, commit and apply run as one blocking task that a caller's cancellation
+//! cannot interrupt, so memory never falls behind the disk while the process lives.
 //!
 //! This module owns the file format (see [`encode`]); it knows nothing of what the
 //! values mean. It does not keep watch history: like [`super::memory::MemStore`], a
@@ -36,12 +38,43 @@ const HEADER: usize = 16;
 /// A [`Store`] kept in one redb file. Cheap to share behind an `Arc`.
 pub struct RedbStore {
     path: PathBuf,
-    db: Arc<Database>,
+    shared: Arc<Shared>,
+}
+
+/// What a write needs, owned by the blocking task that performs it, so that the
+/// write outlives a caller that gives up waiting.
+struct Shared {
+    db: Database,
     /// The in-memory copy; held only briefly and never across `.await`.
     state: Mutex<State>,
     /// Serialises writers so that the state a transaction was planned on is still
-    /// the state it is applied to after the disk write.
-    writer: tokio::sync::Mutex<()>,
+    /// the state it is applied to after the disk write. Taken on the blocking pool.
+    writer: Mutex<()>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // `State::apply` mutates only after planning, with operations that cannot
+        // panic half-way, so a poisoned lock still guards a consistent state.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Plans, commits and applies one transaction: one unit, run to its end on a
+    /// blocking thread whether or not anyone still waits for the outcome. Before,
+    /// the in-memory apply ran in the caller's future, so a caller dropped after
+    /// the disk commit (a client that hung up, a timeout) left a write on disk
+    /// that memory never saw, and the next write reused its index.
+    fn txn(&self, txn: &Txn) -> Result<TxnOutcome, Error> {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let plan = self.lock().plan(txn);
+        if plan.events.is_empty() {
+            // A failed compare or a no-op: nothing to make durable.
+            return Ok(plan.outcome);
+        }
+        let plan = write(&self.db, plan)?;
+        self.lock().apply(&plan);
+        Ok(plan.outcome)
+    }
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -99,9 +132,11 @@ impl RedbStore {
         tracing::info!(path = %path.display(), keys = data.len(), index, "store opened");
         Ok(Self {
             path: path.to_owned(),
-            db: Arc::new(db),
-            state: Mutex::new(State::from_parts(data, index)),
-            writer: tokio::sync::Mutex::new(()),
+            shared: Arc::new(Shared {
+                db,
+                state: Mutex::new(State::from_parts(data, index)),
+                writer: Mutex::new(()),
+            }),
         })
     }
 
@@ -121,9 +156,7 @@ impl RedbStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // `State::apply` mutates only after planning, with operations that cannot
-        // panic half-way, so a poisoned lock still guards a consistent state.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared.lock()
     }
 }
 
@@ -138,21 +171,15 @@ impl Store for RedbStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, Error> {
-        let _writer = self.writer.lock().await;
-        let plan = self.lock().plan(&txn);
-        if plan.events.is_empty() {
-            // A failed compare or a no-op: nothing to make durable.
-            return Ok(plan.outcome);
-        }
-        let db = self.db.clone();
-        let plan = tokio::task::spawn_blocking(move || write(&db, plan))
+        // A blocking task is never cancelled: dropping this future drops only the
+        // handle, and the transaction still commits and applies.
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.txn(&txn))
             .await
             .map_err(|e| Error::Backend {
                 op: "commit",
                 source: Box::new(e),
-            })??;
-        self.lock().apply(&plan);
-        Ok(plan.outcome)
+            })?
     }
 
     fn index(&self) -> Index {
@@ -232,6 +259,7 @@ fn decode(key: &str, raw: &[u8]) -> Result<KeyValue, Error> {
 mod tests {
     use super::*;
     use crate::store::{Compare, WatchMessage};
+    use std::future::Future as _;
 
     fn temp() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -334,6 +362,51 @@ mod tests {
         drop(s);
         let s = RedbStore::open(&path).expect("reopen");
         assert_eq!(s.list("c/").await.expect("list").items.len(), 16);
+    }
+
+    /// A caller that stops waiting mid-write (a client hanging up, a timeout) must
+    /// not leave the write on disk but missing from memory, where the next write
+    /// would reuse its index and a deny on disk would go unenforced until restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_write_still_lands_in_memory_and_indexes_keep_rising() {
+        let (_d, path) = temp();
+        let s = RedbStore::open_async(path.clone()).await.expect("open");
+        assert_eq!(s.put("k/first", vec![]).await.ok(), Some(1));
+        let mut cut = 0;
+        for round in 0..20u64 {
+            let key = format!("k/dropped-{round}");
+            // Polled once (the commit starts on the blocking pool), then dropped.
+            let mut write = Box::pin(s.txn(Txn::new().put(&key, b"deny".to_vec())));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if write.as_mut().poll(&mut cx).is_pending() {
+                cut += 1;
+            }
+            drop(write);
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            let kv = loop {
+                if let Some(kv) = s.get(&key).await.expect("get") {
+                    break kv;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "round {round}: the dropped write never reached memory"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            };
+            let next = s.put("k/after", vec![]).await.expect("put");
+            assert!(
+                next > kv.mod_index,
+                "round {round}: index {next} reused after the dropped write's {}",
+                kv.mod_index
+            );
+            assert_eq!(s.index(), next);
+        }
+        assert!(cut >= 10, "only {cut} of 20 writes were cut short");
+        let index = s.index();
+        drop(s);
+        let s = RedbStore::open(&path).expect("reopen");
+        assert_eq!(s.index(), index, "disk and memory agree on the index");
+        assert_eq!(s.list("k/dropped-").await.expect("list").items.len(), 20);
     }
 
     #[test]
