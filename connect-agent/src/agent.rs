@@ -27,5 +27,11 @@ pub struct Agent {
     pub redirect: Option<Arc<Redirector>>,
     /// The mTLS proxy's counters (for `/v1/agent/metrics`).
     pub proxy_metrics: Arc<proxy::Metrics>,
+    /// Blocking roots queries in progress without a valid token (the roots are
+    /// public, so anyone can open them; this bounds how many at once).
+    pub unauthenticated_watches: Arc<tokio::sync::Semaphore>,
     pub shutdown: Shutdown,
 }
+
+/// Blocking roots queries without a valid token at once; more get 429.
+pub const MAX_UNAUTHENTICATED_WATCHES: usize = 512;

@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod https;
 pub mod intentions;
 pub mod security;
+pub mod server;
 
 pub use authz::{Authz, Right};
 
@@ -74,9 +75,7 @@ pub async fn serve(
     agent: Arc<Agent>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(agent))
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(listener, router(agent), shutdown).await
 }
 
 // ───────────────────────────── errors ─────────────────────────────
@@ -119,6 +118,9 @@ pub enum Error {
     /// Refused for a reason the caller may know (e.g. signing without a token).
     #[error("{0}")]
     Forbidden(String),
+    /// A bound on concurrent work was reached (Consul's 429); retry later.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// A domain error, with whose fault it is.
     #[error("{error}")]
     Domain {
@@ -171,6 +173,7 @@ impl Error {
                 StatusCode::FORBIDDEN
             }
             Error::AclDisabled => StatusCode::UNAUTHORIZED,
+            Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::MissingParam(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Domain { fault, .. } => match fault {
                 Fault::Caller => StatusCode::BAD_REQUEST,

@@ -81,6 +81,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         datadir::check_key_file(key)?;
     }
     tracing::info!(config = ?config, "starting connect-agent");
+    crate::admission::raise_and_log_nofile_limit();
     let mut signals = Signals::install().map_err(Error::Signals)?;
     let opened = open_store(&config).await?;
     let store = opened.store.clone();
@@ -282,6 +283,9 @@ pub async fn build_node(
         vips,
         redirect,
         proxy_metrics: Arc::new(proxy::Metrics::new()),
+        unauthenticated_watches: Arc::new(tokio::sync::Semaphore::new(
+            crate::agent::MAX_UNAUTHENTICATED_WATCHES,
+        )),
         shutdown,
     }))
 }

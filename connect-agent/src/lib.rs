@@ -9,6 +9,7 @@
 //! lifecycle), `redirect` (eBPF), `store` (durable state), `identity` (names).
 
 pub mod acl;
+pub mod admission;
 pub mod agent;
 pub mod api;
 pub mod app;

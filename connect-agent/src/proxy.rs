@@ -243,6 +243,12 @@ pub struct Limits {
     /// inbound node-to-node connections between streams are bounded apart
     /// (`inbound::MAX_IDLE_INBOUND`).
     pub max_connections: usize,
+    /// Inbound TLS handshakes in progress at once, apart from `max_connections`:
+    /// a peer holds a permit of this budget until it is authenticated, and a
+    /// slot of the connection limit only after ([`crate::admission`]).
+    pub max_handshakes: usize,
+    /// Inbound handshakes in progress from one source IP.
+    pub max_handshakes_per_peer: usize,
     /// Reuse of node-to-node connections (see [`streams`]).
     pub pool: PoolLimits,
 }
@@ -264,6 +270,8 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: splice::Limits::default().idle_timeout,
             max_connections: 4096,
+            max_handshakes: 1024,
+            max_handshakes_per_peer: 128,
             pool: PoolLimits::default(),
         }
     }
@@ -323,6 +331,9 @@ struct Shared {
     limits: Limits,
     shutdown: Shutdown,
     limit_log: LimitLog,
+    /// Inbound handshakes in progress (see [`Limits::max_handshakes`]).
+    handshakes: Arc<crate::admission::Budget>,
+    handshake_log: LimitLog,
     /// Spreads outbound dials over a destination's endpoints.
     outbound_lb: Balancer,
     /// Spreads inbound connections over a local service's instances.
@@ -362,6 +373,12 @@ impl Proxy {
             limits: parts.limits,
             shutdown: parts.shutdown,
             limit_log: LimitLog::default(),
+            handshakes: crate::admission::Budget::new(
+                "inbound handshakes",
+                parts.limits.max_handshakes,
+                parts.limits.max_handshakes_per_peer,
+            ),
+            handshake_log: LimitLog::default(),
             outbound_lb: Balancer::new(balance::FAILURE_HOLD),
             inbound_lb: Balancer::new(balance::FAILURE_HOLD),
             pool,

@@ -86,8 +86,24 @@ impl AgentProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::start_dev_opts(name, dns_addr, extra, env, None)
+    }
+
+    /// [`AgentProcess::start_dev`] with a soft limit of `soft_nofile` open files
+    /// (the hard limit unchanged), as systemd and most shells give a daemon.
+    pub fn start_dev_nofile(name: &str, extra: &[&str], soft_nofile: u64) -> Result<Self> {
+        Self::start_dev_opts(name, None, extra, &[], Some(soft_nofile))
+    }
+
+    fn start_dev_opts(
+        name: &str,
+        dns_addr: Option<SocketAddr>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        soft_nofile: Option<u64>,
+    ) -> Result<Self> {
         let dir = private_dir(name)?;
-        let mut p = match Self::start_in_opts(&dir, &["--dev"], extra, env, dns_addr) {
+        let mut p = match Self::start_in_opts(&dir, &["--dev"], extra, env, dns_addr, soft_nofile) {
             Ok(p) => p,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -111,7 +127,7 @@ impl AgentProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
-        Self::start_in_opts(dir, base, extra, env, None)
+        Self::start_in_opts(dir, base, extra, env, None, None)
     }
 
     fn start_in_opts(
@@ -120,6 +136,7 @@ impl AgentProcess {
         extra: &[&str],
         env: &[(&str, &str)],
         dns_addr: Option<SocketAddr>,
+        soft_nofile: Option<u64>,
     ) -> Result<Self> {
         let [http, dns, outbound, inbound] = free_ports::<4>()?;
         let http_addr: SocketAddr = format!("127.0.0.1:{http}").parse()?;
@@ -137,7 +154,17 @@ impl AgentProcess {
             .mode(0o600)
             .open(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = Command::new(agent_binary()?);
+        // util-linux's prlimit sets the limit and execs the agent (same PID).
+        let mut cmd = match soft_nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:"))
+                    .arg("--")
+                    .arg(agent_binary()?);
+                c
+            }
+            None => Command::new(agent_binary()?),
+        };
         cmd.args(base)
             .arg("--data-dir")
             .arg(dir)

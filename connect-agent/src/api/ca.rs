@@ -168,25 +168,53 @@ fn leaf_json(leaf: &Leaf) -> IssuedCertJson {
     }
 }
 
-async fn blocking_roots(agent: &ApiState, opts: QueryOptions) -> (IndexedCaRoots, u64) {
+/// The roots, after a blocking wait if `opts` asks for one. The roots are public,
+/// so a caller without a valid token may watch them too, but only while fewer
+/// than [`crate::agent::MAX_UNAUTHENTICATED_WATCHES`] such watches are open:
+/// past that, 429. A caller with a token is bounded by its connections
+/// ([`crate::api::server`]).
+async fn blocking_roots(
+    agent: &ApiState,
+    authz: &Authz,
+    opts: QueryOptions,
+) -> Result<(IndexedCaRoots, u64), Error> {
+    let blocks = opts.index.is_some_and(|i| i > 0) && !opts.wait.is_zero();
+    let _permit = if blocks && !matches!(authz.identity(), crate::acl::Caller::Token(_)) {
+        match agent.unauthenticated_watches.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return Err(Error::TooManyRequests(format!(
+                    "too many blocking roots queries without a token (at most {}); retry later or pass a token",
+                    crate::agent::MAX_UNAUTHENTICATED_WATCHES
+                )));
+            }
+        }
+    } else {
+        None
+    };
     let ca = agent.ca.clone();
-    block_on(opts, agent.ca.changes(), move || {
+    Ok(block_on(opts, agent.ca.changes(), move || {
         let s = ca.state();
         (indexed_roots(&s), s.roots_index)
     })
-    .await
+    .await)
 }
 
-async fn agent_roots(State(agent): State<ApiState>, opts: QueryOptions) -> Response {
-    let (body, index) = blocking_roots(&agent, opts).await;
+async fn agent_roots(
+    State(agent): State<ApiState>,
+    authz: Authz,
+    opts: QueryOptions,
+) -> Result<Response, Error> {
+    let (body, index) = blocking_roots(&agent, &authz, opts).await?;
     let mut headers = index_headers(index);
     // Served from the agent's in-memory CA state, always current with the store.
     cache_header(&mut headers, true);
-    (headers, axum::Json(body)).into_response()
+    Ok((headers, axum::Json(body)).into_response())
 }
 
 async fn roots(
     State(agent): State<ApiState>,
+    authz: Authz,
     opts: QueryOptions,
     RawQuery(query): RawQuery,
 ) -> Result<Response, Error> {
@@ -195,7 +223,7 @@ async fn roots(
         Some(v) => parse_go_bool(&v)
             .ok_or_else(|| Error::BadRequest(format!("Invalid value for 'pem': {v:?}")))?,
     };
-    let (body, index) = blocking_roots(&agent, opts).await;
+    let (body, index) = blocking_roots(&agent, &authz, opts).await?;
     let headers = index_headers(index);
     if pem {
         let mut text = String::new();
@@ -421,6 +449,42 @@ mod tests {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned()
+    }
+
+    /// The roots are public, so anyone may watch them, but watches without a
+    /// valid token are bounded in number: past the bound a blocking query gets
+    /// 429 at once, while a plain read and a watch with a token still work.
+    #[tokio::test]
+    async fn unauthenticated_roots_watches_are_capped() {
+        use crate::acl::{DefaultPolicy, testing};
+        let agent = testing::agent_with_acls(DefaultPolicy::Deny).await;
+        let token = testing::bootstrap(&agent).await;
+        let index = agent.ca.state().roots_index;
+        let watch = format!("/v1/agent/connect/ca/roots?index={index}&wait=50ms");
+        // The bound is reached.
+        let taken = agent
+            .unauthenticated_watches
+            .clone()
+            .try_acquire_many_owned(crate::agent::MAX_UNAUTHENTICATED_WATCHES as u32)
+            .expect("every permit");
+        for path in [watch.clone(), watch.replace("/agent/connect", "/connect")] {
+            let (st, _, body) = call(&agent, "GET", &path, None).await;
+            assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{path}");
+            assert!(String::from_utf8_lossy(&body).contains("retry later"));
+            let (st, _, _) = call(&agent, "GET", &format!("{path}&token=bogus"), None).await;
+            assert_eq!(
+                st,
+                StatusCode::TOO_MANY_REQUESTS,
+                "an unknown token is no token"
+            );
+        }
+        let (st, _, _) = call(&agent, "GET", "/v1/agent/connect/ca/roots", None).await;
+        assert_eq!(st, StatusCode::OK, "a plain read is not a watch");
+        let (st, _, _) = call(&agent, "GET", &format!("{watch}&token={token}"), None).await;
+        assert_eq!(st, StatusCode::OK, "a watch with a valid token");
+        drop(taken);
+        let (st, _, _) = call(&agent, "GET", &watch, None).await;
+        assert_eq!(st, StatusCode::OK, "room again");
     }
 
     #[tokio::test]

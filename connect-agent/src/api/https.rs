@@ -28,7 +28,7 @@ use rustls::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, mpsc},
+    sync::mpsc,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::task::AbortOnDropHandle;
@@ -39,8 +39,11 @@ use crate::{
     config::{HttpsCert, HttpsConfig},
 };
 
-/// Handshakes in flight at once; more connections wait in the kernel's backlog.
+/// Handshakes in flight at once; more connections are closed at once.
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in flight at once from one client IP, so that one silent host
+/// cannot hold every handshake slot ([`crate::admission`]).
+const MAX_HANDSHAKES_PER_CLIENT: usize = 32;
 /// A client that has not finished its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Established connections waiting for the HTTP server to take them.
@@ -187,9 +190,7 @@ pub async fn serve(
     agent: Arc<Agent>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, super::router(agent))
-        .with_graceful_shutdown(shutdown)
-        .await
+    super::server::serve(listener, super::router(agent), shutdown).await
 }
 
 async fn accept_loop(
@@ -197,17 +198,25 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let budget = crate::admission::Budget::new(
+        "HTTPS handshakes",
+        MAX_HANDSHAKES,
+        MAX_HANDSHAKES_PER_CLIENT,
+    );
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(error) => {
                 // EMFILE and friends: wait instead of spinning.
                 tracing::warn!(%error, "HTTPS accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let permit = match budget.try_enter(peer.ip()) {
+            Ok(permit) => permit,
+            Err(why) => {
+                tracing::debug!(%peer, reason = %why, "HTTPS connection refused before its handshake");
                 continue;
             }
         };

@@ -140,6 +140,7 @@ struct Running {
 /// and opens the listeners. Fails (and stops what it started) if any of that fails.
 async fn start(args: &ProxyArgs) -> anyhow::Result<Running> {
     let plan = plan(args).await?;
+    crate::admission::raise_and_log_nofile_limit();
     let client = Client::new(&args.http)?;
     let shutdown = Shutdown::new();
     let result = async {

@@ -28,7 +28,14 @@ pub(super) struct Connection<'m> {
     side: Side,
     shared: &'m Shared,
     rec: ConnRecord<'m>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
+}
+
+/// What a connection holds while it lives: a permit of the handshake budget
+/// while its peer is unauthenticated, a slot of the connection limit after.
+enum Slot {
+    Handshake(#[allow(dead_code)] crate::admission::Permit),
+    Carrying(#[allow(dead_code)] OwnedSemaphorePermit),
 }
 
 impl<'m> Connection<'m> {
@@ -51,11 +58,66 @@ impl<'m> Connection<'m> {
                 side,
                 shared,
                 rec,
-                _slot: slot,
+                _slot: Slot::Carrying(slot),
             }),
             Err(full) => {
-                shared.limit_log.refused(full.max);
+                shared.limit_log.refused("connection limit", full.max);
                 rec.finish(Outcome::LimitReached);
+                None
+            }
+        }
+    }
+
+    /// [`Connection::open`] for a connection whose peer must first complete a TLS
+    /// handshake: it takes a permit of the handshake budget (bounded in all and
+    /// per peer IP, [`crate::admission`]) instead of a connection slot, so that
+    /// silent or slow peers cannot crowd out carried connections. `None` when the
+    /// budget refuses it. [`Connection::handshaken`] swaps the permit for a slot.
+    pub(super) fn open_handshake(
+        shared: &'m Shared,
+        side: Side,
+        peer: std::net::IpAddr,
+        span: impl FnOnce(ConnId) -> Span,
+    ) -> Option<Self> {
+        let id = shared.registry.next_id();
+        let span = span(id);
+        let mut rec = ConnRecord::open(&shared.metrics, side, span.clone());
+        match shared.handshakes.try_enter(peer) {
+            Ok(permit) => Some(Self {
+                id,
+                span,
+                side,
+                shared,
+                rec,
+                _slot: Slot::Handshake(permit),
+            }),
+            Err(refused) => {
+                let max = match refused {
+                    crate::admission::Refused::Peer { max, .. }
+                    | crate::admission::Refused::Total { max, .. } => max,
+                };
+                shared.handshake_log.refused(refused.what_limit(), max);
+                rec.finish(Outcome::LimitReached);
+                None
+            }
+        }
+    }
+
+    /// Trades the handshake permit of an authenticated connection for a slot of
+    /// the connection limit. `None` (recorded as limit reached) when the limit
+    /// is reached.
+    pub(super) fn handshaken(mut self) -> Option<Self> {
+        if matches!(self._slot, Slot::Carrying(_)) {
+            return Some(self);
+        }
+        match self.shared.registry.reserve() {
+            Ok(slot) => {
+                self._slot = Slot::Carrying(slot);
+                Some(self)
+            }
+            Err(full) => {
+                self.shared.limit_log.refused("connection limit", full.max);
+                self.rec.finish(Outcome::LimitReached);
                 None
             }
         }

@@ -123,7 +123,9 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             dst = field::Empty
         )
     };
-    let Some(conn) = Connection::open(&shared, Side::Inbound, span) else {
+    let Some(conn) = Connection::open_handshake(&shared, Side::Inbound, peer.ip(), span) else {
+        // Refused before a byte is read: a reset, so no TIME_WAIT stays behind.
+        reset(&tcp);
         return;
     };
     let _ = tcp.set_nodelay(true);
@@ -132,7 +134,11 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         () = shared.shutdown.force.cancelled() => return conn.finish(None),
     };
     match shaken {
-        Ok(shaken) => carry(&shared, shaken, conn).await,
+        Ok(shaken) => {
+            if let Some(conn) = conn.handshaken() {
+                carry(&shared, shaken, conn).await;
+            }
+        }
         Err(e) => conn.finish(Some(Err(e))),
     }
 }

@@ -447,7 +447,7 @@ pub(crate) struct LimitLog {
 impl LimitLog {
     const EVERY: Duration = Duration::from_secs(10);
 
-    pub(crate) fn refused(&self, max: usize) {
+    pub(crate) fn refused(&self, limit: &'static str, max: usize) {
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
         let epoch = *self.epoch.get_or_init(Instant::now);
         // +1 so that "never logged" (0) differs from "logged at the epoch".
@@ -461,9 +461,10 @@ impl LimitLog {
                 .is_ok()
         {
             tracing::warn!(
-                max_connections = max,
+                limit,
+                max,
                 refused_total = refused,
-                "connection limit reached: refusing new connections until some close"
+                "{limit} reached: refusing new connections until some close"
             );
         }
     }

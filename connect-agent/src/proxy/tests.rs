@@ -595,6 +595,65 @@ async fn the_connection_limit_refuses_and_recovers() {
     expect_echo(&mut third, b"slot came back").await;
 }
 
+/// Silent peers (connected, no ClientHello) hold a permit of the handshake
+/// budget, not a slot of the connection limit, and one peer IP gets only its
+/// share of the budget: a flood of silent sockets from one host leaves room for
+/// real connections from another. Before, every accepted socket took a slot.
+#[tokio::test]
+async fn silent_peers_hold_no_connection_slot_and_one_peer_only_its_share() {
+    let limits = Limits {
+        max_connections: 8,
+        ..Limits::default()
+    };
+    let per_peer = limits.max_handshakes_per_peer;
+    let n = node_with(agent().await, limits, None).await;
+    let backend = echo_backend().await;
+    n.serve("socat", &backend);
+    let config = client_config(n.agent.ca.bundle(), Some(n.leaf("web").await));
+
+    // From 127.0.0.1: more silent sockets than the connection limit, and more
+    // than one peer's share of the handshake budget.
+    let mut silent = Vec::new();
+    for i in 0..per_peer + 20 {
+        match TcpStream::connect(n.inbound).await {
+            Ok(tcp) => silent.push(tcp),
+            // Refused sockets are reset; the kernel may report that to a later
+            // connect on the same port pair.
+            Err(e) => assert!(i >= per_peer, "silent socket {i} refused: {e}"),
+        }
+    }
+    let m = n.metrics();
+    eventually("the sockets over the peer's share are refused", || {
+        m.closed(Side::Inbound, Outcome::LimitReached) >= 1
+    })
+    .await;
+    assert_eq!(n.proxy.shared.handshakes.in_use(), per_peer);
+    // From 127.0.0.2, another host as far as the budget knows: served at once.
+    let started = std::time::Instant::now();
+    for i in 0..4u8 {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind 127.0.0.2");
+        let tcp = sock.connect(n.inbound).await.expect("connect");
+        let name = server_name_for(&svc("socat"), &n.agent.ca.bundle().borrow()).expect("sni");
+        let mut tls = timeout(
+            DEADLINE,
+            TlsConnector::from(config.clone()).connect(name, tcp),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+        expect_echo(&mut tls, &[b'a' + i]).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "real connections took {:?} beside {} silent ones",
+        started.elapsed(),
+        silent.len()
+    );
+    drop(silent);
+}
+
 #[tokio::test]
 async fn the_outbound_side_accepts_only_the_destinations_identity() {
     let n = node().await;
