@@ -190,9 +190,22 @@ pub enum DestinationKind {
 pub struct Desired {
     /// Service instances (`IP:port`) and virtual IPs whose connections go to the proxy.
     pub destinations: BTreeSet<(SocketAddrV4, DestinationKind)>,
-    /// Plaintext ports of this node's services, each with the cgroup of the service
-    /// that owns it (the one application cgroup whose UDP may reach it directly).
-    pub protected_ports: BTreeMap<u16, Option<CgroupId>>,
+    /// Plaintext ports of this node's services and its upstream listeners' ports,
+    /// each with how it is guarded.
+    pub protected_ports: BTreeMap<u16, PortGuard>,
+}
+
+/// How a port of this node is guarded, with the cgroup of the service that owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortGuard {
+    /// A service's plaintext port: off-node traffic is dropped, application TCP
+    /// on a host-local address goes through the proxy, and only the owner's
+    /// cgroup may send it datagrams.
+    Service(Option<CgroupId>),
+    /// An upstream listener, which speaks as its owner to whoever connects: only
+    /// the owner's cgroup may connect to it. No owner (the service names no
+    /// cgroup, or one that does not exist) refuses every application cgroup.
+    Upstream(Option<CgroupId>),
 }
 
 /// What one [`Redirector::sweep`] removed.
@@ -592,7 +605,11 @@ impl Redirector {
                 now.protected_ports.insert(port, owner);
                 continue;
             }
-            match self.protect_port(port, owner) {
+            let written = match owner {
+                PortGuard::Service(owner) => self.protect_port(port, owner),
+                PortGuard::Upstream(owner) => self.guard_upstream(port, owner),
+            };
+            match written {
                 Ok(()) => {
                     stats.added += 1;
                     now.protected_ports.insert(port, owner);
@@ -674,7 +691,23 @@ impl Redirector {
                 PortKey::new(port),
                 ProtectedPort {
                     redirect_loopback: 1,
-                    _pad: 0,
+                    owner_only: 0,
+                    owner_cgroup_id: owner.map_or(0, |c| c.0),
+                },
+                0,
+            )
+            .map_err(map_err(map::PROTECTED_PORTS))
+    }
+
+    /// Guards an upstream listener's port: TCP connections to it on a host-local
+    /// address from any application cgroup but `owner` are refused by `connect()`.
+    pub fn guard_upstream(&self, port: u16, owner: Option<CgroupId>) -> Result<(), Error> {
+        lock(&self.protected)
+            .insert(
+                PortKey::new(port),
+                ProtectedPort {
+                    redirect_loopback: 0,
+                    owner_only: 1,
                     owner_cgroup_id: owner.map_or(0, |c| c.0),
                 },
                 0,
@@ -868,7 +901,12 @@ fn read_applied(
     }
     for (key, value) in protected.iter().filter_map(Result::ok) {
         let owner = (value.owner_cgroup_id != 0).then_some(CgroupId(value.owner_cgroup_id));
-        d.protected_ports.insert(key.port, owner);
+        let guard = if value.owner_only != 0 {
+            PortGuard::Upstream(owner)
+        } else {
+            PortGuard::Service(owner)
+        };
+        d.protected_ports.insert(key.port, guard);
     }
     d
 }

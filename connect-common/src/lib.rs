@@ -92,7 +92,7 @@ const _: () = assert!(core::mem::size_of::<Config>() == 16);
 /// pins maps under a directory named after it: an agent of the same layout adopts
 /// the maps a previous one left, one of another layout makes new ones (and removes
 /// the old once its programs replaced the old programs). Bump on any layout change.
-pub const MAP_LAYOUT: u32 = 2;
+pub const MAP_LAYOUT: u32 = 3;
 
 // ───────────────────────────── keys ─────────────────────────────
 
@@ -241,9 +241,13 @@ pub struct ProtectedPort {
     /// Non-zero: also redirect TCP connections from application cgroups to this port
     /// on a host-local address (co-located services go through the proxy too).
     pub redirect_loopback: u32,
-    pub _pad: u32,
+    /// Non-zero for an upstream listener's port: a TCP `connect()` to it on a
+    /// host-local address from any application cgroup but the owner's is refused
+    /// (EPERM), because the listener speaks as its owner to whoever connects.
+    pub owner_only: u32,
     /// The cgroup id of the service that owns the port, `0` if it has none: the only
-    /// application cgroup whose datagrams may reach the port directly.
+    /// application cgroup whose datagrams may reach the port directly (and, with
+    /// `owner_only`, whose TCP connections may).
     pub owner_cgroup_id: u64,
 }
 const _: () = assert!(core::mem::size_of::<ProtectedPort>() == 16);
@@ -302,11 +306,14 @@ pub enum Counter {
     UdpRefused = 8,
     /// A UDP datagram from off the node to a protected port was dropped.
     IngressUdpDropped = 9,
+    /// A TCP `connect()` from an application cgroup to another service's upstream
+    /// listener was refused (EPERM).
+    UpstreamRefused = 10,
 }
 
 impl Counter {
     /// Number of counters (size of the `COUNTERS` array).
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     /// Every counter with its metric name, for the agent's exporter.
     pub const ALL: [(Counter, &'static str); Self::COUNT as usize] = [
         (Counter::Redirected, "redirected"),
@@ -319,6 +326,7 @@ impl Counter {
         (Counter::IngressIpv6ExtDropped, "ingress_ipv6_ext_dropped"),
         (Counter::UdpRefused, "udp_refused"),
         (Counter::IngressUdpDropped, "ingress_udp_dropped"),
+        (Counter::UpstreamRefused, "upstream_refused"),
     ];
 }
 

@@ -87,7 +87,7 @@ fn redirect_tcp(
         return Ok(ALLOW);
     };
     if !is_mesh_destination(&ip, port) {
-        return Ok(ALLOW);
+        return Ok(upstream_verdict(&ip, port));
     }
 
     // SAFETY: both helpers are allowed in cgroup_sock_addr programs and take the
@@ -139,6 +139,28 @@ fn is_mesh_destination(ip: &[u32; 4], port: u16) -> bool {
     addr::is_host_local(ip)
         && unsafe { PROTECTED_PORTS.get(PortKey::new(port)) }
             .is_some_and(|p| p.redirect_loopback != 0)
+}
+
+/// A TCP connection to an upstream listener on this host: only from the cgroup of
+/// the service it speaks for. Anything else is not ours to judge.
+#[inline(always)]
+fn upstream_verdict(ip: &[u32; 4], port: u16) -> i32 {
+    if !addr::is_host_local(ip) {
+        return ALLOW;
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(guard) = (unsafe { PROTECTED_PORTS.get(PortKey::new(port)) }).copied() else {
+        return ALLOW;
+    };
+    if guard.owner_only == 0 {
+        return ALLOW;
+    }
+    // SAFETY: no arguments; allowed in cgroup_sock_addr programs.
+    if guard.owner_cgroup_id != 0 && guard.owner_cgroup_id == unsafe { bpf_get_current_cgroup_id() } {
+        return ALLOW;
+    }
+    count(Counter::UpstreamRefused);
+    REJECT
 }
 
 #[inline(always)]

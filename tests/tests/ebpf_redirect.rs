@@ -331,7 +331,9 @@ fn sync_adds_and_removes_destinations() -> Result<()> {
     desired
         .destinations
         .insert((MESH_DST, DestinationKind::Instance));
-    desired.protected_ports.insert(18183, None);
+    desired
+        .protected_ports
+        .insert(18183, connect_agent::redirect::PortGuard::Service(None));
     let stats = redirector.sync(&desired);
     assert_eq!((stats.added, stats.removed, stats.failed), (2, 0, 0));
     assert_eq!(

@@ -519,3 +519,60 @@ fn web_reaches_db_by_every_address_form_only_as_intentions_allow() -> Result<()>
     );
     Ok(())
 }
+
+/// An upstream listener speaks as its owner to whoever connects, so with
+/// `--cgroup` only the owner's cgroup may connect to it: from `web`'s cgroup the
+/// connection echoes through the mesh (positive control), from `db`'s cgroup
+/// `connect()` itself is refused (EPERM) and the refusal is counted. Before,
+/// `db` reached socat as `web`.
+#[test]
+fn an_upstream_listener_serves_only_its_owners_cgroup() -> Result<()> {
+    let mut node = Node::start("transp-upstream")?;
+    node.cg.child("db")?;
+    register(
+        &node.agent,
+        &json!({"Name": "db", "Port": 0, "cgroup": "db"}),
+    )?;
+    let upstream = connect_tests::agent::free_port()?;
+    register(
+        &node.agent,
+        &json!({"Name": "web", "Port": 0, "cgroup": "web", "Connect": {"Proxy": {"Upstreams": [
+            {"DestinationName": "socat", "LocalBindPort": upstream}
+        ]}}}),
+    )?;
+    connect_tests::mesh::wait_listening(
+        std::net::SocketAddr::from(([127, 0, 0, 1], upstream)),
+        Duration::from_secs(10),
+    )?;
+    // The guard reaches the map within a moment of the registration.
+    assert_eventually(Duration::from_secs(2), "the upstream port guarded", || {
+        protected_ports().is_ok_and(|p| p.contains(&upstream))
+    })?;
+
+    let (echo, _) = node
+        .dial_from_web(upstream)
+        .with_context(|| node.agent.log())?;
+    ensure!(echo == ECHO, "web through its own upstream: {echo}");
+
+    let before = ebpf_counter(&node.agent, "upstream_refused")?;
+    let p = CgroupProc::spawn(
+        &node.cg.path.join("db"),
+        "python3",
+        &[
+            "-c",
+            "import socket,sys\ntry:\n    socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5)\n    print('connected')\nexcept OSError as e:\n    print('refused errno=%d' % e.errno)",
+            &upstream.to_string(),
+        ],
+    )?;
+    let (code, out, err) = p.output(Duration::from_secs(20))?;
+    ensure!(code == 0, "db's client failed: {out}\n{err}");
+    ensure!(
+        out.trim() == "refused errno=1",
+        "db's cgroup connecting to web's upstream listener: {out}"
+    );
+    ensure!(
+        ebpf_counter(&node.agent, "upstream_refused")? == before + 1,
+        "the refusal is counted"
+    );
+    Ok(())
+}

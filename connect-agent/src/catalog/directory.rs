@@ -35,7 +35,7 @@ use super::{Catalog, CatalogSnapshot, Instance, connect_endpoint};
 use crate::{
     identity::{Datacenter, ServiceName},
     proxy::{Directory, Endpoint, LocalService, Upstream},
-    redirect::{self, Desired, DestinationKind},
+    redirect::{self, Desired, DestinationKind, PortGuard},
     redirect::{CgroupId, OrigDst},
     vip::{self, VipTable},
 };
@@ -79,6 +79,8 @@ impl DirIndex {
         let mut ix = DirIndex::default();
         let mut desired = Desired::default();
         let mut seen = BTreeSet::new();
+        // Local services' cgroups by name, for their upstream listeners' owners.
+        let mut cgroup_of: HashMap<ServiceName, Option<CgroupId>> = HashMap::new();
         for inst in snap.all() {
             if !inst.service.kind.is_typical() {
                 continue;
@@ -126,6 +128,14 @@ impl DirIndex {
                     },
                     _ => None,
                 };
+                cgroup_of
+                    .entry(svc.service.clone())
+                    .and_modify(|c| {
+                        if *c != cgroup {
+                            *c = None;
+                        }
+                    })
+                    .or_insert(cgroup);
                 if svc.port != 0 {
                     // The inbound side reaches a local service on loopback: its port
                     // is protected from everyone off the node, loopback is not.
@@ -147,12 +157,12 @@ impl DirIndex {
                     desired
                         .protected_ports
                         .entry(svc.port)
-                        .and_modify(|owner| {
-                            if *owner != cgroup {
-                                *owner = None;
+                        .and_modify(|guard| {
+                            if *guard != PortGuard::Service(cgroup) {
+                                *guard = PortGuard::Service(None);
                             }
                         })
-                        .or_insert(cgroup);
+                        .or_insert(PortGuard::Service(cgroup));
                 }
                 for u in &svc.upstreams {
                     ix.upstreams.push(upstream(&svc.service, u));
@@ -166,6 +176,19 @@ impl DirIndex {
         }
         ix.upstreams.sort_by_key(|u| u.bind);
         ix.upstreams.dedup_by_key(|u| u.bind);
+        if cgroup_root.is_some() {
+            // An upstream listener speaks as its source service to whoever
+            // connects: with `--cgroup`, only that service's cgroup may connect.
+            // A port that is also a service's plaintext port keeps that guard
+            // (the listener could not bind it anyway).
+            for u in &ix.upstreams {
+                let owner = cgroup_of.get(&u.source).copied().flatten();
+                desired
+                    .protected_ports
+                    .entry(u.bind.port())
+                    .or_insert(PortGuard::Upstream(owner));
+            }
+        }
         ix.desired = Arc::new(desired);
         ix
     }
