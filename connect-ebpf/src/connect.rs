@@ -156,7 +156,8 @@ fn upstream_verdict(ip: &[u32; 4], port: u16) -> i32 {
         return ALLOW;
     }
     // SAFETY: no arguments; allowed in cgroup_sock_addr programs.
-    if guard.owner_cgroup_id != 0 && guard.owner_cgroup_id == unsafe { bpf_get_current_cgroup_id() } {
+    let caller = unsafe { bpf_get_current_cgroup_id() };
+    if guard.owner_cgroup_id != 0 && guard.owner_cgroup_id == caller {
         return ALLOW;
     }
     count(Counter::UpstreamRefused);
