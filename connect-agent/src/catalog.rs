@@ -225,6 +225,24 @@ fn check_port_capacity(
     })
 }
 
+/// The IP addresses of this node's interfaces (none if they cannot be read).
+fn interface_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<IpAddr> = addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// What a reload did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReloadSummary {
@@ -240,6 +258,7 @@ pub struct Catalog {
     config_dir: Option<PathBuf>,
     protected_port_limit: Option<usize>,
     advertise: IpAddr,
+    own_addresses: Option<Vec<IpAddr>>,
     /// The catalog, kept equal to `catalog/`; following stops when this is dropped.
     view: View<Published>,
     /// Serialises writers, so that sidecar ports and reload's replace-all are planned
@@ -298,6 +317,10 @@ pub struct CatalogConfig {
     pub datacenter: Datacenter,
     /// The node's address in the catalog, and the default address of its services.
     pub advertise_addr: IpAddr,
+    /// The addresses this node's services may be registered at besides the
+    /// advertise address: `None` reads the node's interfaces at each registration
+    /// (tests fix a list).
+    pub own_addresses: Option<Vec<IpAddr>>,
     /// Where this node's proxy takes mTLS connections (its Connect endpoints).
     pub inbound_addr: SocketAddr,
     /// `--config-dir`: service definitions applied at start and on reload.
@@ -341,6 +364,7 @@ impl Catalog {
             config_dir: config.config_dir.clone(),
             protected_port_limit: config.protected_port_limit,
             advertise: config.advertise_addr,
+            own_addresses: config.own_addresses.clone(),
             view,
             writes: tokio::sync::Mutex::new(()),
         });
@@ -531,6 +555,63 @@ impl Catalog {
         Ok(())
     }
 
+    /// A service's address must be this node's: the catalog maps instance
+    /// addresses to services for every node's transparent routing, so a service
+    /// registered at another node's address, or at loopback (every node's own),
+    /// would capture or relabel other services' traffic. So an IP address must be
+    /// the advertise address or one of the node's interface addresses, and not
+    /// loopback or unspecified (leave it empty for the advertise address). A host
+    /// name is accepted: it is only ever answered in DNS, for this service's own
+    /// name, and never routed by.
+    fn check_address(&self, address: &str, field: &str) -> Result<(), Error> {
+        let refuse = |reason: String| {
+            Error::Input(InputError {
+                field: field.to_owned(),
+                reason,
+            })
+        };
+        let Ok(ip) = address.parse::<IpAddr>() else {
+            if definition::is_host_name(address) {
+                return Ok(());
+            }
+            return Err(refuse(format!(
+                "{address:?} is neither an IP address of this node nor a host name"
+            )));
+        };
+        if ip == self.advertise {
+            return Ok(());
+        }
+        if ip.is_loopback() || ip.is_unspecified() {
+            return Err(refuse(format!(
+                "{ip} is a {} address, which every node has; leave the address empty to use this node's ({})",
+                if ip.is_loopback() {
+                    "loopback"
+                } else {
+                    "unspecified"
+                },
+                self.advertise
+            )));
+        }
+        let own = match &self.own_addresses {
+            Some(fixed) => fixed.clone(),
+            None => interface_addresses(),
+        };
+        if own.contains(&ip) {
+            return Ok(());
+        }
+        Err(refuse(format!(
+            "{ip} is not an address of this node (it has {}); a service is registered on the node it runs on",
+            std::iter::once(self.advertise)
+                .chain(
+                    own.into_iter()
+                        .filter(|a| !a.is_loopback() && *a != self.advertise)
+                )
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
     /// Fills in defaults that depend on the node and the catalog.
     fn materialize(
         &self,
@@ -539,6 +620,12 @@ impl Catalog {
         existing: &BTreeMap<String, Service>,
         new: &BTreeMap<String, Service>,
     ) -> Result<(Service, Option<Service>), Error> {
+        if let Some(a) = &def.address {
+            self.check_address(a, "Address")?;
+        }
+        if let Some(a) = def.sidecar.as_ref().and_then(|s| s.address.as_ref()) {
+            self.check_address(a, "Connect.SidecarService.Address")?;
+        }
         let address = def
             .address
             .clone()

@@ -184,6 +184,10 @@ pub struct Config {
     pub outbound_addr: std::net::SocketAddrV4,
     pub inbound_addr: SocketAddr,
     pub advertise_addr: IpAddr,
+    /// The addresses a service registered on this node may have besides the
+    /// advertise address. `None`: the addresses of the node's interfaces, read at
+    /// each registration ([`crate::catalog::CatalogConfig::own_addresses`]).
+    pub own_addresses: Option<Vec<IpAddr>>,
     pub node_name: String,
     pub datacenter: Datacenter,
     pub store: StoreUrl,
@@ -396,6 +400,7 @@ impl AgentArgs {
             outbound_addr,
             inbound_addr,
             advertise_addr: self.advertise_addr,
+            own_addresses: None,
             node_name,
             datacenter: self.datacenter,
             store,
@@ -419,6 +424,7 @@ impl Config {
             node_name: self.node_name.clone(),
             datacenter: self.datacenter.clone(),
             advertise_addr: self.advertise_addr,
+            own_addresses: self.own_addresses.clone(),
             inbound_addr: self.inbound_addr,
             config_dir: self.config_dir.clone(),
             protected_port_limit: self
@@ -466,6 +472,13 @@ impl Config {
             outbound_addr: std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
             inbound_addr: any(0),
             advertise_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            // Unit tests register instances at documentation-range addresses of
+            // their own; they pose as this node's.
+            own_addresses: Some(
+                (1..=9)
+                    .map(|i| IpAddr::V4(Ipv4Addr::new(198, 18, 0, i)))
+                    .collect(),
+            ),
             node_name: "test-node".to_owned(),
             datacenter: Datacenter::default(),
             store: StoreUrl::Embedded,

@@ -96,7 +96,9 @@ fn dig_answers_each_name_from_a_running_agent() -> Result<()> {
     )?;
     register(
         &agent,
-        &json!({"ID": "socat-2", "Name": "socat", "Port": 8182, "Address": "127.0.0.2"}),
+        // A second instance on another port (a service address must be one of
+        // this node's own, and loopback is refused, so both share the node's).
+        &json!({"ID": "socat-2", "Name": "socat", "Port": 8182}),
     )?;
     register(
         &agent,
@@ -107,7 +109,9 @@ fn dig_answers_each_name_from_a_running_agent() -> Result<()> {
     ensure!(a.status == "NOERROR", "{a:?}");
     ensure!(a.flags.contains("aa"), "authoritative: {:?}", a.flags);
     ensure!(
-        a.data("A") == ["127.0.0.1", "127.0.0.2"],
+        // One record per address, as Consul answers (it drops duplicates of a
+        // node that runs a service on several ports).
+        a.data("A") == ["127.0.0.1"],
         "socat's instances: {a:?}"
     );
     ensure!(a.ttls.iter().all(|t| *t == 0), "TTL 0: {:?}", a.ttls);
@@ -116,7 +120,7 @@ fn dig_answers_each_name_from_a_running_agent() -> Result<()> {
         srv.data("SRV")
             == [
                 "1 1 8181 dns-node.node.dc1.consul.",
-                "1 1 8182 7f000002.addr.dc1.consul."
+                "1 1 8182 dns-node.node.dc1.consul."
             ],
         "SRV of socat: {srv:?}"
     );

@@ -188,6 +188,23 @@ fn string_map(
         .map(Some)
 }
 
+/// Whether `s` is a DNS host name: dot-separated labels of letters, digits and
+/// `-`, each 1-63 bytes and not starting or ending with `-`, 253 bytes at most,
+/// with at least one letter (so that no IP-like string passes as a name).
+pub fn is_host_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars().any(|c| c.is_ascii_alphabetic())
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
 fn name(s: &str, at: &str) -> Result<ServiceName, InputError> {
     s.parse::<ServiceName>().map_err(|e| err(at, e))
 }

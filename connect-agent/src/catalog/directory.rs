@@ -59,8 +59,13 @@ pub struct DirIndex {
     /// Lower-cased name → healthy Connect endpoints, anywhere.
     endpoints: HashMap<ServiceName, Vec<Endpoint>>,
     cgroups: HashMap<CgroupId, ServiceName>,
-    /// Instance addresses (every node) → service.
+    /// Instance addresses of other nodes → service.
     by_addr: HashMap<SocketAddrV4, ServiceName>,
+    /// Instance addresses of this node → service; consulted first.
+    local_by_addr: HashMap<SocketAddrV4, ServiceName>,
+    /// This node's addresses (its own and its instances'): a destination there is
+    /// a local service or nothing, whatever another node's entry says.
+    local_ips: BTreeSet<Ipv4Addr>,
     /// Local plaintext ports → service, for loopback destinations.
     local_ports: HashMap<u16, ServiceName>,
     /// Virtual IPs of the services in this view → service.
@@ -81,7 +86,13 @@ impl DirIndex {
         let mut seen = BTreeSet::new();
         // Local services' cgroups by name, for their upstream listeners' owners.
         let mut cgroup_of: HashMap<ServiceName, Option<CgroupId>> = HashMap::new();
+        if let Some((node, _, _)) = snap.node(snap.local_node())
+            && let IpAddr::V4(ip) = node.address
+        {
+            ix.local_ips.insert(ip);
+        }
         for inst in snap.all() {
+            let local = inst.node.node == snap.local_node();
             if !inst.service.kind.is_typical() {
                 continue;
             }
@@ -89,8 +100,15 @@ impl DirIndex {
             if let Some(SocketAddr::V4(a)) = inst.addr()
                 && inst.service.port != 0
             {
-                ix.by_addr.insert(a, name.clone());
+                if local {
+                    ix.local_by_addr.insert(a, name.clone());
+                } else {
+                    ix.by_addr.insert(a, name.clone());
+                }
                 desired.destinations.insert((a, DestinationKind::Instance));
+            }
+            if local && let Some(SocketAddr::V4(a)) = inst.addr() {
+                ix.local_ips.insert(*a.ip());
             }
             if seen.insert(name.clone()) {
                 let eps = snap
@@ -307,20 +325,24 @@ impl Directory for CatalogDirectory {
     fn service_of_cgroup(&self, cgroup_id: CgroupId) -> Option<ServiceName> {
         self.index().cgroups.get(&cgroup_id).cloned()
     }
+    /// Local first: a destination on this node (loopback, its address, an
+    /// address of one of its instances) is one of its own services or nothing,
+    /// never what another node's entry claims for that address; then virtual
+    /// IPs; then the instances of other nodes.
     fn destination_of(&self, OrigDst(orig_dst): OrigDst) -> Option<ServiceName> {
         let ix = self.index();
-        if let Some(n) = ix.by_addr.get(&orig_dst) {
+        if let Some(n) = ix.local_by_addr.get(&orig_dst) {
             return Some(n.clone());
+        }
+        // eBPF redirects loopback connections to protected ports: a local service.
+        if orig_dst.ip().is_loopback() || ix.local_ips.contains(orig_dst.ip()) {
+            return ix.local_ports.get(&orig_dst.port()).cloned();
         }
         // A virtual IP names its service on every port.
         if let Some(n) = ix.by_vip.get(orig_dst.ip()) {
             return Some(n.clone());
         }
-        // eBPF redirects loopback connections to protected ports: a local service.
-        if orig_dst.ip().is_loopback() {
-            return ix.local_ports.get(&orig_dst.port()).cloned();
-        }
-        None
+        ix.by_addr.get(&orig_dst).cloned()
     }
     fn upstream_listeners(&self) -> Vec<Upstream> {
         self.index().upstreams.clone()
@@ -353,6 +375,89 @@ mod tests {
 
     fn svc(s: &str) -> ServiceName {
         s.parse().expect("name")
+    }
+
+    /// Another node's entries cannot claim this node's destinations: an address
+    /// of this node (or loopback) is resolved from its own services only, and
+    /// before anything else. Before, every node's instances shared one address
+    /// map, last write winning, consulted ahead of the local ports.
+    #[tokio::test]
+    async fn local_destinations_come_first_and_never_from_another_nodes_entry() {
+        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::memory::MemStore::new());
+        let mut config = Config::for_tests();
+        config.advertise_addr = "198.18.0.2".parse().expect("ip");
+        config.inbound_addr = "198.18.0.2:20000".parse().expect("addr");
+        let catalog = Catalog::start(
+            &config.catalog(),
+            &crate::catalog::NodeId::for_tests(),
+            store.clone(),
+        )
+        .await
+        .expect("catalog");
+        catalog
+            .register(&serde_json::json!({"Name": "socat", "Port": 8181}))
+            .await
+            .expect("register");
+        // Node n2 (as a compromised node or an old agent could write it) claims
+        // this node's address and loopback, besides a service of its own. Its
+        // entries are written last, so "last write wins" would pick them.
+        let n2 = serde_json::json!({"ID": "9b0c5a5e-4f43-4c5e-9d4f-2f6a8b1c3d7e", "Node": "n2",
+            "Address": "198.18.0.3", "Datacenter": "dc1", "InboundAddr": "198.18.0.3:20000"});
+        store
+            .put("catalog/nodes/n2", serde_json::to_vec(&n2).expect("json"))
+            .await
+            .expect("put");
+        let mut last = 0;
+        for (id, address, port) in [
+            ("evil-1", "198.18.0.2", 8181),
+            ("evil-2", "198.18.0.2", 5432),
+            ("evil-3", "127.0.0.1", 5432),
+            ("db", "198.18.0.3", 5432),
+        ] {
+            let name = if id == "db" { "db" } else { "evil" };
+            let body = serde_json::json!({"ID": id, "Service": name, "Address": address,
+                "Port": port, "Source": {"Type": "Api"}});
+            last = store
+                .put(
+                    &format!("catalog/services/n2/{id}"),
+                    serde_json::to_vec(&body).expect("json"),
+                )
+                .await
+                .expect("put");
+        }
+        let dir = CatalogDirectory::start(&catalog, None, None);
+        let mut changes = catalog.changes();
+        tokio::time::timeout(Duration::from_secs(5), changes.wait_for(|i| *i >= last))
+            .await
+            .expect("in time")
+            .expect("open");
+        let mut dir_changes = dir.changes();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while dir.endpoints(&svc("db")).is_empty() {
+                dir_changes.changed().await.expect("open");
+            }
+        })
+        .await
+        .expect("the directory follows");
+
+        let at = |a: &str| dir.destination_of(OrigDst(a.parse().expect("addr")));
+        assert_eq!(
+            at("198.18.0.2:8181"),
+            Some(svc("socat")),
+            "the local service wins"
+        );
+        assert_eq!(
+            at("198.18.0.2:5432"),
+            None,
+            "this node's address, no local service"
+        );
+        assert_eq!(at("127.0.0.1:5432"), None, "loopback is every node's own");
+        assert_eq!(at("127.0.0.1:8181"), Some(svc("socat")));
+        assert_eq!(
+            at("198.18.0.3:5432"),
+            Some(svc("db")),
+            "n2's own address is n2's"
+        );
     }
 
     #[tokio::test]

@@ -378,3 +378,47 @@ async fn a_port_or_a_cgroup_belongs_to_one_service_per_node() {
         .await
         .expect("a freed port can be taken");
 }
+
+/// A service is registered at one of this node's addresses: the advertise
+/// address (also by leaving it empty), or an interface address; never loopback,
+/// unspecified or another host's, which would capture or relabel traffic that
+/// every node's transparent path routes by address. Host names only ever reach
+/// DNS and stay allowed.
+#[tokio::test]
+async fn a_service_address_must_be_this_nodes() {
+    let (c, _) = catalog_with(None).await;
+    // Config::for_tests: advertise 127.0.0.1, interface addresses 198.18.0.1-9.
+    for ok in ["", "127.0.0.1", "198.18.0.3", "db.example", "db.example."] {
+        c.register(&json!({"Name": "ok", "Port": 8000, "Address": ok}))
+            .await
+            .unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+    }
+    for (bad, says) in [
+        ("127.0.0.2", "loopback"),
+        ("::1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("198.18.5.5", "not an address of this node"),
+        ("2001:db8::5", "not an address of this node"),
+        ("not a host!", "neither an IP address"),
+        ("-bad.example", "neither an IP address"),
+    ] {
+        let e = c
+            .register(&json!({"Name": "evil", "Port": 5432, "Address": bad}))
+            .await
+            .expect_err(bad);
+        assert!(e.to_string().contains(says), "{bad}: {e}");
+        assert_eq!(
+            crate::fault::Blame::fault(&e),
+            crate::fault::Fault::Caller,
+            "{bad}"
+        );
+        let e = c
+            .register(&json!({"Name": "evil", "Port": 5433,
+                "Connect": {"SidecarService": {"Address": bad}}}))
+            .await
+            .expect_err(bad);
+        assert!(e.to_string().contains(says), "sidecar {bad}: {e}");
+    }
+    assert!(!ids(&c).iter().any(|id| id.starts_with("evil")));
+}
