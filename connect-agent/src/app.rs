@@ -424,8 +424,20 @@ pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
                     .etcd_user
                     .as_ref()
                     .map(|u| (u.name.clone(), u.password.0.clone())),
+                tls: config.etcd_tls.as_ref().map(|t| store::etcd::EtcdTls {
+                    ca_pem: t.ca_pem.clone(),
+                    identity: t
+                        .identity
+                        .as_ref()
+                        .map(|(cert, key)| (cert.clone(), key.0.clone())),
+                }),
                 ..store::etcd::EtcdOptions::default()
             };
+            if config.store_transport == crate::config::StoreTransport::PlaintextInsecure {
+                tracing::warn!(
+                    "etcd is reached without TLS on a non-loopback address (--etcd-insecure-plaintext): its password and the CA's private keys cross the network in the clear"
+                );
+            }
             datadir::prepare(&config.data_dir)?;
             let node_id = node_id_in(&config.data_dir)?;
             let store = store::etcd::EtcdStore::connect(endpoints, opts).await?;

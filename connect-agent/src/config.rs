@@ -150,6 +150,26 @@ pub struct AgentArgs {
     /// one of `connect-client`. Never pass credentials on the command line.
     #[arg(long, value_name = "FILE")]
     pub etcd_user_file: Option<PathBuf>,
+
+    /// CA bundle (PEM) that etcd's server certificates must chain to. Turns on
+    /// TLS to etcd: endpoints are dialed as `https://`.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to etcd (with `--etcd-key-file`), for
+    /// an etcd that runs with `--client-cert-auth`.
+    #[arg(long, value_name = "FILE", requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM, mode 600) of `--etcd-cert-file`.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+
+    /// Talk to a non-loopback etcd without TLS. The `connect-server` password and
+    /// the CA's private keys then cross the network in the clear; `doctor`
+    /// reports it. Without this flag such an endpoint is refused.
+    #[arg(long)]
+    pub etcd_insecure_plaintext: bool,
 }
 
 /// A secret read from a file: shown as `<redacted>` in logs and debug output.
@@ -159,6 +179,47 @@ pub struct Secret(pub String);
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")
+    }
+}
+
+/// TLS to etcd: the CA that server certificates must chain to, and the client
+/// certificate and key when etcd asks for one. PEM, read at startup.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Secret)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
+/// How this agent reaches its store (for `doctor` and the security report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreTransport {
+    /// The embedded store: nothing crosses a network.
+    Embedded,
+    /// etcd over TLS.
+    Tls,
+    /// etcd without TLS, every endpoint on loopback.
+    PlaintextLoopback,
+    /// etcd without TLS to another host, accepted with `--etcd-insecure-plaintext`.
+    PlaintextInsecure,
+}
+
+impl StoreTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreTransport::Embedded => "embedded",
+            StoreTransport::Tls => "etcd-tls",
+            StoreTransport::PlaintextLoopback => "etcd-plaintext-loopback",
+            StoreTransport::PlaintextInsecure => "etcd-plaintext-insecure",
+        }
     }
 }
 
@@ -207,6 +268,10 @@ pub struct Config {
     pub agent_token: Option<Secret>,
     /// etcd credentials (`--etcd-user-file`).
     pub etcd_user: Option<EtcdUser>,
+    /// TLS to etcd (`--etcd-ca-file`, `--etcd-cert-file`, `--etcd-key-file`).
+    pub etcd_tls: Option<EtcdTls>,
+    /// How the store is reached (`--etcd-insecure-plaintext` shows here).
+    pub store_transport: StoreTransport,
     /// Idle node-to-node connections kept per source, destination and endpoint.
     pub proxy_pool_size: usize,
 }
@@ -269,6 +334,24 @@ pub enum Error {
     ClientHttpsCert,
     #[error("--etcd-user-file needs --store etcd://...")]
     EtcdUserWithoutEtcd,
+    #[error("--{0} needs --store etcd://...")]
+    EtcdFlagWithoutEtcd(&'static str),
+    #[error(
+        "--etcd-cert-file and --etcd-key-file need --etcd-ca-file: TLS to etcd verifies etcd's certificate against it"
+    )]
+    EtcdIdentityWithoutCa,
+    #[error("--etcd-insecure-plaintext contradicts --etcd-ca-file: choose TLS or plaintext")]
+    EtcdInsecureWithTls,
+    #[error(
+        "etcd endpoint {0} is not on loopback, and without TLS this agent's etcd password and the CA's private keys would cross the network in the clear: give --etcd-ca-file (and --etcd-cert-file/--etcd-key-file if etcd checks client certificates), or pass --etcd-insecure-plaintext to accept plaintext"
+    )]
+    EtcdPlaintext(String),
+    #[error("--{flag} {path}: {reason}")]
+    PemFile {
+        flag: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("--{flag} {path}: {reason}")]
     SecretFile {
         flag: &'static str,
@@ -337,6 +420,7 @@ impl AgentArgs {
                 })
             }
         };
+        let (etcd_tls, store_transport) = self.etcd_transport(&store)?;
         if !server {
             if self.server_addr.is_empty() {
                 return Err(Error::ClientNeeds("server-addr"));
@@ -412,6 +496,8 @@ impl AgentArgs {
             server_addrs: self.server_addr,
             agent_token,
             etcd_user,
+            etcd_tls,
+            store_transport,
             proxy_pool_size: self.proxy_pool_size,
         })
     }
@@ -490,9 +576,96 @@ impl Config {
             server_addrs: Vec::new(),
             agent_token: None,
             etcd_user: None,
+            etcd_tls: None,
+            store_transport: StoreTransport::Embedded,
             proxy_pool_size: crate::proxy::PoolLimits::default().max_idle_per_endpoint,
         }
     }
+}
+
+impl AgentArgs {
+    /// TLS to etcd from its flags, and how the store is reached. Refuses a
+    /// non-loopback etcd endpoint without TLS unless `--etcd-insecure-plaintext`.
+    fn etcd_transport(&self, store: &StoreUrl) -> Result<(Option<EtcdTls>, StoreTransport), Error> {
+        let StoreUrl::Etcd { endpoints } = store else {
+            for (set, flag) in [
+                (self.etcd_ca_file.is_some(), "etcd-ca-file"),
+                (self.etcd_cert_file.is_some(), "etcd-cert-file"),
+                (self.etcd_key_file.is_some(), "etcd-key-file"),
+                (self.etcd_insecure_plaintext, "etcd-insecure-plaintext"),
+            ] {
+                if set {
+                    return Err(Error::EtcdFlagWithoutEtcd(flag));
+                }
+            }
+            return Ok((None, StoreTransport::Embedded));
+        };
+        let Some(ca) = &self.etcd_ca_file else {
+            if self.etcd_cert_file.is_some() || self.etcd_key_file.is_some() {
+                return Err(Error::EtcdIdentityWithoutCa);
+            }
+            if let Some(remote) = endpoints.iter().find(|e| !is_loopback_endpoint(e)) {
+                if !self.etcd_insecure_plaintext {
+                    return Err(Error::EtcdPlaintext(remote.clone()));
+                }
+                return Ok((None, StoreTransport::PlaintextInsecure));
+            }
+            return Ok((None, StoreTransport::PlaintextLoopback));
+        };
+        if self.etcd_insecure_plaintext {
+            return Err(Error::EtcdInsecureWithTls);
+        }
+        let ca_pem = read_pem("etcd-ca-file", ca, "CERTIFICATE")?;
+        let identity = match (&self.etcd_cert_file, &self.etcd_key_file) {
+            (Some(cert), Some(key)) => {
+                let cert_pem = read_pem("etcd-cert-file", cert, "CERTIFICATE")?;
+                crate::datadir::check_key_file(key).map_err(|e| Error::PemFile {
+                    flag: "etcd-key-file",
+                    path: key.clone(),
+                    reason: e.to_string(),
+                })?;
+                let key_pem = read_pem("etcd-key-file", key, "PRIVATE KEY")?;
+                let key_pem = String::from_utf8(key_pem).map_err(|_| Error::PemFile {
+                    flag: "etcd-key-file",
+                    path: key.clone(),
+                    reason: "not PEM text".to_owned(),
+                })?;
+                Some((cert_pem, Secret(key_pem)))
+            }
+            // clap's `requires` makes these pairs.
+            _ => None,
+        };
+        Ok((Some(EtcdTls { ca_pem, identity }), StoreTransport::Tls))
+    }
+}
+
+/// Whether an endpoint (`host:port`, maybe with a scheme and a path) is on
+/// loopback: `localhost`, 127.0.0.0/8 or `[::1]`.
+fn is_loopback_endpoint(endpoint: &str) -> bool {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let rest = rest.split('/').next().unwrap_or("");
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => rest.rsplit_once(':').map_or(rest, |(h, _)| h),
+    };
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Reads a PEM file and checks that it holds a block whose label contains `label`.
+fn read_pem(flag: &'static str, path: &std::path::Path, label: &str) -> Result<Vec<u8>, Error> {
+    let fail = |reason: String| Error::PemFile {
+        flag,
+        path: path.to_owned(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let blocks = pem::parse_many(&bytes).map_err(|e| fail(format!("not PEM: {e}")))?;
+    if !blocks.iter().any(|b| b.tag().contains(label)) {
+        return Err(fail(format!("holds no {label} block")));
+    }
+    Ok(bytes)
 }
 
 fn parse_store(s: &str) -> Result<StoreUrl, Error> {
@@ -515,13 +688,7 @@ fn server_addr_is_private(addr: &str) -> bool {
     if addr.starts_with("https://") {
         return true;
     }
-    let rest = addr.strip_prefix("http://").unwrap_or(addr);
-    let authority = rest.split('/').next().unwrap_or("");
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
-    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    is_loopback_endpoint(addr.strip_prefix("http://").unwrap_or(addr))
 }
 
 /// Node names as Consul's DNS interface wants them: letters, digits, `-`, `_` and
@@ -603,6 +770,125 @@ mod tests {
             }
             other => panic!("plain HTTP to another host must be refused: {other:?}"),
         }
+    }
+
+    /// etcd off loopback goes over TLS, or plaintext only when the operator says
+    /// so in as many words (and `doctor` then fails the store check).
+    #[test]
+    fn etcd_off_loopback_needs_tls_or_an_explicit_insecure_flag() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = rcgen::generate_simple_self_signed(vec!["etcd".into()]).expect("cert");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).expect("write");
+        let key_file = dir.path().join("client.key");
+        std::fs::write(&key_file, ca.signing_key.serialize_pem()).expect("write");
+        std::fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
+        let open_key = dir.path().join("open.key");
+        std::fs::write(&open_key, ca.signing_key.serialize_pem()).expect("write");
+        std::fs::set_permissions(
+            &open_key,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .expect("chmod");
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").expect("write");
+        let (ca, key, open, bad) = (
+            ca_file.to_string_lossy().into_owned(),
+            key_file.to_string_lossy().into_owned(),
+            open_key.to_string_lossy().into_owned(),
+            not_pem.to_string_lossy().into_owned(),
+        );
+        let remote = [
+            "--server",
+            "--store",
+            "etcd://127.0.0.1:2379,198.18.0.2:2379",
+        ];
+        let with = |extra: &[&str]| {
+            let mut a = remote.to_vec();
+            a.extend_from_slice(extra);
+            config(&a)
+        };
+
+        match with(&[]) {
+            Err(e @ Error::EtcdPlaintext(_)) => {
+                let m = e.to_string();
+                assert!(
+                    m.contains("198.18.0.2:2379") && m.contains("--etcd-ca-file"),
+                    "{m}"
+                );
+            }
+            other => panic!("plaintext etcd off loopback must be refused: {other:?}"),
+        }
+        let c = with(&["--etcd-insecure-plaintext"]).expect("insecure accepted when asked");
+        assert_eq!(c.store_transport, StoreTransport::PlaintextInsecure);
+        assert!(c.etcd_tls.is_none());
+        let c = config(&[
+            "--server",
+            "--store",
+            "etcd://127.0.0.1:2379,[::1]:2379,localhost:2379",
+        ])
+        .expect("loopback");
+        assert_eq!(c.store_transport, StoreTransport::PlaintextLoopback);
+
+        let c = with(&["--etcd-ca-file", &ca]).expect("server verification only");
+        assert_eq!(c.store_transport, StoreTransport::Tls);
+        assert!(c.etcd_tls.as_ref().is_some_and(|t| t.identity.is_none()));
+        let c = with(&[
+            "--etcd-ca-file",
+            &ca,
+            "--etcd-cert-file",
+            &ca,
+            "--etcd-key-file",
+            &key,
+        ])
+        .expect("client certificate");
+        assert!(c.etcd_tls.as_ref().is_some_and(|t| t.identity.is_some()));
+        assert!(
+            !format!("{c:?}").contains("PRIVATE KEY"),
+            "the key stays out of logs"
+        );
+
+        assert!(matches!(
+            with(&["--etcd-cert-file", &ca, "--etcd-key-file", &key]),
+            Err(Error::EtcdIdentityWithoutCa)
+        ));
+        assert!(matches!(
+            with(&["--etcd-ca-file", &ca, "--etcd-insecure-plaintext"]),
+            Err(Error::EtcdInsecureWithTls)
+        ));
+        assert!(matches!(
+            with(&["--etcd-ca-file", &bad]),
+            Err(Error::PemFile {
+                flag: "etcd-ca-file",
+                ..
+            })
+        ));
+        assert!(matches!(
+            with(&[
+                "--etcd-ca-file",
+                &ca,
+                "--etcd-cert-file",
+                &ca,
+                "--etcd-key-file",
+                &open
+            ]),
+            Err(Error::PemFile {
+                flag: "etcd-key-file",
+                ..
+            })
+        ));
+        assert!(matches!(
+            config(&["--etcd-ca-file", &ca]),
+            Err(Error::EtcdFlagWithoutEtcd("etcd-ca-file"))
+        ));
+        assert!(matches!(
+            config(&["--etcd-insecure-plaintext"]),
+            Err(Error::EtcdFlagWithoutEtcd("etcd-insecure-plaintext"))
+        ));
     }
 
     /// `/` would split the catalog's store keys (`catalog/nodes/<name>/…`): node

@@ -28,6 +28,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct EtcdCluster {
     members: Vec<Member>,
+    /// Client TLS (`start_tls`): members serve https only and require a client
+    /// certificate signed by the test's CA.
+    tls: Option<TlsFiles>,
     /// Kept last so it is removed after the processes are gone.
     dir: tempfile::TempDir,
 }
@@ -42,9 +45,102 @@ struct Member {
     child: Option<Child>,
 }
 
+/// Certificates made for one TLS cluster (PEM files in the cluster's directory):
+/// a CA, the members' server certificate (for 127.0.0.1 and localhost) and a
+/// client certificate, both signed by the CA.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes the certificates under `dir`; keys are mode 600.
+    pub fn make(dir: &Path) -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "connect-test etcd CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate()?;
+        let ca = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>,
+                    usage: ExtendedKeyUsagePurpose|
+         -> anyhow::Result<(String, String)> {
+            let mut p = CertificateParams::new(names)?;
+            p.extended_key_usages = vec![usage];
+            let key = KeyPair::generate()?;
+            let cert = p.signed_by(&key, &issuer)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (server_pem, server_key_pem) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+        let (client_pem, client_key_pem) = leaf(
+            vec!["connect-agent".into()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        let files = Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        };
+        let write = |path: &Path, text: &str, mode: u32| -> anyhow::Result<()> {
+            use std::os::unix::fs::PermissionsExt;
+            fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("chmod {}", path.display()))
+        };
+        write(&files.ca, &ca.pem(), 0o644)?;
+        write(&files.server_cert, &server_pem, 0o644)?;
+        write(&files.server_key, &server_key_pem, 0o600)?;
+        write(&files.client_cert, &client_pem, 0o644)?;
+        write(&files.client_key, &client_key_pem, 0o600)?;
+        Ok(files)
+    }
+
+    /// The agent's flags for TLS to etcd with the client certificate.
+    pub fn agent_flags(&self) -> Vec<String> {
+        vec![
+            "--etcd-ca-file".into(),
+            self.ca.display().to_string(),
+            "--etcd-cert-file".into(),
+            self.client_cert.display().to_string(),
+            "--etcd-key-file".into(),
+            self.client_key.display().to_string(),
+        ]
+    }
+}
+
 impl EtcdCluster {
     /// Starts `size` members and waits until each serves linearizable reads.
     pub async fn start(size: usize) -> anyhow::Result<Self> {
+        Self::start_with(size, false).await
+    }
+
+    /// [`EtcdCluster::start`] with client TLS: members serve https only
+    /// (`--cert-file`, `--key-file`, `--trusted-ca-file`) and refuse clients
+    /// without a certificate of the test's CA (`--client-cert-auth`).
+    pub async fn start_tls(size: usize) -> anyhow::Result<Self> {
+        Self::start_with(size, true).await
+    }
+
+    /// The certificates of a [`EtcdCluster::start_tls`] cluster.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    async fn start_with(size: usize, tls: bool) -> anyhow::Result<Self> {
         anyhow::ensure!(size > 0, "an etcd cluster needs at least one member");
         let binary = etcd_binary()?;
         // tmpfs when there is one: etcd fsyncs every write, which is slow on disk and
@@ -67,7 +163,12 @@ impl EtcdCluster {
                 child: None,
             })
             .collect();
-        let mut cluster = Self { members, dir };
+        let tls = if tls {
+            Some(TlsFiles::make(dir.path()).context("make the test CA and certificates for etcd")?)
+        } else {
+            None
+        };
+        let mut cluster = Self { members, tls, dir };
         let token = format!(
             "connect-test-{}",
             cluster
@@ -174,7 +275,7 @@ impl EtcdCluster {
                     continue;
                 }
                 let Ok(mut client) =
-                    Client::connect([self.endpoint(i)], Some(client_options())).await
+                    Client::connect([self.url(i)], Some(self.client_options()?)).await
                 else {
                     continue;
                 };
@@ -196,7 +297,8 @@ impl EtcdCluster {
 
     /// A client of all members, for checks that go around the store under test.
     pub async fn client(&self) -> anyhow::Result<Client> {
-        Client::connect(self.endpoints(), Some(client_options()))
+        let urls: Vec<String> = (0..self.members.len()).map(|i| self.url(i)).collect();
+        Client::connect(urls, Some(self.client_options()?))
             .await
             .context("connect an etcd client")
     }
@@ -223,12 +325,21 @@ impl EtcdCluster {
         args: &[&str],
     ) -> anyhow::Result<std::process::Output> {
         let mut cmd = Command::new("etcdctl");
+        let urls: Vec<String> = (0..self.members.len()).map(|i| self.url(i)).collect();
         cmd.env("ETCDCTL_API", "3")
             .arg("--endpoints")
-            .arg(self.endpoints().join(","))
+            .arg(urls.join(","))
             .args(["--dial-timeout", "3s", "--command-timeout", "5s"]);
         if let Some(user) = user {
             cmd.arg("--user").arg(user);
+        }
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
         }
         cmd.args(args)
             .stdin(Stdio::null())
@@ -308,6 +419,8 @@ impl EtcdCluster {
         i: usize,
         bootstrap: Option<(&str, &str)>,
     ) -> anyhow::Result<()> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let tls = self.tls.clone();
         let m = &mut self.members[i];
         let log = fs::OpenOptions::new()
             .create(true)
@@ -317,7 +430,7 @@ impl EtcdCluster {
         let log_err = log
             .try_clone()
             .with_context(|| format!("open {}", m.log.display()))?;
-        let client_url = format!("http://127.0.0.1:{}", m.client_port);
+        let client_url = format!("{scheme}://127.0.0.1:{}", m.client_port);
         let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
         let mut cmd = Command::new(binary);
         cmd.arg("--name")
@@ -337,6 +450,15 @@ impl EtcdCluster {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        if let Some(t) = &tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
         // On a restart the member reads its cluster from its data directory.
         if let Some((initial, token)) = bootstrap {
             cmd.args(["--initial-cluster", initial])
@@ -356,9 +478,9 @@ impl EtcdCluster {
     }
 
     async fn wait_ready(&mut self, i: usize) -> anyhow::Result<()> {
-        let endpoint = self.endpoint(i);
+        let endpoint = self.url(i);
         let deadline = Instant::now() + READY_TIMEOUT;
-        let client = Client::connect([endpoint.as_str()], Some(client_options()))
+        let client = Client::connect([endpoint.as_str()], Some(self.client_options()?))
             .await
             .context("connect an etcd client")?;
         loop {
@@ -480,10 +602,30 @@ pub fn unused_port() -> anyhow::Result<u16> {
     Ok(free_ports(1)?[0])
 }
 
-fn client_options() -> ConnectOptions {
-    ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(1))
-        .with_require_leader(true)
+impl EtcdCluster {
+    /// Member `i`'s URL with its scheme.
+    fn url(&self, i: usize) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.endpoint(i))
+    }
+
+    fn client_options(&self) -> anyhow::Result<ConnectOptions> {
+        let mut o = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_require_leader(true);
+        if let Some(t) = &self.tls {
+            let read = |p: &Path| fs::read(p).with_context(|| format!("read {}", p.display()));
+            o = o.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&t.ca)?))
+                    .identity(etcd_client::Identity::from_pem(
+                        read(&t.client_cert)?,
+                        read(&t.client_key)?,
+                    )),
+            );
+        }
+        Ok(o)
+    }
 }
 
 /// `n` distinct ports the kernel considers free now. All listeners are held until

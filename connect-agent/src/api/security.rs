@@ -31,6 +31,17 @@ pub struct SecurityReport {
     pub https: HttpsReport,
     pub data_dir: DataDirReport,
     pub ingress_protection: IngressReport,
+    pub store: StoreReport,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct StoreReport {
+    /// `embedded`, `etcd-tls`, `etcd-plaintext-loopback` or `etcd-plaintext-insecure`
+    /// ([`crate::config::StoreTransport`]).
+    pub transport: String,
+    /// With TLS: whether the agent presents a client certificate to etcd.
+    pub client_certificate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +162,10 @@ async fn report(State(agent): State<ApiState>, authz: Authz) -> Result<impl Into
                 .map(|r| r.pinned_programs())
                 .unwrap_or_default(),
             unapplied_entries: agent.redirect.as_ref().map_or(0, |r| r.failures().1),
+        },
+        store: StoreReport {
+            transport: c.store_transport.as_str().to_owned(),
+            client_certificate: c.etcd_tls.as_ref().is_some_and(|t| t.identity.is_some()),
         },
     };
     Ok(axum::Json(body))

@@ -230,6 +230,31 @@ pub fn evaluate(r: &SecurityReport) -> Vec<Check> {
             )
         },
     });
+    let store = match r.store.transport.as_str() {
+        "embedded" => (true, "the embedded store: no state crosses a network".to_owned()),
+        "etcd-tls" => (
+            true,
+            format!(
+                "etcd over TLS, its certificate verified{}",
+                if r.store.client_certificate {
+                    ", with a client certificate"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        "etcd-plaintext-loopback" => (true, "etcd without TLS, on loopback only".to_owned()),
+        "etcd-plaintext-insecure" => (
+            false,
+            "etcd is reached without TLS over the network (--etcd-insecure-plaintext): its password and the CA's private keys cross it in the clear (use --etcd-ca-file)".to_owned(),
+        ),
+        other => (false, format!("unknown store transport {other:?}")),
+    };
+    checks.push(Check {
+        ok: store.0,
+        item: "store traffic encrypted",
+        reason: store.1,
+    });
     checks
 }
 
@@ -238,7 +263,9 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::api::security::{AclReport, DataDirReport, HttpReport, HttpsReport, IngressReport};
+    use crate::api::security::{
+        AclReport, DataDirReport, HttpReport, HttpsReport, IngressReport, StoreReport,
+    };
 
     fn secure() -> SecurityReport {
         SecurityReport {
@@ -275,13 +302,17 @@ mod tests {
                     .collect(),
                 unapplied_entries: 0,
             },
+            store: StoreReport {
+                transport: "etcd-tls".into(),
+                client_certificate: true,
+            },
         }
     }
 
     #[test]
     fn every_item_judged() {
         let all_ok = evaluate(&secure());
-        assert_eq!(all_ok.len(), 8);
+        assert_eq!(all_ok.len(), 9);
         assert!(all_ok.iter().all(|c| c.ok), "{all_ok:?}");
 
         type Break = fn(&mut SecurityReport);
@@ -358,6 +389,11 @@ mod tests {
                 |r| r.ingress_protection.unapplied_entries = 2,
                 "every protected port",
                 "2 map entries",
+            ),
+            (
+                |r| r.store.transport = "etcd-plaintext-insecure".into(),
+                "store traffic",
+                "--etcd-insecure-plaintext",
             ),
         ];
         for (brk, item, reason) in cases {

@@ -115,6 +115,45 @@ pub struct EtcdOptions {
     /// etcd user and password when etcd's authentication is on. The client logs
     /// in at connect time and again whenever etcd says the token went stale.
     pub user: Option<(String, String)>,
+    /// TLS to etcd; `None` dials plaintext.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd, in PEM: the CA bundle etcd's certificates must chain to, and a
+/// client certificate and key for an etcd that checks them.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    pub identity: Option<(Vec<u8>, String)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to check when etcd does not answer at startup.
+fn unreachable_hint(tls: bool) -> &'static str {
+    if tls {
+        "check that etcd runs and listens there, that its certificate chains to --etcd-ca-file, and, if it checks clients, that it accepts --etcd-cert-file"
+    } else {
+        "check that etcd runs and listens there (an etcd that serves https needs --etcd-ca-file)"
+    }
+}
+
+/// `host:port` as the client dials it: `https://host:port` with TLS. An
+/// endpoint with a scheme keeps it (a mismatch then fails loudly at connect).
+fn dial_url(endpoint: &str, tls: bool) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else if tls {
+        format!("https://{endpoint}")
+    } else {
+        format!("http://{endpoint}")
+    }
 }
 
 impl Default for EtcdOptions {
@@ -125,6 +164,7 @@ impl Default for EtcdOptions {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             user: None,
+            tls: None,
         }
     }
 }
@@ -135,12 +175,14 @@ pub enum Error {
     /// Startup could not read from etcd in time: etcd is down, elsewhere, or has no
     /// quorum. The operator must act.
     #[error(
-        "cannot reach etcd at {endpoints} (tried for {waited:.1?}): {cause}; check that etcd runs and listens there",
+        "cannot reach etcd at {endpoints} (tried for {waited:.1?}): {cause}; {hint}",
         cause = Cause(source)
     )]
     Unreachable {
         endpoints: String,
         waited: Duration,
+        /// What to check, which depends on whether TLS is on.
+        hint: &'static str,
         #[source]
         source: Box<Error>,
     },
@@ -322,6 +364,19 @@ impl EtcdStore {
             // A member cut off from the leader answers with an error instead of
             // serving stale reads or holding a watch that will never see a write.
             .with_require_leader(true);
+        if let Some(tls) = &opts.tls {
+            let mut t = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(t);
+        }
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .map(|e| dial_url(e, opts.tls.is_some()))
+            .collect();
+        let endpoints = endpoints.as_slice();
         if let Some((user, password)) = &opts.user {
             connect = connect
                 .with_user(user.clone(), password.clone())
@@ -344,6 +399,7 @@ impl EtcdStore {
                         return Err(Error::Unreachable {
                             endpoints: joined,
                             waited: started.elapsed(),
+                            hint: unreachable_hint(opts.tls.is_some()),
                             source: Box::new(Error::Request {
                                 op: "log in",
                                 source,
@@ -395,6 +451,7 @@ impl EtcdStore {
                         return Err(Error::Unreachable {
                             endpoints: store.endpoints.clone(),
                             waited: started.elapsed(),
+                            hint: unreachable_hint(opts.tls.is_some()),
                             source: Box::new(e),
                         });
                     }
