@@ -20,6 +20,7 @@
 mod down;
 mod probe;
 mod status;
+mod tls;
 
 pub use self::probe::{ProbeCommand, probe};
 use self::{
@@ -53,6 +54,9 @@ const BRIDGE: &str = "br0";
 const ECHO_PORT: u16 = 8181;
 const ETCD_CLIENT: u16 = 2379;
 const ETCD_PEER: u16 = 2380;
+/// etcd's plain-HTTP `/health` and `/metrics`, on each node's loopback only (the
+/// client and peer ports are https with certificate checks).
+const ETCD_METRICS: u16 = 2381;
 const INBOUND_PORT: u16 = 20000;
 const HTTP: &str = "127.0.0.1:8500";
 /// How long a process may take to serve after it was started.
@@ -389,14 +393,27 @@ fn up_inner(n: u8, st: &mut LabState) -> Result<()> {
         ))?,
     )?;
 
+    // etcd over TLS, for clients and peers: certificates made for this lab.
+    let names: Vec<(String, String)> = nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.ip.clone()))
+        .collect();
+    tls::make(&st.dir, &names)?;
+    let path = |p: PathBuf| p.to_string_lossy().into_owned();
+    let ca = path(tls::ca(&st.dir));
+    let (agent_cert, agent_key) = tls::agent(&st.dir);
+    let (agent_cert, agent_key) = (path(agent_cert), path(agent_key));
+
     // etcd: one member per node, all started before any is waited for (a member
     // serves only once a quorum runs).
     let initial: Vec<String> = nodes
         .iter()
-        .map(|n| format!("{}=http://{}:{ETCD_PEER}", n.name, n.ip))
+        .map(|n| format!("{}=https://{}:{ETCD_PEER}", n.name, n.ip))
         .collect();
     let initial = initial.join(",");
     for node in &nodes {
+        let (cert, key) = tls::member(&st.dir, &node.name);
+        let (cert, key) = (path(cert), path(key));
         let argv = [
             "nsenter".to_owned(),
             format!("--net=/var/run/netns/{}", node.ns),
@@ -408,15 +425,31 @@ fn up_inner(n: u8, st: &mut LabState) -> Result<()> {
             node.dir.join("etcd").to_string_lossy().into_owned(),
             "--listen-client-urls".to_owned(),
             format!(
-                "http://{}:{ETCD_CLIENT},http://127.0.0.1:{ETCD_CLIENT}",
+                "https://{}:{ETCD_CLIENT},https://127.0.0.1:{ETCD_CLIENT}",
                 node.ip
             ),
             "--advertise-client-urls".to_owned(),
-            format!("http://{}:{ETCD_CLIENT}", node.ip),
+            format!("https://{}:{ETCD_CLIENT}", node.ip),
             "--listen-peer-urls".to_owned(),
-            format!("http://{}:{ETCD_PEER}", node.ip),
+            format!("https://{}:{ETCD_PEER}", node.ip),
             "--initial-advertise-peer-urls".to_owned(),
-            format!("http://{}:{ETCD_PEER}", node.ip),
+            format!("https://{}:{ETCD_PEER}", node.ip),
+            "--listen-metrics-urls".to_owned(),
+            format!("http://127.0.0.1:{ETCD_METRICS}"),
+            "--cert-file".to_owned(),
+            cert.clone(),
+            "--key-file".to_owned(),
+            key.clone(),
+            "--trusted-ca-file".to_owned(),
+            ca.clone(),
+            "--client-cert-auth".to_owned(),
+            "--peer-cert-file".to_owned(),
+            cert,
+            "--peer-key-file".to_owned(),
+            key,
+            "--peer-trusted-ca-file".to_owned(),
+            ca.clone(),
+            "--peer-client-cert-auth".to_owned(),
             "--initial-cluster".to_owned(),
             initial.clone(),
             "--initial-cluster-state".to_owned(),
@@ -465,6 +498,12 @@ fn up_inner(n: u8, st: &mut LabState) -> Result<()> {
             HTTP.to_owned(),
             "--acl-default-policy".to_owned(),
             "allow".to_owned(),
+            "--etcd-ca-file".to_owned(),
+            ca.clone(),
+            "--etcd-cert-file".to_owned(),
+            agent_cert.clone(),
+            "--etcd-key-file".to_owned(),
+            agent_key.clone(),
             "--cgroup".to_owned(),
             node.cgroup.to_string_lossy().into_owned(),
         ];
@@ -570,7 +609,7 @@ fn wait_etcd(st: &LabState, node: &NodeState) -> Result<()> {
         .proc(&node.name, Role::Etcd)
         .context("no etcd recorded")?;
     let ns = Netns::existing(&node.ns);
-    let req = format!("GET {}:{ETCD_CLIENT} /health", node.ip);
+    let req = format!("GET 127.0.0.1:{ETCD_METRICS} /health");
     wait_until(rec, READY_TIMEOUT, "etcd to report healthy", || {
         http_in(&ns, std::slice::from_ref(&req), 1000)
             .into_iter()

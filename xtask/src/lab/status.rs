@@ -27,8 +27,8 @@ pub(super) fn status(name: &str) -> Result<()> {
             &ns,
             &[
                 format!("GET {HTTP} /v1/agent/self"),
-                format!("GET {}:{ETCD_CLIENT} /health", node.ip),
-                format!("POST {}:{ETCD_CLIENT} /v3/maintenance/status {{}}", node.ip),
+                format!("GET 127.0.0.1:{ETCD_METRICS} /health"),
+                format!("GET 127.0.0.1:{ETCD_METRICS} /metrics"),
             ],
             1000,
         );
@@ -47,11 +47,10 @@ pub(super) fn status(name: &str) -> Result<()> {
             pid_note(Role::Agent)
         );
         let etcd_healthy = matches!(res.get(1), Some(Ok((200, b))) if b.contains("true"));
+        // etcd's own gauge, from the plain metrics listener (the client port
+        // wants a client certificate).
         let leader = match res.get(2) {
-            Some(Ok((200, body))) => serde_json::from_str::<Value>(body).ok().is_some_and(|v| {
-                let me = &v["header"]["member_id"];
-                !me.is_null() && *me == v["leader"]
-            }),
+            Some(Ok((200, body))) => body.lines().any(|l| l.trim() == "etcd_server_is_leader 1"),
             _ => false,
         };
         let etcd = format!(
