@@ -250,8 +250,12 @@ pub async fn build_node(
     redirect: Option<Arc<Redirector>>,
     shutdown: Shutdown,
 ) -> Result<Arc<Agent>, Error> {
-    let ca =
-        ca::CaManager::start(config.datacenter.clone(), config.ca_role(), store.clone()).await?;
+    let role = config.ca_role();
+    let signer = match &role {
+        ca::CaRole::Client(s) => Some(s.clone()),
+        ca::CaRole::Server => None,
+    };
+    let ca = ca::CaManager::start(config.datacenter.clone(), role, store.clone()).await?;
     let acl = Acl::start(
         store.clone(),
         AclConfig {
@@ -269,6 +273,9 @@ pub async fn build_node(
             e @ catalog::Error::NodeNameTaken { .. } => Error::NodeName(e),
             e => Error::Catalog(e),
         })?;
+    if let Some(signer) = signer {
+        follow_servers(&catalog, signer, &shutdown);
+    }
     // No matching intention: ACLs off or default allow ⇒ allow (reference §3);
     // `Config` derives `default_allow` from the ACL settings.
     let intentions = Intentions::start(store.clone(), config.default_allow).await?;
@@ -288,6 +295,32 @@ pub async fn build_node(
         )),
         shutdown,
     }))
+}
+
+/// Keeps a client agent's list of server agents equal to the node records that
+/// publish an HTTPS API ([`catalog::Node::server_api`]).
+fn follow_servers(
+    catalog: &Arc<catalog::Catalog>,
+    signer: ca::remote::RemoteSigner,
+    shutdown: &Shutdown,
+) {
+    let mut views = catalog.subscribe();
+    let me = catalog.node().node.clone();
+    let stop = shutdown.stop.clone();
+    shutdown.tasks.spawn(async move {
+        loop {
+            let servers: Vec<(String, String)> = views
+                .borrow_and_update()
+                .nodes()
+                .filter_map(|(n, _, _)| Some((n.node.clone(), n.server_api.clone()?)))
+                .collect();
+            signer.set_discovered(ca::remote::order_servers(servers, &me));
+            tokio::select! {
+                changed = views.changed() => if changed.is_err() { break },
+                () = stop.cancelled() => break,
+            }
+        }
+    });
 }
 
 /// Starts the agent's proxy on `listeners`: inbound always, the transparent

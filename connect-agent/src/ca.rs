@@ -110,7 +110,7 @@ pub enum Error {
         message: String,
     },
     /// No server agent could be reached to sign a CSR.
-    #[error("no server agent could sign the leaf (check --server-addr): {tried}")]
+    #[error("no server agent could sign the leaf: {tried}")]
     NoServer { tried: String },
     /// A client agent started before any server agent created the CA.
     #[error("no CA in the store after {waited:?}: start a server agent (--server) first")]

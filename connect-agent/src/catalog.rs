@@ -323,6 +323,9 @@ pub struct CatalogConfig {
     pub own_addresses: Option<Vec<IpAddr>>,
     /// Where this node's proxy takes mTLS connections (its Connect endpoints).
     pub inbound_addr: SocketAddr,
+    /// A server agent's HTTPS API, published in its node record for client
+    /// agents to find ([`Node::server_api`]).
+    pub server_api: Option<String>,
     /// `--config-dir`: service definitions applied at start and on reload.
     pub config_dir: Option<PathBuf>,
     /// How many distinct plaintext ports this node's services may have: with eBPF
@@ -345,6 +348,7 @@ impl Catalog {
             address: config.advertise_addr,
             datacenter: config.datacenter.to_string(),
             inbound_addr: config.inbound_addr,
+            server_api: config.server_api.clone(),
         };
         claim(store.as_ref(), &node, &node_id.file).await?;
         let published = Published {

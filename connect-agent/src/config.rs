@@ -422,9 +422,7 @@ impl AgentArgs {
         };
         let (etcd_tls, store_transport) = self.etcd_transport(&store)?;
         if !server {
-            if self.server_addr.is_empty() {
-                return Err(Error::ClientNeeds("server-addr"));
-            }
+            // Without --server-addr, servers are found in the catalog.
             if let Some(plain) = self.server_addr.iter().find(|a| !server_addr_is_private(a)) {
                 return Err(Error::PlainServerAddr(plain.clone()));
             }
@@ -512,12 +510,25 @@ impl Config {
             advertise_addr: self.advertise_addr,
             own_addresses: self.own_addresses.clone(),
             inbound_addr: self.inbound_addr,
+            server_api: self.server_api(),
             config_dir: self.config_dir.clone(),
             protected_port_limit: self
                 .cgroup
                 .as_ref()
                 .map(|_| connect_common::MAX_PROTECTED_PORTS as usize),
         }
+    }
+
+    /// What a server agent publishes for client agents to find it: its HTTPS
+    /// API, at the advertise address when it listens on every address.
+    fn server_api(&self) -> Option<String> {
+        let https = self.https.as_ref().filter(|_| self.server)?;
+        let addr = if https.addr.ip().is_unspecified() {
+            SocketAddr::new(self.advertise_addr, https.addr.port())
+        } else {
+            https.addr
+        };
+        Some(format!("https://{addr}"))
     }
 
     /// Whether this agent holds the CA's keys (`--server`) or has its leaves signed

@@ -15,6 +15,7 @@ use std::{
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -436,5 +437,137 @@ fn client_agent_gets_leaves_from_the_server_and_never_the_ca_key() -> Result<()>
     drop(client);
     drop(server);
     drop(cluster);
+    Ok(())
+}
+
+/// A client agent started without `--server-addr` finds the server agents in the
+/// catalog (each publishes its HTTPS API in its node record), has its leaves
+/// signed by one over HTTPS verified against the CA's roots, and, when the server
+/// it tries first is killed, by the other. Before, `--server-addr` was required
+/// and a dead server in it was the end of signing.
+#[test]
+fn a_client_agent_finds_servers_in_the_catalog_and_fails_over() -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let cluster = runtime.block_on(EtcdCluster::start(1))?;
+    let store = format!("etcd://{}", cluster.endpoints().join(","));
+    let secrets = private_tempdir("connect-discovery-secrets-")?;
+    let start_server = |dir: &tempfile::TempDir, node: &str| -> Result<(AgentProcess, String)> {
+        let port = connect_tests::agent::free_port()?;
+        let https = format!("127.0.0.1:{port}");
+        let agent = AgentProcess::start_in(
+            dir.path(),
+            &["--store", &store, "--server"],
+            &[
+                "--https-addr",
+                &https,
+                "--node-name",
+                node,
+                "--acl-default-policy",
+                "deny",
+            ],
+        )
+        .with_context(|| format!("starting server agent {node}"))?;
+        Ok((agent, format!("https://{https}")))
+    };
+    let (dir1, dir2) = (
+        private_tempdir("connect-s1-")?,
+        private_tempdir("connect-s2-")?,
+    );
+    let (s1, api1) = start_server(&dir1, "s1")?;
+    let (s2, api2) = start_server(&dir2, "s2")?;
+    let root = ok(&s1, "PUT", "/v1/acl/bootstrap", None, None)?["SecretID"]
+        .as_str()
+        .context("no SecretID")?
+        .to_owned();
+    ok(
+        &s1,
+        "PUT",
+        "/v1/acl/policy",
+        Some(&json!({"Name": "node-client", "Rules": "node \"client\" { policy = \"write\" }"})),
+        Some(&root),
+    )?;
+    let token = ok(
+        &s1,
+        "PUT",
+        "/v1/acl/token",
+        Some(&json!({"Policies": [{"Name": "node-client"}]})),
+        Some(&root),
+    )?["SecretID"]
+        .as_str()
+        .context("no SecretID")?
+        .to_owned();
+    let token_file = secret_file(secrets.path(), "client-token", &token)?;
+
+    let client_dir = private_tempdir("connect-discovering-client-")?;
+    let client = AgentProcess::start_in(
+        client_dir.path(),
+        &["--store", &store],
+        &[
+            "--agent-token-file",
+            &token_file.display().to_string(),
+            "--node-name",
+            "client",
+            "--acl-default-policy",
+            "deny",
+        ],
+    )
+    .context("starting a client agent without --server-addr")?;
+
+    let leaf = |service: &str, port: u16| -> Result<Value> {
+        ok(
+            &client,
+            "PUT",
+            "/v1/agent/service/register",
+            Some(&json!({"Name": service, "Port": port})),
+            Some(&root),
+        )?;
+        ok(
+            &client,
+            "GET",
+            &format!("/v1/agent/connect/ca/leaf/{service}"),
+            None,
+            Some(&root),
+        )
+    };
+    let web = leaf("web", 9001)?;
+    ensure!(
+        web["ServiceURI"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/svc/web")),
+        "web's leaf: {web}"
+    );
+    let log = client.log();
+    ensure!(
+        log.contains("server agents found in the catalog")
+            && log.contains(&api1)
+            && log.contains(&api2),
+        "the client lists both servers:\n{log}"
+    );
+
+    // Kill the server this client tries first; the next leaf comes from the other.
+    let first = connect_agent::ca::remote::order_servers(
+        vec![("s1".into(), api1.clone()), ("s2".into(), api2.clone())],
+        "client",
+    )
+    .first()
+    .cloned()
+    .context("an order")?;
+    let (mut dead, alive) = if first == api1 { (s1, s2) } else { (s2, s1) };
+    dead.signal_and_wait(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(10))?;
+    let api = leaf("api", 9002).with_context(|| format!("client log:\n{}", client.log()))?;
+    ensure!(
+        api["ServiceURI"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/svc/api")),
+        "api's leaf after {first} died: {api}"
+    );
+    let log = client.log();
+    ensure!(
+        log.contains("server agent could not sign, trying the next"),
+        "the client failed over:\n{log}"
+    );
+    drop(alive);
     Ok(())
 }

@@ -19,11 +19,21 @@
 //! TLS verified against the CA's own roots (the trust bundle every agent reads),
 //! so it is not exposed on the wire; plain `http://` is for loopback and tests.
 //!
-//! Servers come from `--server-addr` (tried in order; a transport failure or a 5xx
-//! moves on to the next, a 4xx is the answer). Discovery from the catalog is not
-//! implemented.
+//! Servers come from `--server-addr`, then from the catalog: a server agent with
+//! an HTTPS API publishes it in its node record ([`crate::catalog::Node`]), and
+//! the agent keeps the list current ([`RemoteSigner::set_discovered`]). They are
+//! tried in that order; a transport failure or a 5xx moves on to the next (a
+//! server that is down is failed over), a 4xx is the answer. Only `https://`
+//! addresses are taken from the catalog: a node record is writable by every
+//! client node's etcd user, but a server's certificate must chain to the CA's
+//! roots and name that address, which only the CA's own servers hold, so a forged
+//! record cannot collect a node's token.
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
 
 use rcgen::{CertificateParams, KeyPair, PublicKeyData};
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -78,6 +88,8 @@ pub struct SignResponse {
 pub struct RemoteSigner {
     /// Base URLs (`http://host:port` or `https://host:port`).
     servers: Vec<String>,
+    /// Servers found in the catalog, `https://` only, kept current by the agent.
+    discovered: Arc<RwLock<Vec<String>>>,
     node: String,
     token: Option<String>,
 }
@@ -86,6 +98,7 @@ impl fmt::Debug for RemoteSigner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteSigner")
             .field("servers", &self.servers)
+            .field("discovered", &self.discovered())
             .field("node", &self.node)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
@@ -108,9 +121,47 @@ impl RemoteSigner {
             .collect();
         Self {
             servers,
+            discovered: Arc::new(RwLock::new(Vec::new())),
             node,
             token,
         }
+    }
+
+    /// Replaces the servers found in the catalog (shared by every clone). Only
+    /// `https://` addresses are kept (see the module doc).
+    pub fn set_discovered(&self, servers: Vec<String>) {
+        let servers: Vec<String> = servers
+            .into_iter()
+            .filter(|s| s.starts_with("https://"))
+            .map(|s| s.trim_end_matches('/').to_owned())
+            .collect();
+        let mut d = self
+            .discovered
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *d != servers {
+            tracing::info!(servers = ?servers, "server agents found in the catalog");
+            *d = servers;
+        }
+    }
+
+    /// The servers found in the catalog now.
+    pub fn discovered(&self) -> Vec<String> {
+        self.discovered
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Every server to try, in order: `--server-addr`, then the catalog's.
+    fn candidates(&self) -> Vec<String> {
+        let mut all = self.servers.clone();
+        for s in self.discovered() {
+            if !all.contains(&s) {
+                all.push(s);
+            }
+        }
+        all
     }
 
     /// Has a server sign a leaf for `id` over `key`'s public key. The answer is
@@ -145,7 +196,13 @@ impl RemoteSigner {
             csr: csr_pem,
         };
         let mut failures = Vec::new();
-        for server in &self.servers {
+        let servers = self.candidates();
+        if servers.is_empty() {
+            return Err(Error::NoServer {
+                tried: "none is known: --server-addr names none, and no server agent with an HTTPS API is in the catalog (yet)".to_owned(),
+            });
+        }
+        for server in &servers {
             match self.post(state, server, &body).await {
                 Ok(resp) => return self.accept(state, id, key, resp),
                 Err(Attempt::Refused { status, message }) => {
@@ -269,10 +326,81 @@ impl RemoteSigner {
     }
 }
 
+/// The order in which node `me` tries the servers `(node name, API)` found in the
+/// catalog: by node name, rotated by a hash of `me`, so that client agents spread
+/// over the servers and each one always starts with the same server.
+pub fn order_servers(mut servers: Vec<(String, String)>, me: &str) -> Vec<String> {
+    servers.retain(|(node, _)| node != me);
+    servers.sort();
+    if servers.is_empty() {
+        return Vec::new();
+    }
+    // FNV-1a: stable across runs and builds, unlike the std hasher.
+    let hash = me.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let start = (hash % servers.len() as u64) as usize;
+    servers.rotate_left(start);
+    servers.into_iter().map(|(_, api)| api).collect()
+}
+
 /// One server's answer, as far as trying the next server is concerned.
 enum Attempt {
     /// A 4xx: the request itself is refused; another server would say the same.
     Refused { status: u16, message: String },
     /// Unreachable, 5xx, or an unreadable answer: try the next server.
     Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn servers_are_spread_stably_and_never_include_this_node() {
+        let servers = s(&[
+            ("s2", "https://198.18.0.2:8501"),
+            ("s1", "https://198.18.0.1:8501"),
+            ("s3", "https://198.18.0.3:8501"),
+            ("c1", "https://198.18.0.9:8501"),
+        ]);
+        let a = order_servers(servers.clone(), "c1");
+        assert_eq!(a.len(), 3, "{a:?}");
+        assert!(!a.contains(&"https://198.18.0.9:8501".to_owned()));
+        assert_eq!(a, order_servers(servers.clone(), "c1"), "stable");
+        // Every server (c1 too, for other nodes) is somebody's first choice.
+        let firsts: std::collections::BTreeSet<String> = (0..32)
+            .map(|i| order_servers(servers.clone(), &format!("client-{i}"))[0].clone())
+            .collect();
+        assert_eq!(firsts.len(), 4, "{firsts:?}");
+        assert!(order_servers(Vec::new(), "c1").is_empty());
+    }
+
+    #[test]
+    fn only_https_servers_come_from_the_catalog_after_the_explicit_ones() {
+        let signer = RemoteSigner::new(&["127.0.0.1:8500".to_owned()], "c1".into(), None);
+        signer.set_discovered(vec![
+            "http://198.18.0.1:8500".into(),
+            "https://198.18.0.2:8501/".into(),
+            "https://198.18.0.3:8501".into(),
+        ]);
+        assert_eq!(
+            signer.candidates(),
+            [
+                "http://127.0.0.1:8500",
+                "https://198.18.0.2:8501",
+                "https://198.18.0.3:8501"
+            ]
+        );
+        // Clones share the list the agent keeps current.
+        let clone = signer.clone();
+        signer.set_discovered(vec!["https://198.18.0.3:8501".into()]);
+        assert_eq!(clone.discovered(), ["https://198.18.0.3:8501"]);
+    }
 }

@@ -188,6 +188,11 @@ pub struct Node {
     /// Where the node's inbound mTLS proxy listens: the Connect endpoint of every
     /// service on this node.
     pub inbound_addr: SocketAddr,
+    /// A server agent's HTTPS API (`https://ip:port`), where client agents send
+    /// their CSRs when no `--server-addr` names one. Absent on client agents and
+    /// on servers without `--https-addr`.
+    #[serde(rename = "ServerAPI", default, skip_serializing_if = "Option::is_none")]
+    pub server_api: Option<String>,
 }
 
 impl Node {

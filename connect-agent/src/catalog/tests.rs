@@ -144,6 +144,7 @@ async fn follows_writes_made_by_another_node() {
         address: "198.18.0.2".parse().expect("ip"),
         datacenter: "dc1".into(),
         inbound_addr: "198.18.0.2:20000".parse().expect("addr"),
+        server_api: None,
     };
     store
         .put(
@@ -266,6 +267,7 @@ async fn of_two_agents_claiming_one_name_at_once_exactly_one_wins() {
             address: "198.18.0.1".parse().expect("ip"),
             datacenter: "dc1".into(),
             inbound_addr: "198.18.0.1:20000".parse().expect("addr"),
+            server_api: None,
         };
         let (a, b) = (node(2 * round + 1), node(2 * round + 2));
         let file = Path::new("/x/node-id");
