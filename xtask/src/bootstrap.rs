@@ -41,6 +41,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("stunnel4", "stunnel4"),
     ("openssl", "openssl"),
+    ("curl", "curl"),
     ("tcpdump", "tcpdump"),
     ("util-linux", "nsenter"),
     // objcopy: `cargo xtask build` ships the agent stripped, its debug info beside it.
