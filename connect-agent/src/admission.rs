@@ -42,6 +42,13 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// The bound that was reached.
+    pub fn max(&self) -> usize {
+        match self {
+            Refused::Peer { max, .. } | Refused::Total { max, .. } => *max,
+        }
+    }
+
     /// Which limit refused, for logs.
     pub fn what_limit(&self) -> &'static str {
         match self {

@@ -58,8 +58,15 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// Makes the certificates under `dir`; keys are mode 600.
+    /// Makes the certificates under `dir`, the server's for 127.0.0.1 and
+    /// localhost; keys are mode 600.
     pub fn make(dir: &Path) -> anyhow::Result<Self> {
+        Self::make_for(dir, &[])
+    }
+
+    /// [`TlsFiles::make`] with the server certificate also valid for `ips`
+    /// (a member other hosts reach at its own address).
+    pub fn make_for(dir: &Path, ips: &[&str]) -> anyhow::Result<Self> {
         use rcgen::{
             BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         };
@@ -80,10 +87,9 @@ impl TlsFiles {
             let cert = p.signed_by(&key, &issuer)?;
             Ok((cert.pem(), key.serialize_pem()))
         };
-        let (server_pem, server_key_pem) = leaf(
-            vec!["127.0.0.1".into(), "localhost".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )?;
+        let mut names: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
+        names.extend(ips.iter().map(|ip| (*ip).to_owned()));
+        let (server_pem, server_key_pem) = leaf(names, ExtendedKeyUsagePurpose::ServerAuth)?;
         let (client_pem, client_key_pem) = leaf(
             vec!["connect-agent".into()],
             ExtendedKeyUsagePurpose::ClientAuth,

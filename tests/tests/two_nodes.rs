@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use connect_tests::{
     agent::{agent_binary, private_dir},
+    etcd::TlsFiles,
     lab::{CgroupProc, TestCgroup, TestNetns, require_privileges, veth},
     mesh::ONE_SHOT_CLIENT,
     wait::wait_for,
@@ -123,7 +124,14 @@ struct Node {
 }
 
 impl Node {
-    fn start(ns: &TestNetns, name: &str, ip: &str, cgroup: &Path, services: &str) -> Result<Self> {
+    fn start(
+        ns: &TestNetns,
+        name: &str,
+        ip: &str,
+        cgroup: &Path,
+        services: &str,
+        tls: &TlsFiles,
+    ) -> Result<Self> {
         let dir = private_dir(&format!("two-{name}"))?;
         let config = dir.join("config");
         std::fs::create_dir_all(&config)?;
@@ -151,6 +159,7 @@ impl Node {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(tls.agent_flags())
         .collect();
         let agent = NsProc::spawn(ns, dir.join("agent.log"), &agent_binary()?, &args)?;
         let node = Self { agent, dir };
@@ -190,8 +199,13 @@ fn web_on_node_a_reaches_socat_on_node_b_over_mtls_only() -> Result<()> {
     let work = private_dir("two-nodes")?;
     let _work_guard = RemoveDir(work.clone());
 
-    // etcd, one member on node A, reachable from B across the veth.
+    // etcd, one member on node A, reachable from B across the veth: https only,
+    // with client certificates, as agents off loopback require.
     let etcd_bin = which("etcd").context("etcd is needed (Debian package etcd-server)")?;
+    let tls_dir = work.join("tls");
+    std::fs::create_dir_all(&tls_dir)?;
+    let tls = TlsFiles::make_for(&tls_dir, &[A_IP])?;
+    let path = |p: &Path| p.to_string_lossy().into_owned();
     let etcd = NsProc::spawn(
         &a,
         work.join("etcd.log"),
@@ -202,9 +216,16 @@ fn web_on_node_a_reaches_socat_on_node_b_over_mtls_only() -> Result<()> {
             "--data-dir".into(),
             work.join("etcd").to_string_lossy().into_owned(),
             "--listen-client-urls".into(),
-            format!("http://{A_IP}:{ETCD_CLIENT}"),
+            format!("https://{A_IP}:{ETCD_CLIENT}"),
             "--advertise-client-urls".into(),
-            format!("http://{A_IP}:{ETCD_CLIENT}"),
+            format!("https://{A_IP}:{ETCD_CLIENT}"),
+            "--cert-file".into(),
+            path(&tls.server_cert),
+            "--key-file".into(),
+            path(&tls.server_key),
+            "--trusted-ca-file".into(),
+            path(&tls.ca),
+            "--client-cert-auth".into(),
             "--listen-peer-urls".into(),
             format!("http://{A_IP}:{ETCD_PEER}"),
             "--initial-advertise-peer-urls".into(),
@@ -225,6 +246,7 @@ fn web_on_node_a_reaches_socat_on_node_b_over_mtls_only() -> Result<()> {
         A_IP,
         &cg_a.path,
         r#"{"service": {"name": "web", "port": 0, "cgroup": "web"}}"#,
+        &tls,
     )
     .with_context(|| etcd.log())?;
     let node_b = Node::start(
@@ -233,6 +255,7 @@ fn web_on_node_a_reaches_socat_on_node_b_over_mtls_only() -> Result<()> {
         B_IP,
         &cg_b.path,
         &format!(r#"{{"service": {{"name": "socat", "port": {SOCAT_PORT}, "cgroup": "socat"}}}}"#),
+        &tls,
     )?;
     // socat on node B, in its service cgroup, listening on every address.
     let _socat = b.spawn(

@@ -428,17 +428,30 @@ impl ConnectPair {
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
         std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        // etcd over TLS with client certificates, as agents off loopback require
+        // (the lab's certificates, made for this run).
+        crate::lab::tls::make(&work, &[("cbench".to_owned(), SERVER_IP.to_owned())])?;
+        let ca = crate::lab::tls::ca(&work);
+        let (member_cert, member_key) = crate::lab::tls::member(&work, "cbench");
+        let (agent_cert, agent_key) = crate::lab::tls::agent(&work);
         let etcd = Proc::spawn(
             "etcd",
             server
                 .command("etcd")
                 .args(["--name", "cbench", "--data-dir"])
                 .arg(work.join("etcd"))
+                .arg("--cert-file")
+                .arg(&member_cert)
+                .arg("--key-file")
+                .arg(&member_key)
+                .arg("--trusted-ca-file")
+                .arg(&ca)
+                .arg("--client-cert-auth")
                 .args([
                     "--listen-client-urls",
-                    &format!("http://{SERVER_IP}:{ETCD_PORT}"),
+                    &format!("https://{SERVER_IP}:{ETCD_PORT}"),
                     "--advertise-client-urls",
-                    &format!("http://{SERVER_IP}:{ETCD_PORT}"),
+                    &format!("https://{SERVER_IP}:{ETCD_PORT}"),
                     "--listen-peer-urls",
                     &format!("http://{SERVER_IP}:{ETCD_PEER_PORT}"),
                     "--initial-advertise-peer-urls",
@@ -487,7 +500,13 @@ impl ConnectPair {
                     &format!("{ip}:20000"),
                     "--worker-threads",
                     &args.worker_threads.to_string(),
-                ]);
+                ])
+                .arg("--etcd-ca-file")
+                .arg(&ca)
+                .arg("--etcd-cert-file")
+                .arg(&agent_cert)
+                .arg("--etcd-key-file")
+                .arg(&agent_key);
             if let Some(n) = args.proxy_pool_size {
                 cmd.arg("--proxy-pool-size").arg(n.to_string());
             }

@@ -20,7 +20,7 @@
 mod down;
 mod probe;
 mod status;
-mod tls;
+pub(crate) mod tls;
 
 pub use self::probe::{ProbeCommand, probe};
 use self::{

@@ -28,7 +28,7 @@ pub(super) struct Connection<'m> {
     side: Side,
     shared: &'m Shared,
     rec: ConnRecord<'m>,
-    _slot: Slot,
+    slot: Slot,
 }
 
 /// What a connection holds while it lives: a permit of the handshake budget
@@ -58,7 +58,7 @@ impl<'m> Connection<'m> {
                 side,
                 shared,
                 rec,
-                _slot: Slot::Carrying(slot),
+                slot: Slot::Carrying(slot),
             }),
             Err(full) => {
                 shared.limit_log.refused("connection limit", full.max);
@@ -89,14 +89,12 @@ impl<'m> Connection<'m> {
                 side,
                 shared,
                 rec,
-                _slot: Slot::Handshake(permit),
+                slot: Slot::Handshake(permit),
             }),
             Err(refused) => {
-                let max = match refused {
-                    crate::admission::Refused::Peer { max, .. }
-                    | crate::admission::Refused::Total { max, .. } => max,
-                };
-                shared.handshake_log.refused(refused.what_limit(), max);
+                shared
+                    .handshake_log
+                    .refused(refused.what_limit(), refused.max());
                 rec.finish(Outcome::LimitReached);
                 None
             }
@@ -107,12 +105,9 @@ impl<'m> Connection<'m> {
     /// the connection limit. `None` (recorded as limit reached) when the limit
     /// is reached.
     pub(super) fn handshaken(mut self) -> Option<Self> {
-        if matches!(self._slot, Slot::Carrying(_)) {
-            return Some(self);
-        }
         match self.shared.registry.reserve() {
             Ok(slot) => {
-                self._slot = Slot::Carrying(slot);
+                self.slot = Slot::Carrying(slot);
                 Some(self)
             }
             Err(full) => {
