@@ -36,7 +36,10 @@ Description=Connect service mesh agent
 After=network-online.target etcd.service
 
 [Service]
-ExecStart=/usr/local/bin/connect-agent --cgroup $CG2/app --config-dir /etc/connect.d --data-dir /var/lib/connect --store $CONNECT_STORE --server --node-name $NODE_NAME --advertise-addr $NODE_IP
+# etcd is plaintext on the lab's isolated libvirt network until the VM lab makes
+# its certificates (the namespace lab's etcd runs TLS); the agent refuses that
+# without --etcd-insecure-plaintext, and `connect-agent doctor` reports it.
+ExecStart=/usr/local/bin/connect-agent --cgroup $CG2/app --config-dir /etc/connect.d --data-dir /var/lib/connect --store $CONNECT_STORE --etcd-insecure-plaintext --server --node-name $NODE_NAME --advertise-addr $NODE_IP
 ExecReload=/bin/kill -HUP \$MAINPID
 Restart=on-failure
 
