@@ -28,6 +28,7 @@ pub mod redirect;
 pub mod shutdown;
 pub mod store;
 pub mod vip;
+pub mod workload;
 
 #[cfg(test)]
 mod test_support;

@@ -309,18 +309,9 @@ pub fn preflight(cgroup: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// This process's cgroup (v2) directory, from /proc/self/cgroup and the cgroup2
-/// mount in /proc/self/mountinfo; `None` if either cannot be read.
+/// This process's cgroup (v2) directory; `None` if it cannot be read.
 fn own_cgroup() -> Option<PathBuf> {
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let rel = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mount = mountinfo.lines().find_map(|l| {
-        // "id parent maj:min root mountpoint options... - fstype source superoptions"
-        let (fields, tail) = l.split_once(" - ")?;
-        (tail.split(' ').next() == Some("cgroup2")).then(|| fields.split(' ').nth(4))?
-    })?;
-    Some(Path::new(mount).join(rel.trim_start_matches('/')))
+    crate::workload::attest::cgroup_dir_of("self").ok()
 }
 
 impl Redirector {
