@@ -20,4 +20,12 @@ fn main() {
         );
     }
     println!("cargo:rustc-env=CONNECT_EBPF_OBJECT={}", object.display());
+
+    // The SPIFFE Workload API (server, and a client for the tests). protoc and
+    // google/protobuf's .proto files come from `.cargo/config.toml`'s PROTOC and
+    // PROTOC_INCLUDE (`cargo xtask bootstrap` puts them there).
+    println!("cargo:rerun-if-changed=proto/workload.proto");
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/workload.proto"], &["proto"])
+        .expect("compiling proto/workload.proto");
 }

@@ -55,6 +55,8 @@ pub enum Error {
     Dns(#[from] dns::Error),
     #[error("cannot load virtual IPs: {0}")]
     Vip(#[from] vip::Error),
+    #[error(transparent)]
+    Workload(#[from] crate::workload::server::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the HTTP API failed: {0}")]
@@ -129,6 +131,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
         _ => None,
     };
+    let workload_server = match &agent.config.workload_api_socket {
+        Some(path) => {
+            let listener = crate::workload::server::bind(path)?;
+            tracing::info!(socket = %path.display(), cgroup = ?agent.config.cgroup, "SPIFFE Workload API listening");
+            let api =
+                crate::workload::server::WorkloadApi::new(agent.clone(), shutdown.stop.clone());
+            Some(tokio::spawn(api.serve(listener)))
+        }
+        None => None,
+    };
     // The catalog drives the virtual IPs, the proxy's routing, the eBPF maps and DNS.
     let _vip_allocation = catalog::virtual_ips::start(&agent.catalog, agent.vips.clone());
     let directory = catalog::directory::CatalogDirectory::start(
@@ -192,6 +204,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(Error::Serve(e)),
         Err(e) => tracing::error!(error = %e, "HTTP API task failed"),
+    }
+    if let Some(task) = workload_server {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "Workload API server failed"),
+            Err(e) => tracing::error!(error = %e, "Workload API task failed"),
+        }
+        if let Some(path) = &agent.config.workload_api_socket {
+            let _ = std::fs::remove_file(path);
+        }
     }
     if let Some(task) = https_server {
         match task.await {

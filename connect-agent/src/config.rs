@@ -165,6 +165,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE", requires = "etcd_cert_file")]
     pub etcd_key_file: Option<PathBuf>,
 
+    /// Serve the SPIFFE Workload API on this Unix socket (mode 0666; the kernel
+    /// attests each caller by its cgroup, which needs `--cgroup`). Clients use
+    /// `SPIFFE_ENDPOINT_SOCKET=unix://PATH`. Off unless given.
+    #[arg(long, value_name = "PATH")]
+    pub workload_api_socket: Option<PathBuf>,
+
     /// Talk to a non-loopback etcd without TLS. The `connect-server` password and
     /// the CA's private keys then cross the network in the clear; `doctor`
     /// reports it. Without this flag such an endpoint is refused.
@@ -274,6 +280,8 @@ pub struct Config {
     pub store_transport: StoreTransport,
     /// Idle node-to-node connections kept per source, destination and endpoint.
     pub proxy_pool_size: usize,
+    /// Where the SPIFFE Workload API is served (`--workload-api-socket`).
+    pub workload_api_socket: Option<PathBuf>,
 }
 
 /// The HTTPS API's listener and certificates.
@@ -496,6 +504,7 @@ impl AgentArgs {
             etcd_user,
             etcd_tls,
             store_transport,
+            workload_api_socket: self.workload_api_socket,
             proxy_pool_size: self.proxy_pool_size,
         })
     }
@@ -589,6 +598,7 @@ impl Config {
             etcd_user: None,
             etcd_tls: None,
             store_transport: StoreTransport::Embedded,
+            workload_api_socket: None,
             proxy_pool_size: crate::proxy::PoolLimits::default().max_idle_per_endpoint,
         }
     }

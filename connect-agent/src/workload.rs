@@ -9,3 +9,10 @@
 //! was read, and a live process keeps its PID, so the cgroup read was its own.
 
 pub mod attest;
+pub mod server;
+
+/// The generated messages and service of `proto/workload.proto`.
+#[allow(clippy::all, missing_debug_implementations, unreachable_pub)]
+pub mod proto {
+    tonic::include_proto!("_");
+}

@@ -19,6 +19,8 @@ use crate::{bootstrap, ebpf, util};
 const PY_CONSUL: &str = "py-consul==1.8.0";
 /// Pinned TLS scanner for the security tests (an external check of our TLS).
 const SSLYZE: &str = "sslyze==6.3.1";
+/// Pinned SPIFFE client (py-spiffe) for the Workload API tests: a client we did not write.
+const PY_SPIFFE: &str = "spiffe==0.3.2";
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
@@ -382,16 +384,17 @@ fn parse_result_line(line: &str) -> Option<(u64, u64)> {
     Some((count("passed")?, count("failed")?))
 }
 
-/// A venv under target/ with the pinned py-consul (compatibility tests) and sslyze
-/// (TLS scan of the agent's listeners).
+/// A venv under target/ with the pinned py-consul (compatibility tests), sslyze
+/// (TLS scan of the agent's listeners) and py-spiffe (Workload API tests).
 fn python_venv() -> Result<()> {
     let venv = util::workspace_root().join("target/py-venv");
     let python = venv.join("bin/python3");
     let check = Command::new(&python)
         .args([
             "-c",
-            "import consul, sslyze, importlib.metadata as m; \
-             assert m.version('py-consul') == '1.8.0' and m.version('sslyze') == '6.3.1'",
+            "import consul, sslyze, spiffe, importlib.metadata as m; \
+             assert m.version('py-consul') == '1.8.0' and m.version('sslyze') == '6.3.1' \
+             and m.version('spiffe') == '0.3.2'",
         ])
         .output();
     if check.is_ok_and(|o| o.status.success()) {
@@ -412,6 +415,7 @@ fn python_venv() -> Result<()> {
         "--disable-pip-version-check",
         PY_CONSUL,
         SSLYZE,
+        PY_SPIFFE,
     ]))?;
     if !python.is_file() {
         bail!("{} missing after creating the venv", python.display());

@@ -1,0 +1,445 @@
+//! The `SpiffeWorkloadAPI` gRPC service on a Unix socket.
+//!
+//! Every call is attested first, from the socket's peer ([`super::attest`]): a
+//! request without the `workload.spiffe.io: true` header is `InvalidArgument`
+//! (the specification's rule), a caller the kernel does not place in a
+//! registered service's cgroup is `PermissionDenied`, and so is every caller of
+//! an agent without `--cgroup`. The X.509 calls stream: the full state is sent at
+//! once and again whenever the caller's leaf is renewed or the trust bundle
+//! changes, driven by the agent's own renewal (no polling per client). Streams
+//! are bounded per service and in all, and end when the agent stops.
+//!
+//! JWT-SVIDs are not served yet: those calls answer `Unimplemented` after the
+//! same attestation.
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{UnixListener, UnixStream},
+    sync::mpsc,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, transport::server::Connected};
+
+use super::{
+    attest::{self, Attested},
+    proto::{
+        self, JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse,
+        ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+        X509svidRequest, X509svidResponse,
+        spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer},
+    },
+};
+use crate::{agent::Agent, ca::TrustBundle, identity::ServiceName};
+
+/// The header every Workload API request carries (the specification's guard
+/// against requests forwarded from elsewhere, e.g. by an SSRF).
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+/// Streams open at once, in all.
+pub const MAX_STREAMS: usize = 1024;
+/// Streams open at once for one service's callers.
+pub const MAX_STREAMS_PER_SERVICE: usize = 64;
+
+/// Why the Workload API cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot prepare the Workload API socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counts of the service's decisions, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub attested: AtomicU64,
+    pub denied: AtomicU64,
+    pub invalid: AtomicU64,
+    pub limited: AtomicU64,
+}
+
+/// The service (see the module doc).
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    agent: Arc<Agent>,
+    /// `--cgroup`; `None`: every caller is denied.
+    root: Option<PathBuf>,
+    streams: Arc<Mutex<Streams>>,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct Streams {
+    total: usize,
+    by_service: HashMap<ServiceName, usize>,
+}
+
+/// A stream's place in the bounds, given back when the stream ends.
+struct StreamSlot {
+    streams: Arc<Mutex<Streams>>,
+    service: ServiceName,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut s = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.by_service.get_mut(&self.service) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.by_service.remove(&self.service);
+            }
+        }
+    }
+}
+
+/// The accepted socket, with a duplicate of its descriptor for attestation.
+#[derive(Debug)]
+pub struct PeerStream {
+    inner: UnixStream,
+    fd: Arc<OwnedFd>,
+}
+
+/// What a request knows of its connection: the peer's socket.
+#[derive(Debug, Clone)]
+pub struct PeerSocket(Arc<OwnedFd>);
+
+impl Connected for PeerStream {
+    type ConnectInfo = PeerSocket;
+    fn connect_info(&self) -> PeerSocket {
+        PeerSocket(self.fd.clone())
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Binds `path` (replacing a stale socket), mode 0666: attestation decides who
+/// gets what, not file permissions.
+pub fn bind(path: &Path) -> Result<UnixListener, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |source| Error::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(fail)?;
+    Ok(listener)
+}
+
+impl WorkloadApi {
+    pub fn new(agent: Arc<Agent>, stop: CancellationToken) -> Self {
+        let root = agent.config.cgroup.clone();
+        Self {
+            agent,
+            root,
+            streams: Arc::new(Mutex::new(Streams::default())),
+            counters: Arc::new(Counters::default()),
+            stop,
+        }
+    }
+
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// Serves on `listener` until the agent's stop.
+    pub async fn serve(self, listener: UnixListener) -> Result<(), tonic::transport::Error> {
+        let stop = self.stop.clone();
+        let incoming = async_stream_of(listener, stop.clone());
+        tonic::transport::Server::builder()
+            .serve_with_incoming_shutdown(
+                SpiffeWorkloadApiServer::new(self),
+                incoming,
+                stop.cancelled_owned(),
+            )
+            .await
+    }
+
+    /// The header check and attestation every call starts with.
+    fn admit<T>(&self, req: &Request<T>, call: &'static str) -> Result<Attested, Status> {
+        let header_ok = req
+            .metadata()
+            .get(SECURITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == "true");
+        if !header_ok {
+            self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(call, "Workload API request without the security header");
+            return Err(Status::invalid_argument(format!(
+                "security header missing from request (\"{SECURITY_HEADER}: true\")"
+            )));
+        }
+        let Some(root) = &self.root else {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                call,
+                "Workload API call denied: this agent runs without --cgroup"
+            );
+            return Err(Status::permission_denied(
+                "no identity: this agent runs without --cgroup, so it cannot tell workloads apart",
+            ));
+        };
+        let Some(PeerSocket(fd)) = req.extensions().get::<PeerSocket>() else {
+            return Err(Status::internal("no peer socket on the request"));
+        };
+        let snapshot = self.agent.catalog.snapshot();
+        let services: Vec<(PathBuf, ServiceName)> = snapshot
+            .local()
+            .filter(|i| i.service.kind.is_typical())
+            .filter_map(|i| {
+                let cg = i.service.cgroup.as_ref()?;
+                Some((
+                    cg.strip_prefix("/").unwrap_or(cg).to_owned(),
+                    i.service.service.clone(),
+                ))
+            })
+            .collect();
+        let lookup = |p: &Path| {
+            services
+                .iter()
+                .find(|(cg, _)| cg.as_path() == p)
+                .map(|(_, s)| s.clone())
+        };
+        match attest::attest(&fd.as_fd(), root, lookup) {
+            Ok(a) => {
+                self.counters.attested.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(call, pid = a.pid, uid = a.uid, service = %a.service, cgroup = %a.cgroup.display(), "Workload API caller attested");
+                Ok(a)
+            }
+            Err(e) => {
+                self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(call, error = %e, "Workload API call denied");
+                Err(Status::permission_denied(format!("no identity: {e}")))
+            }
+        }
+    }
+
+    fn open_stream(&self, service: &ServiceName) -> Result<StreamSlot, Status> {
+        let mut s = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = s.by_service.get(service).copied().unwrap_or(0);
+        if s.total >= MAX_STREAMS || mine >= MAX_STREAMS_PER_SERVICE {
+            self.counters.limited.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::resource_exhausted(format!(
+                "too many Workload API streams (at most {MAX_STREAMS}, {MAX_STREAMS_PER_SERVICE} per service)"
+            )));
+        }
+        s.total += 1;
+        *s.by_service.entry(service.clone()).or_insert(0) += 1;
+        Ok(StreamSlot {
+            streams: self.streams.clone(),
+            service: service.clone(),
+        })
+    }
+}
+
+/// The accepted connections of `listener`, as tonic takes them, until `stop`.
+fn async_stream_of(
+    listener: UnixListener,
+    stop: CancellationToken,
+) -> ReceiverStream<std::io::Result<PeerStream>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let item = accepted.and_then(|(inner, _)| {
+                let fd = inner.as_fd().try_clone_to_owned()?;
+                Ok(PeerStream {
+                    inner,
+                    fd: Arc::new(fd),
+                })
+            });
+            if let Err(e) = &item {
+                tracing::warn!(error = %e, "Workload API accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+            if tx.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The trust bundle as the Workload API carries it: every listed root's DER,
+/// concatenated.
+fn bundle_der(bundle: &TrustBundle) -> Vec<u8> {
+    bundle
+        .roots()
+        .iter()
+        .flat_map(|c| c.as_ref().iter().copied())
+        .collect()
+}
+
+fn trust_domain_id(bundle: &TrustBundle) -> String {
+    format!("spiffe://{}", bundle.trust_domain())
+}
+
+type StreamOf<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = StreamOf<X509svidResponse>;
+    type FetchX509BundlesStream = StreamOf<X509BundlesResponse>;
+    type FetchJWTBundlesStream = StreamOf<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let caller = self.admit(&req, "FetchX509SVID")?;
+        let slot = self.open_stream(&caller.service)?;
+        let mut leaf = self
+            .agent
+            .ca
+            .leaf(&caller.service)
+            .await
+            .map_err(|e| Status::unavailable(format!("no leaf for {}: {e}", caller.service)))?
+            .rx;
+        let mut bundle = self.agent.ca.bundle();
+        let (tx, rx) = mpsc::channel(4);
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            loop {
+                let msg = {
+                    let l = leaf.borrow_and_update().clone();
+                    let b = bundle.borrow_and_update().clone();
+                    let chain: Vec<u8> = l
+                        .cert
+                        .chain
+                        .iter()
+                        .flat_map(|c| c.as_ref().iter().copied())
+                        .collect();
+                    X509svidResponse {
+                        svids: vec![proto::X509svid {
+                            spiffe_id: l.cert.spiffe_id.to_string(),
+                            x509_svid: chain,
+                            x509_svid_key: l.private_key_der().secret_der().to_vec(),
+                            bundle: bundle_der(&b),
+                            hint: String::new(),
+                        }],
+                        crl: Vec::new(),
+                        federated_bundles: HashMap::new(),
+                    }
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    r = leaf.changed() => if r.is_err() { return },
+                    r = bundle.changed() => if r.is_err() { return },
+                    () = stop.cancelled() => return,
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let caller = self.admit(&req, "FetchX509Bundles")?;
+        let slot = self.open_stream(&caller.service)?;
+        let mut bundle = self.agent.ca.bundle();
+        let (tx, rx) = mpsc::channel(4);
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            loop {
+                let msg = {
+                    let b = bundle.borrow_and_update().clone();
+                    X509BundlesResponse {
+                        crl: Vec::new(),
+                        bundles: HashMap::from([(trust_domain_id(&b), bundle_der(&b))]),
+                    }
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    r = bundle.changed() => if r.is_err() { return },
+                    () = stop.cancelled() => return,
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        self.admit(&req, "FetchJWTSVID")?;
+        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        self.admit(&req, "FetchJWTBundles")?;
+        Err(Status::unimplemented("JWT bundles are not served yet"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        self.admit(&req, "ValidateJWTSVID")?;
+        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+    }
+}

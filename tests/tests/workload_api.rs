@@ -1,0 +1,212 @@
+//! The SPIFFE Workload API with a client we did not write: py-spiffe (PyPI
+//! `spiffe`, pinned in the test venv) run inside service cgroups.
+//!
+//! - From web's cgroup it gets web's X.509-SVID: exactly the leaf the agent's
+//!   HTTP API issues for web (one URI SAN, leaf first), its key matches the
+//!   certificate, and it chains to the roots `/v1/agent/connect/ca/roots` lists
+//!   (checked with openssl); the bundle is exactly those roots.
+//! - From socat's cgroup it gets socat's ID.
+//! - From a cgroup under `--cgroup` that no service names, and from outside
+//!   `--cgroup`, it gets PERMISSION_DENIED and no SVID.
+//! - A raw gRPC call without the `workload.spiffe.io` header gets
+//!   INVALID_ARGUMENT.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use connect_tests::{
+    agent::{AgentProcess, free_port},
+    lab::{CgroupProc, TestCgroup, require_privileges},
+    mesh::{TempDir, get_json, register},
+};
+use serde_json::json;
+
+/// py-spiffe: fetch the X.509-SVID and the bundles, print what the test checks.
+const FETCH: &str = r#"
+import sys
+from cryptography.hazmat.primitives import serialization
+from spiffe import WorkloadApiClient
+from spiffe.errors import PySpiffeError
+try:
+    with WorkloadApiClient(socket_path="unix://" + sys.argv[1]) as client:
+        svid = client.fetch_x509_svid()
+        bundles = client.fetch_x509_bundles()
+except PySpiffeError as e:
+    print("error=%s" % e)
+    sys.exit(0)
+pub = lambda k: k.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+print("id=%s" % svid.spiffe_id)
+print("key_matches=%s" % (pub(svid.leaf.public_key()) == pub(svid.private_key.public_key())))
+print("chain=%d" % len(svid.cert_chain))
+for b in (bundles.bundles.values() if isinstance(bundles.bundles, dict) else bundles.bundles):
+    for c in b.x509_authorities:
+        print("root=%s" % c.public_bytes(serialization.Encoding.DER).hex())
+sys.stdout.write(svid.leaf.public_bytes(serialization.Encoding.PEM).decode())
+"#;
+
+/// A raw call with grpcio (py-spiffe's transport) and no security header.
+const RAW: &str = r#"
+import sys, grpc
+channel = grpc.insecure_channel("unix://" + sys.argv[1])
+call = channel.unary_stream("/SpiffeWorkloadAPI/FetchX509SVID",
+                            request_serializer=lambda _: b"", response_deserializer=lambda b: b)
+try:
+    for _ in call(None, timeout=5):
+        pass
+    print("code=OK")
+except grpc.RpcError as e:
+    print("code=%s" % e.code().name)
+"#;
+
+fn venv_python() -> Result<String> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv/bin/python3");
+    ensure!(
+        p.is_file(),
+        "{} is missing: `cargo xtask test` creates the venv with py-spiffe",
+        p.display()
+    );
+    Ok(p.to_string_lossy().into_owned())
+}
+
+fn run_in(cgroup: Option<&Path>, python: &str, script: &str, socket: &Path) -> Result<String> {
+    let socket = socket.to_string_lossy();
+    let (code, out, err) = match cgroup {
+        Some(cg) => CgroupProc::spawn(cg, python, &["-c", script, &socket])?
+            .output(Duration::from_secs(30))?,
+        None => {
+            let o = Command::new(python)
+                .args(["-c", script, &socket])
+                .output()
+                .context("python")?;
+            (
+                o.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        }
+    };
+    ensure!(code == 0, "python failed ({code}): {out}\n{err}");
+    Ok(out)
+}
+
+fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines().find_map(|l| l.strip_prefix(key))
+}
+
+#[test]
+fn py_spiffe_gets_each_cgroups_svid_and_nothing_elsewhere() -> Result<()> {
+    require_privileges()?;
+    let python = venv_python()?;
+    let mut cg = TestCgroup::create("wlapi")?;
+    for c in ["web", "socat", "nobody"] {
+        cg.child(c)?;
+    }
+    let dir = TempDir::new("wlapi")?;
+    let socket = dir.0.join("workload.sock");
+    let cgroup = cg.path.to_string_lossy().into_owned();
+    let agent = AgentProcess::start_dev(
+        "wlapi",
+        &[
+            "--cgroup",
+            &cgroup,
+            "--workload-api-socket",
+            &socket.to_string_lossy(),
+        ],
+    )?;
+    register(&agent, &json!({"Name": "web", "Port": 0, "cgroup": "web"}))?;
+    register(
+        &agent,
+        &json!({"Name": "socat", "Port": free_port()?, "cgroup": "socat"}),
+    )?;
+    let mode = std::fs::metadata(&socket)?.permissions();
+    ensure!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777 == 0o666,
+        "the socket is mode 0666: {mode:?}"
+    );
+
+    // web.
+    let out =
+        run_in(Some(&cg.path.join("web")), &python, FETCH, &socket).with_context(|| agent.log())?;
+    let id =
+        field(&out, "id=").with_context(|| format!("no SVID for web: {out}\n{}", agent.log()))?;
+    ensure!(id.ends_with("/ns/default/dc/dc1/svc/web"), "web got {id}");
+    ensure!(field(&out, "key_matches=") == Some("True"), "{out}");
+    ensure!(
+        field(&out, "chain=") == Some("1"),
+        "leaf only, no intermediates: {out}"
+    );
+    let leaf_pem = &out[out
+        .find("-----BEGIN CERTIFICATE-----")
+        .context("no leaf PEM")?..];
+    // The same leaf the HTTP API issues for web.
+    let http_leaf = get_json(&agent, "/v1/agent/connect/ca/leaf/web")?;
+    let strip = |p: &str| p.split_whitespace().collect::<String>();
+    let http_pem = http_leaf["CertPEM"].as_str().context("CertPEM")?;
+    ensure!(
+        strip(http_pem).starts_with(&strip(leaf_pem)),
+        "the Workload API's leaf is not the agent's leaf for web"
+    );
+    let roots = get_json(&agent, "/v1/agent/connect/ca/roots")?;
+    let listed: Vec<String> = roots["Roots"]
+        .as_array()
+        .context("Roots")?
+        .iter()
+        .filter_map(|r| r["RootCert"].as_str().map(str::to_owned))
+        .collect();
+    std::fs::write(dir.0.join("roots.pem"), listed.join("\n"))?;
+    std::fs::write(dir.0.join("leaf.pem"), leaf_pem)?;
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.0.join("roots.pem"))
+        .arg(dir.0.join("leaf.pem"))
+        .output()
+        .context("openssl")?;
+    ensure!(
+        verify.status.success(),
+        "web's SVID does not chain to the listed roots: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let bundle: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("root="))
+        .collect();
+    ensure!(
+        bundle.len() == listed.len(),
+        "the bundle holds exactly the listed roots: {} vs {}",
+        bundle.len(),
+        listed.len()
+    );
+
+    // socat.
+    let out = run_in(Some(&cg.path.join("socat")), &python, FETCH, &socket)?;
+    ensure!(
+        field(&out, "id=").is_some_and(|id| id.ends_with("/svc/socat")),
+        "socat's cgroup: {out}"
+    );
+
+    // No service's cgroup, and outside --cgroup: an error, no SVID.
+    for (where_, cgroup) in [
+        ("a cgroup no service names", Some(cg.path.join("nobody"))),
+        ("outside --cgroup", None),
+    ] {
+        let out = run_in(cgroup.as_deref(), &python, FETCH, &socket)?;
+        ensure!(field(&out, "id=").is_none(), "{where_} got an SVID: {out}");
+        ensure!(
+            field(&out, "error=").is_some(),
+            "{where_}: no error printed: {out}"
+        );
+    }
+    let log = agent.log();
+    ensure!(
+        log.contains("Workload API call denied") && log.contains("Workload API caller attested"),
+        "decisions are logged:\n{log}"
+    );
+
+    // No header: INVALID_ARGUMENT, even from web's own cgroup.
+    let out = run_in(Some(&cg.path.join("web")), &python, RAW, &socket)?;
+    ensure!(
+        field(&out, "code=") == Some("INVALID_ARGUMENT"),
+        "without the header: {out}"
+    );
+    Ok(())
+}
