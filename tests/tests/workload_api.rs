@@ -58,6 +58,34 @@ except grpc.RpcError as e:
     print("code=%s" % e.code().name)
 "#;
 
+/// py-spiffe's watch: appends one line per update to argv[3] (time, roots in the
+/// bundle, the leaf's serial) until it saw two different leaves or argv[2]
+/// seconds passed.
+const WATCH: &str = r#"
+import sys, time, threading
+from spiffe import WorkloadApiClient
+done = threading.Event()
+serials = set()
+out = open(sys.argv[3], "a", buffering=1)
+def ok(ctx):
+    bundles = ctx.x509_bundle_set.bundles
+    bundles = bundles.values() if isinstance(bundles, dict) else bundles
+    roots = sum(len(b.x509_authorities) for b in bundles)
+    serial = ctx.default_svid.leaf.serial_number
+    serials.add(serial)
+    out.write("update t=%.3f roots=%d serial=%x\n" % (time.time(), roots, serial))
+    if len(serials) >= 2:
+        done.set()
+def err(e):
+    out.write("error=%r\n" % e)
+    done.set()
+client = WorkloadApiClient(socket_path="unix://" + sys.argv[1])
+handle = client.stream_x509_contexts(ok, err, retry_connect=False)
+done.wait(float(sys.argv[2]))
+handle.cancel()
+client.close()
+"#;
+
 fn venv_python() -> Result<String> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv/bin/python3");
     ensure!(
@@ -207,6 +235,102 @@ fn py_spiffe_gets_each_cgroups_svid_and_nothing_elsewhere() -> Result<()> {
     ensure!(
         field(&out, "code=") == Some("INVALID_ARGUMENT"),
         "without the header: {out}"
+    );
+    Ok(())
+}
+
+/// A watch gets the new bundle first after a root rotation, then, within 60 s
+/// (the agent re-signs within a random 30 s of the change), web's leaf signed by
+/// the new root; every update carries the full state. Driven by the agent's own
+/// renewal: the client only listens.
+#[test]
+fn a_watch_gets_the_new_bundle_then_a_leaf_of_the_new_root_after_a_rotation() -> Result<()> {
+    require_privileges()?;
+    let python = venv_python()?;
+    let mut cg = TestCgroup::create("wlrot")?;
+    cg.child("web")?;
+    let dir = TempDir::new("wlrot")?;
+    let socket = dir.0.join("workload.sock");
+    let cgroup = cg.path.to_string_lossy().into_owned();
+    let agent = AgentProcess::start_dev(
+        "wlrot",
+        &[
+            "--cgroup",
+            &cgroup,
+            "--workload-api-socket",
+            &socket.to_string_lossy(),
+        ],
+    )?;
+    register(&agent, &json!({"Name": "web", "Port": 0, "cgroup": "web"}))?;
+    let log = dir.0.join("watch.log");
+    let watcher = CgroupProc::spawn(
+        &cg.path.join("web"),
+        &python,
+        &[
+            "-c",
+            WATCH,
+            &socket.to_string_lossy(),
+            "75",
+            &log.to_string_lossy(),
+        ],
+    )?;
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !read().contains("update ") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no first update: {}\n{}",
+            read(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rotated_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let (status, body) = connect_tests::agent::http(
+        agent.http_addr,
+        "PUT",
+        "/v1/connect/ca/configuration",
+        Some(r#"{"Provider": "consul", "Config": {"PrivateKeyBits": 384}}"#),
+    )?;
+    ensure!(status == 200, "rotation: {status} {body}");
+    let (code, out, err) = watcher.output(Duration::from_secs(90))?;
+    ensure!(code == 0, "watcher: {out}\n{err}");
+    let updates: Vec<(f64, usize, String)> = read()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.strip_prefix("update ")?.split(' ');
+            let t = f.next()?.strip_prefix("t=")?.parse().ok()?;
+            let roots = f.next()?.strip_prefix("roots=")?.parse().ok()?;
+            let serial = f.next()?.strip_prefix("serial=")?.to_owned();
+            Some((t, roots, serial))
+        })
+        .collect();
+    ensure!(!read().contains("error="), "the watch failed: {}", read());
+    let first = updates.first().context("no update")?.clone();
+    ensure!(first.1 == 1, "one root before the rotation: {updates:?}");
+    let bundle = updates
+        .iter()
+        .position(|u| u.1 == 2)
+        .with_context(|| format!("no update with both roots: {updates:?}"))?;
+    let new_leaf = updates
+        .iter()
+        .position(|u| u.2 != first.2)
+        .with_context(|| format!("no new leaf: {updates:?}"))?;
+    ensure!(
+        bundle <= new_leaf && updates[new_leaf].1 == 2,
+        "the bundle comes first, the old root stays listed: {updates:?}"
+    );
+    let took = updates[new_leaf].0 - rotated_at;
+    ensure!(
+        took < 60.0,
+        "the new leaf came {took:.1} s after the rotation"
+    );
+    println!(
+        "rotation: bundle after {:.2} s, leaf of the new root after {took:.2} s ({} updates)",
+        updates[bundle].0 - rotated_at,
+        updates.len()
     );
     Ok(())
 }
