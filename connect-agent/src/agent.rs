@@ -30,6 +30,8 @@ pub struct Agent {
     /// Blocking roots queries in progress without a valid token (the roots are
     /// public, so anyone can open them; this bounds how many at once).
     pub unauthenticated_watches: Arc<tokio::sync::Semaphore>,
+    /// The Workload API's decisions (attested, denied, …), for metrics.
+    pub workload_counters: Arc<crate::workload::server::Counters>,
     pub shutdown: Shutdown,
 }
 

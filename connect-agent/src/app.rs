@@ -315,6 +315,7 @@ pub async fn build_node(
         unauthenticated_watches: Arc::new(tokio::sync::Semaphore::new(
             crate::agent::MAX_UNAUTHENTICATED_WATCHES,
         )),
+        workload_counters: Arc::default(),
         shutdown,
     }))
 }

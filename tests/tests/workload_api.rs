@@ -236,6 +236,29 @@ fn py_spiffe_gets_each_cgroups_svid_and_nothing_elsewhere() -> Result<()> {
         field(&out, "code=") == Some("INVALID_ARGUMENT"),
         "without the header: {out}"
     );
+
+    // Each decision is counted.
+    let (status, text) = connect_tests::agent::http(
+        agent.http_addr,
+        "GET",
+        "/v1/agent/metrics?format=prometheus",
+        None,
+    )?;
+    ensure!(status == 200, "metrics: {status}");
+    let count = |decision: &str| -> u64 {
+        let prefix = format!("connect_workload_api_decisions_total{{decision=\"{decision}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    ensure!(
+        count("attested") >= 2 && count("denied") >= 2 && count("invalid_argument") == 1,
+        "decisions counted: attested {}, denied {}, invalid {}",
+        count("attested"),
+        count("denied"),
+        count("invalid_argument")
+    );
     Ok(())
 }
 

@@ -38,7 +38,27 @@ pub const METRICS: &[MetricsFn] = &[
     vip_metrics,
     proxy_metrics,
     redirect_metrics,
+    workload_metrics,
 ];
+
+/// The Workload API's decisions, by outcome.
+fn workload_metrics(agent: &Agent, out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &agent.workload_counters;
+    let name = "connect_workload_api_decisions_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Workload API calls by decision.\n# TYPE {name} counter"
+    );
+    for (decision, value) in [
+        ("attested", c.attested.load(Relaxed)),
+        ("denied", c.denied.load(Relaxed)),
+        ("invalid_argument", c.invalid.load(Relaxed)),
+        ("limited", c.limited.load(Relaxed)),
+    ] {
+        let _ = writeln!(out, "{name}{{decision=\"{decision}\"}} {value}");
+    }
+}
 
 fn vip_metrics(agent: &Agent, out: &mut String) {
     gauge(

@@ -176,11 +176,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
 impl WorkloadApi {
     pub fn new(agent: Arc<Agent>, stop: CancellationToken) -> Self {
         let root = agent.config.cgroup.clone();
+        let counters = agent.workload_counters.clone();
         Self {
             agent,
             root,
             streams: Arc::new(Mutex::new(Streams::default())),
-            counters: Arc::new(Counters::default()),
+            counters,
             stop,
         }
     }
