@@ -152,8 +152,8 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// Binds `path` (replacing a stale socket), mode 0666: attestation decides who
-/// gets what, not file permissions.
+/// Binds `path` (replacing a stale socket, refusing a live one), mode 0666:
+/// attestation decides who gets what, not file permissions.
 pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     use std::os::unix::fs::PermissionsExt;
     let fail = |source| Error::Socket {
@@ -162,6 +162,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    // A socket someone answers on belongs to a running agent: never take it over.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process serves it (is another agent running?)",
+        )));
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -442,5 +449,28 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         self.admit(&req, "ValidateJWTSVID")?;
         Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_live_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run/workload.sock");
+        let first = bind(&path).expect("first bind");
+        let mode = std::fs::metadata(&path).expect("meta").permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o666
+        );
+        let e = bind(&path).expect_err("the socket is live");
+        assert!(e.to_string().contains("another process serves it"), "{e}");
+        drop(first);
+        // The file stays behind, nobody answers: stale, replaced.
+        assert!(path.exists());
+        let _second = bind(&path).expect("a stale socket is replaced");
     }
 }
