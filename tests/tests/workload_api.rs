@@ -10,6 +10,8 @@
 //!   `--cgroup`, it gets PERMISSION_DENIED and no SVID.
 //! - A raw gRPC call without the `workload.spiffe.io` header gets
 //!   INVALID_ARGUMENT.
+//! - One process gets at most 16 streams at once (RESOURCE_EXHAUSTED beyond),
+//!   and closed streams give their place back.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -84,6 +86,36 @@ handle = client.stream_x509_contexts(ok, err, retry_connect=False)
 done.wait(float(sys.argv[2]))
 handle.cancel()
 client.close()
+"#;
+
+/// One process opening 20 bundle streams at once (grpcio, with the header):
+/// prints how many got their first message and how many were refused, then,
+/// with all closed, whether a new one is served again.
+const MANY: &str = r#"
+import sys, time, grpc
+channel = grpc.insecure_channel("unix://" + sys.argv[1])
+call = channel.unary_stream("/SpiffeWorkloadAPI/FetchX509Bundles",
+                            request_serializer=lambda _: b"", response_deserializer=lambda b: b)
+meta = [("workload.spiffe.io", "true")]
+open_, refused, calls = 0, 0, []
+for _ in range(20):
+    c = call(None, metadata=meta, timeout=30)
+    try:
+        next(c)
+        open_ += 1
+        calls.append(c)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            refused += 1
+        else:
+            raise
+print("open=%d refused=%d" % (open_, refused))
+for c in calls:
+    c.cancel()
+time.sleep(1)
+c = call(None, metadata=meta, timeout=30)
+next(c)
+print("again=ok")
 "#;
 
 fn venv_python() -> Result<String> {
@@ -237,6 +269,13 @@ fn py_spiffe_gets_each_cgroups_svid_and_nothing_elsewhere() -> Result<()> {
         "without the header: {out}"
     );
 
+    // One process gets at most 16 streams at once; closed ones come back.
+    let out = run_in(Some(&cg.path.join("web")), &python, MANY, &socket)?;
+    ensure!(
+        field(&out, "open=") == Some("16 refused=4") && field(&out, "again=") == Some("ok"),
+        "streams of one process: {out}"
+    );
+
     // Each decision is counted.
     let (status, text) = connect_tests::agent::http(
         agent.http_addr,
@@ -253,11 +292,15 @@ fn py_spiffe_gets_each_cgroups_svid_and_nothing_elsewhere() -> Result<()> {
             .unwrap_or(0)
     };
     ensure!(
-        count("attested") >= 2 && count("denied") >= 2 && count("invalid_argument") == 1,
-        "decisions counted: attested {}, denied {}, invalid {}",
+        count("attested") >= 2
+            && count("denied") >= 2
+            && count("invalid_argument") == 1
+            && count("limited") == 4,
+        "decisions counted: attested {}, denied {}, invalid {}, limited {}",
         count("attested"),
         count("denied"),
-        count("invalid_argument")
+        count("invalid_argument"),
+        count("limited")
     );
     Ok(())
 }

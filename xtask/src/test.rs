@@ -121,7 +121,11 @@ pub fn run(args: TestArgs) -> Result<()> {
             });
             // `target/debug/connect-agent`, which the integration tests start, came
             // out of the build above.
-            let venv = timed("python venv (py-consul, sslyze, py-spiffe)", &mut steps, python_venv);
+            let venv = timed(
+                "python venv (py-consul, sslyze, py-spiffe)",
+                &mut steps,
+                python_venv,
+            );
             if venv.is_some() {
                 run_test_executables(
                     "integration tests (privileged)",

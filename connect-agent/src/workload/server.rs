@@ -7,7 +7,8 @@
 //! an agent without `--cgroup`. The X.509 calls stream: the full state is sent at
 //! once and again whenever the caller's leaf is renewed or the trust bundle
 //! changes, driven by the agent's own renewal (no polling per client). Streams
-//! are bounded per service and in all, and end when the agent stops.
+//! are bounded per calling process, per service and in all, and end when the
+//! agent stops.
 //!
 //! JWT-SVIDs are not served yet: those calls answer `Unimplemented` after the
 //! same attestation.
@@ -51,6 +52,9 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 pub const MAX_STREAMS: usize = 1024;
 /// Streams open at once for one service's callers.
 pub const MAX_STREAMS_PER_SERVICE: usize = 64;
+/// Streams open at once for one calling process, so that one process cannot
+/// take its whole service's share.
+pub const MAX_STREAMS_PER_PROCESS: usize = 16;
 
 /// Why the Workload API cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -87,24 +91,32 @@ pub struct WorkloadApi {
 struct Streams {
     total: usize,
     by_service: HashMap<ServiceName, usize>,
+    by_pid: HashMap<i32, usize>,
 }
 
 /// A stream's place in the bounds, given back when the stream ends.
 struct StreamSlot {
     streams: Arc<Mutex<Streams>>,
     service: ServiceName,
+    pid: i32,
+}
+
+/// Takes one from a count, forgetting keys that reach zero.
+fn release<K: std::hash::Hash + Eq>(m: &mut HashMap<K, usize>, k: &K) {
+    if let Some(n) = m.get_mut(k) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            m.remove(k);
+        }
+    }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         let mut s = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
         s.total = s.total.saturating_sub(1);
-        if let Some(n) = s.by_service.get_mut(&self.service) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                s.by_service.remove(&self.service);
-            }
-        }
+        release(&mut s.by_service, &self.service);
+        release(&mut s.by_pid, &self.pid);
     }
 }
 
@@ -269,20 +281,27 @@ impl WorkloadApi {
         }
     }
 
-    fn open_stream(&self, service: &ServiceName) -> Result<StreamSlot, Status> {
+    fn open_stream(&self, caller: &Attested) -> Result<StreamSlot, Status> {
         let mut s = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        let mine = s.by_service.get(service).copied().unwrap_or(0);
-        if s.total >= MAX_STREAMS || mine >= MAX_STREAMS_PER_SERVICE {
+        let service = s.by_service.get(&caller.service).copied().unwrap_or(0);
+        let process = s.by_pid.get(&caller.pid).copied().unwrap_or(0);
+        if s.total >= MAX_STREAMS
+            || service >= MAX_STREAMS_PER_SERVICE
+            || process >= MAX_STREAMS_PER_PROCESS
+        {
             self.counters.limited.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(pid = caller.pid, service = %caller.service, "Workload API stream refused: limit reached");
             return Err(Status::resource_exhausted(format!(
-                "too many Workload API streams (at most {MAX_STREAMS}, {MAX_STREAMS_PER_SERVICE} per service)"
+                "too many Workload API streams (at most {MAX_STREAMS}, {MAX_STREAMS_PER_SERVICE} per service, {MAX_STREAMS_PER_PROCESS} per process)"
             )));
         }
         s.total += 1;
-        *s.by_service.entry(service.clone()).or_insert(0) += 1;
+        *s.by_service.entry(caller.service.clone()).or_insert(0) += 1;
+        *s.by_pid.entry(caller.pid).or_insert(0) += 1;
         Ok(StreamSlot {
             streams: self.streams.clone(),
-            service: service.clone(),
+            service: caller.service.clone(),
+            pid: caller.pid,
         })
     }
 }
@@ -346,7 +365,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.admit(&req, "FetchX509SVID")?;
-        let slot = self.open_stream(&caller.service)?;
+        let slot = self.open_stream(&caller)?;
         let mut leaf = self
             .agent
             .ca
@@ -400,7 +419,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = self.admit(&req, "FetchX509Bundles")?;
-        let slot = self.open_stream(&caller.service)?;
+        let slot = self.open_stream(&caller)?;
         let mut bundle = self.agent.ca.bundle();
         let (tx, rx) = mpsc::channel(4);
         let stop = self.stop.clone();
