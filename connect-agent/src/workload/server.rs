@@ -28,7 +28,7 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{UnixListener, UnixStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +43,11 @@ use super::{
         spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer},
     },
 };
-use crate::{agent::Agent, ca::TrustBundle, identity::ServiceName};
+use crate::{
+    agent::Agent,
+    ca::{Leaf, TrustBundle},
+    identity::ServiceName,
+};
 
 /// The header every Workload API request carries (the specification's guard
 /// against requests forwarded from elsewhere, e.g. by an SSRF).
@@ -205,10 +209,6 @@ impl WorkloadApi {
         }
     }
 
-    pub fn counters(&self) -> Arc<Counters> {
-        self.counters.clone()
-    }
-
     /// Serves on `listener` until the agent's stop.
     pub async fn serve(self, listener: UnixListener) -> Result<(), tonic::transport::Error> {
         let stop = self.stop.clone();
@@ -354,6 +354,45 @@ fn trust_domain_id(bundle: &TrustBundle) -> String {
 
 type StreamOf<T> = ReceiverStream<Result<T, Status>>;
 
+/// A stream of the full state: `build` of the leaf (when given) and the bundle
+/// at once, and again whenever either changes, until the client goes, the agent
+/// stops or a source ends. Holds `slot` while it lives.
+fn follow<T: Send + 'static>(
+    slot: StreamSlot,
+    stop: CancellationToken,
+    mut leaf: Option<watch::Receiver<Arc<Leaf>>>,
+    mut bundle: watch::Receiver<Arc<TrustBundle>>,
+    build: impl Fn(Option<&Leaf>, &TrustBundle) -> T + Send + 'static,
+) -> StreamOf<T> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let _slot = slot;
+        loop {
+            let msg = {
+                let l = leaf.as_mut().map(|l| l.borrow_and_update().clone());
+                let b = bundle.borrow_and_update().clone();
+                build(l.as_deref(), &b)
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
+            let leaf_changed = async {
+                match leaf.as_mut() {
+                    Some(l) => l.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = leaf_changed => if r.is_err() { return },
+                r = bundle.changed() => if r.is_err() { return },
+                () = stop.cancelled() => return,
+                () = tx.closed() => return,
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = StreamOf<X509svidResponse>;
@@ -366,52 +405,40 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.admit(&req, "FetchX509SVID")?;
         let slot = self.open_stream(&caller)?;
-        let mut leaf = self
+        let leaf = self
             .agent
             .ca
             .leaf(&caller.service)
             .await
             .map_err(|e| Status::unavailable(format!("no leaf for {}: {e}", caller.service)))?
             .rx;
-        let mut bundle = self.agent.ca.bundle();
-        let (tx, rx) = mpsc::channel(4);
-        let stop = self.stop.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            loop {
-                let msg = {
-                    let l = leaf.borrow_and_update().clone();
-                    let b = bundle.borrow_and_update().clone();
-                    let chain: Vec<u8> = l
-                        .cert
-                        .chain
-                        .iter()
-                        .flat_map(|c| c.as_ref().iter().copied())
-                        .collect();
-                    X509svidResponse {
-                        svids: vec![proto::X509svid {
-                            spiffe_id: l.cert.spiffe_id.to_string(),
-                            x509_svid: chain,
-                            x509_svid_key: l.private_key_der().secret_der().to_vec(),
-                            bundle: bundle_der(&b),
-                            hint: String::new(),
-                        }],
-                        crl: Vec::new(),
-                        federated_bundles: HashMap::new(),
-                    }
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
-                tokio::select! {
-                    r = leaf.changed() => if r.is_err() { return },
-                    r = bundle.changed() => if r.is_err() { return },
-                    () = stop.cancelled() => return,
-                    () = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let stream = follow(
+            slot,
+            self.stop.clone(),
+            Some(leaf),
+            self.agent.ca.bundle(),
+            |leaf, bundle| X509svidResponse {
+                // `follow` is given the leaf, so there is always one.
+                svids: leaf
+                    .into_iter()
+                    .map(|l| proto::X509svid {
+                        spiffe_id: l.cert.spiffe_id.to_string(),
+                        x509_svid: l
+                            .cert
+                            .chain
+                            .iter()
+                            .flat_map(|c| c.as_ref().iter().copied())
+                            .collect(),
+                        x509_svid_key: l.private_key_der().secret_der().to_vec(),
+                        bundle: bundle_der(bundle),
+                        hint: String::new(),
+                    })
+                    .collect(),
+                crl: Vec::new(),
+                federated_bundles: HashMap::new(),
+            },
+        );
+        Ok(Response::new(stream))
     }
 
     async fn fetch_x509_bundles(
@@ -420,30 +447,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = self.admit(&req, "FetchX509Bundles")?;
         let slot = self.open_stream(&caller)?;
-        let mut bundle = self.agent.ca.bundle();
-        let (tx, rx) = mpsc::channel(4);
-        let stop = self.stop.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            loop {
-                let msg = {
-                    let b = bundle.borrow_and_update().clone();
-                    X509BundlesResponse {
-                        crl: Vec::new(),
-                        bundles: HashMap::from([(trust_domain_id(&b), bundle_der(&b))]),
-                    }
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
-                tokio::select! {
-                    r = bundle.changed() => if r.is_err() { return },
-                    () = stop.cancelled() => return,
-                    () = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let stream = follow(
+            slot,
+            self.stop.clone(),
+            None,
+            self.agent.ca.bundle(),
+            |_, bundle| X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: HashMap::from([(trust_domain_id(bundle), bundle_der(bundle))]),
+            },
+        );
+        Ok(Response::new(stream))
     }
 
     async fn fetch_jwtsvid(
