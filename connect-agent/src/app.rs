@@ -480,13 +480,7 @@ pub async fn open_store(config: &Config) -> Result<OpenedStore, Error> {
                     .etcd_user
                     .as_ref()
                     .map(|u| (u.name.clone(), u.password.0.clone())),
-                tls: config.etcd_tls.as_ref().map(|t| store::etcd::EtcdTls {
-                    ca_pem: t.ca_pem.clone(),
-                    identity: t
-                        .identity
-                        .as_ref()
-                        .map(|(cert, key)| (cert.clone(), key.0.clone())),
-                }),
+                tls: config.etcd_tls.clone(),
                 ..store::etcd::EtcdOptions::default()
             };
             if config.store_transport == crate::config::StoreTransport::PlaintextInsecure {

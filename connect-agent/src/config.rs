@@ -188,22 +188,8 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// TLS to etcd: the CA that server certificates must chain to, and the client
-/// certificate and key when etcd asks for one. PEM, read at startup.
-#[derive(Clone, PartialEq, Eq)]
-pub struct EtcdTls {
-    pub ca_pem: Vec<u8>,
-    pub identity: Option<(Vec<u8>, Secret)>,
-}
-
-impl std::fmt::Debug for EtcdTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdTls")
-            .field("ca_pem_bytes", &self.ca_pem.len())
-            .field("client_certificate", &self.identity.is_some())
-            .finish()
-    }
-}
+/// TLS to etcd, as the store takes it; read from the files at startup.
+pub use crate::store::etcd::EtcdTls;
 
 /// How this agent reaches its store (for `doctor` and the security report).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -651,7 +637,7 @@ impl AgentArgs {
                     path: key.clone(),
                     reason: "not PEM text".to_owned(),
                 })?;
-                Some((cert_pem, Secret(key_pem)))
+                Some((cert_pem, key_pem))
             }
             // clap's `requires` makes these pairs.
             _ => None,

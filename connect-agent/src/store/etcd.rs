@@ -120,8 +120,9 @@ pub struct EtcdOptions {
 }
 
 /// TLS to etcd, in PEM: the CA bundle etcd's certificates must chain to, and a
-/// client certificate and key for an etcd that checks them.
-#[derive(Clone)]
+/// client certificate and key for an etcd that checks them. Its `Debug` shows
+/// neither key nor certificates.
+#[derive(Clone, PartialEq, Eq)]
 pub struct EtcdTls {
     pub ca_pem: Vec<u8>,
     pub identity: Option<(Vec<u8>, String)>,
