@@ -67,33 +67,12 @@ impl TlsFiles {
     /// [`TlsFiles::make`] with the server certificate also valid for `ips`
     /// (a member other hosts reach at its own address).
     pub fn make_for(dir: &Path, ips: &[&str]) -> anyhow::Result<Self> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        };
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "connect-test etcd CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_key = KeyPair::generate()?;
-        let ca = ca_params.self_signed(&ca_key)?;
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf = |names: Vec<String>,
-                    usage: ExtendedKeyUsagePurpose|
-         -> anyhow::Result<(String, String)> {
-            let mut p = CertificateParams::new(names)?;
-            p.extended_key_usages = vec![usage];
-            let key = KeyPair::generate()?;
-            let cert = p.signed_by(&key, &issuer)?;
-            Ok((cert.pem(), key.serialize_pem()))
-        };
-        let mut names: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
-        names.extend(ips.iter().map(|ip| (*ip).to_owned()));
-        let (server_pem, server_key_pem) = leaf(names, ExtendedKeyUsagePurpose::ServerAuth)?;
-        let (client_pem, client_key_pem) = leaf(
-            vec!["connect-agent".into()],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        )?;
+        use xtask::pki::{TestCa, Usage, write};
+        let ca = TestCa::new("connect-test etcd CA")?;
+        let mut names = vec!["127.0.0.1", "localhost"];
+        names.extend_from_slice(ips);
+        let (server_pem, server_key_pem) = ca.issue("etcd", &names, Usage::ServerAndClient)?;
+        let (client_pem, client_key_pem) = ca.issue("connect-agent", &[], Usage::Client)?;
         let files = Self {
             ca: dir.join("ca.pem"),
             server_cert: dir.join("server.pem"),
@@ -101,13 +80,7 @@ impl TlsFiles {
             client_cert: dir.join("client.pem"),
             client_key: dir.join("client.key"),
         };
-        let write = |path: &Path, text: &str, mode: u32| -> anyhow::Result<()> {
-            use std::os::unix::fs::PermissionsExt;
-            fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
-            fs::set_permissions(path, fs::Permissions::from_mode(mode))
-                .with_context(|| format!("chmod {}", path.display()))
-        };
-        write(&files.ca, &ca.pem(), 0o644)?;
+        write(&files.ca, ca.pem(), 0o644)?;
         write(&files.server_cert, &server_pem, 0o644)?;
         write(&files.server_key, &server_key_pem, 0o600)?;
         write(&files.client_cert, &client_pem, 0o644)?;

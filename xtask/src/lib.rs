@@ -2,6 +2,8 @@
 //! the lab and the tests find cgroup v2 and talk HTTP to agents the same way, so
 //! they share one copy.
 
+pub mod pki;
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},

@@ -10,10 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    SanType,
-};
+use xtask::pki::{TestCa, Usage, write};
 
 /// Where the lab keeps its certificates, under its directory.
 pub fn dir(lab_dir: &Path) -> PathBuf {
@@ -43,50 +40,22 @@ pub fn make(lab_dir: &Path, nodes: &[(String, String)]) -> Result<()> {
     let d = dir(lab_dir);
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
-
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "Connect lab etcd CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate()?;
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    write(&ca(lab_dir), &ca_cert.pem(), 0o644)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-
+    let root = TestCa::new("Connect lab etcd CA")?;
+    write(&ca(lab_dir), root.pem(), 0o644)?;
     for (name, ip) in nodes {
-        let mut p = CertificateParams::new(vec!["localhost".to_owned()])?;
-        p.distinguished_name.push(DnType::CommonName, name.as_str());
-        for addr in [ip.as_str(), "127.0.0.1"] {
-            p.subject_alt_names
-                .push(SanType::IpAddress(addr.parse().context("node address")?));
-        }
         // Server for clients and peers; client when dialing its peers.
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate()?;
-        let cert = p.signed_by(&key, &issuer)?;
+        let (cert, key) = root.issue(
+            name,
+            &[ip, "127.0.0.1", "localhost"],
+            Usage::ServerAndClient,
+        )?;
         let (cert_path, key_path) = member(lab_dir, name);
-        write(&cert_path, &cert.pem(), 0o644)?;
-        write(&key_path, &key.serialize_pem(), 0o600)?;
+        write(&cert_path, &cert, 0o644)?;
+        write(&key_path, &key, 0o600)?;
     }
-
-    let mut p = CertificateParams::new(Vec::<String>::new())?;
-    p.distinguished_name
-        .push(DnType::CommonName, "connect-agent");
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate()?;
-    let cert = p.signed_by(&key, &issuer)?;
+    let (cert, key) = root.issue("connect-agent", &[], Usage::Client)?;
     let (cert_path, key_path) = agent(lab_dir);
-    write(&cert_path, &cert.pem(), 0o644)?;
-    write(&key_path, &key.serialize_pem(), 0o600)?;
+    write(&cert_path, &cert, 0o644)?;
+    write(&key_path, &key, 0o600)?;
     Ok(())
-}
-
-fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {}", path.display()))
 }
