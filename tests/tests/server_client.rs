@@ -74,6 +74,39 @@ fn ok(
     Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// Bootstraps ACLs on `server` and makes a token with `node:write` on `node`
+/// only (a client agent's token): (management secret, node token secret).
+fn bootstrap_and_node_token(server: &AgentProcess, node: &str) -> Result<(String, String)> {
+    let secret = |v: Value, what: &str| -> Result<String> {
+        v["SecretID"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no SecretID for {what}: {v}"))
+    };
+    let root = secret(
+        ok(server, "PUT", "/v1/acl/bootstrap", None, None)?,
+        "the bootstrap",
+    )?;
+    let policy = format!("node-{node}");
+    ok(
+        server,
+        "PUT",
+        "/v1/acl/policy",
+        Some(
+            &json!({"Name": policy, "Rules": format!("node \"{node}\" {{ policy = \"write\" }}")}),
+        ),
+        Some(&root),
+    )?;
+    let token = ok(
+        server,
+        "PUT",
+        "/v1/acl/token",
+        Some(&json!({"Description": format!("agent {node}"), "Policies": [{"Name": policy}]})),
+        Some(&root),
+    )?;
+    Ok((root, secret(token, "the node token")?))
+}
+
 fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     ensure!(
@@ -156,29 +189,7 @@ fn client_agent_gets_leaves_from_the_server_and_never_the_ca_key() -> Result<()>
     .context("starting the server agent")?;
 
     // The management token, then a token for the client node: node:write on it.
-    let bootstrap = ok(&server, "PUT", "/v1/acl/bootstrap", None, None)?;
-    let root_token = bootstrap["SecretID"]
-        .as_str()
-        .context("no SecretID from the ACL bootstrap")?
-        .to_owned();
-    ok(
-        &server,
-        "PUT",
-        "/v1/acl/policy",
-        Some(&json!({"Name": "node-client", "Rules": "node \"client\" { policy = \"write\" }"})),
-        Some(&root_token),
-    )?;
-    let token = ok(
-        &server,
-        "PUT",
-        "/v1/acl/token",
-        Some(&json!({"Description": "client agent", "Policies": [{"Name": "node-client"}]})),
-        Some(&root_token),
-    )?;
-    let client_token = token["SecretID"]
-        .as_str()
-        .context("no SecretID for the client token")?
-        .to_owned();
+    let (root_token, client_token) = bootstrap_and_node_token(&server, "client")?;
     let token_file = secret_file(secrets.path(), "client-token", &client_token)?;
 
     let client_dir = private_tempdir("connect-client-")?;
@@ -477,27 +488,7 @@ fn a_client_agent_finds_servers_in_the_catalog_and_fails_over() -> Result<()> {
     );
     let (s1, api1) = start_server(&dir1, "s1")?;
     let (s2, api2) = start_server(&dir2, "s2")?;
-    let root = ok(&s1, "PUT", "/v1/acl/bootstrap", None, None)?["SecretID"]
-        .as_str()
-        .context("no SecretID")?
-        .to_owned();
-    ok(
-        &s1,
-        "PUT",
-        "/v1/acl/policy",
-        Some(&json!({"Name": "node-client", "Rules": "node \"client\" { policy = \"write\" }"})),
-        Some(&root),
-    )?;
-    let token = ok(
-        &s1,
-        "PUT",
-        "/v1/acl/token",
-        Some(&json!({"Policies": [{"Name": "node-client"}]})),
-        Some(&root),
-    )?["SecretID"]
-        .as_str()
-        .context("no SecretID")?
-        .to_owned();
+    let (root, token) = bootstrap_and_node_token(&s1, "client")?;
     let token_file = secret_file(secrets.path(), "client-token", &token)?;
 
     let client_dir = private_tempdir("connect-discovering-client-")?;
