@@ -357,3 +357,24 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Consul's getting-started setup on `agent`: a socat echo registered with a
+/// Connect proxy, and `connect-agent proxy -service web -upstream socat:<port>`
+/// listening on a free port: (socat, the proxy, the upstream port).
+pub fn socat_behind_upstream(agent: &AgentProcess) -> Result<(Spawned, Spawned, u16)> {
+    let (socat, socat_port) = socat_echo()?;
+    register(
+        agent,
+        &serde_json::json!({"name": "socat", "port": socat_port, "connect": {"proxy": {}}}),
+    )?;
+    let upstream = crate::agent::free_port()?;
+    let proxy = explicit_proxy(
+        agent,
+        &["-service", "web", "-upstream", &format!("socat:{upstream}")],
+    )?;
+    wait_listening(
+        SocketAddr::from(([127, 0, 0, 1], upstream)),
+        Duration::from_secs(10),
+    )?;
+    Ok((socat, proxy, upstream))
+}

@@ -10,17 +10,16 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::TcpStream,
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
 use connect_tests::{
-    agent::{AgentProcess, free_port},
-    mesh::{Spawned, cli, explicit_proxy, nc, register, socat_echo, wait_listening},
+    agent::AgentProcess,
+    mesh::{Spawned, cli, nc, socat_behind_upstream},
 };
-use serde_json::json;
 
 /// How soon the application must see a denied connection closed: the server
 /// refuses within milliseconds; the bound leaves room for a loaded machine and is
@@ -72,20 +71,7 @@ struct Guide {
 impl Guide {
     fn start(name: &str) -> Result<Self> {
         let agent = AgentProcess::start_dev(name, &[])?;
-        let (socat, socat_port) = socat_echo()?;
-        register(
-            &agent,
-            &json!({"name": "socat", "port": socat_port, "connect": {"proxy": {}}}),
-        )?;
-        let upstream = free_port()?;
-        let proxy = explicit_proxy(
-            &agent,
-            &["-service", "web", "-upstream", &format!("socat:{upstream}")],
-        )?;
-        wait_listening(
-            SocketAddr::from(([127, 0, 0, 1], upstream)),
-            Duration::from_secs(10),
-        )?;
+        let (socat, proxy, upstream) = socat_behind_upstream(&agent)?;
         Ok(Self {
             agent,
             _socat: socat,

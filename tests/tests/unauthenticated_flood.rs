@@ -20,12 +20,8 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use connect_tests::{
     agent::{AgentProcess, agent_binary, free_port},
-    mesh::{
-        TempDir, connect_address, explicit_proxy, register, roots, run_bounded, socat_echo,
-        wait_listening,
-    },
+    mesh::{TempDir, connect_address, roots, run_bounded, socat_behind_upstream},
 };
-use serde_json::json;
 
 const SILENT_INBOUND: usize = 2_000;
 const SILENT_HTTPS: usize = 500;
@@ -117,20 +113,7 @@ fn silent_peers_do_not_stop_the_mesh_or_the_api() -> Result<()> {
         &["--https-addr", &https.to_string()],
         1024,
     )?;
-    let (_socat, socat_port) = socat_echo()?;
-    register(
-        &agent,
-        &json!({"name": "socat", "port": socat_port, "connect": {"proxy": {}}}),
-    )?;
-    let upstream = free_port()?;
-    let proxy = explicit_proxy(
-        &agent,
-        &["-service", "web", "-upstream", &format!("socat:{upstream}")],
-    )?;
-    wait_listening(
-        SocketAddr::from(([127, 0, 0, 1], upstream)),
-        Duration::from_secs(10),
-    )?;
+    let (_socat, proxy, upstream) = socat_behind_upstream(&agent)?;
     let logs = || {
         format!(
             "--- agent log ---\n{}\n--- proxy stderr ---\n{}",

@@ -118,6 +118,43 @@ next(c)
 print("again=ok")
 "#;
 
+/// An agent with `--cgroup` and the Workload API, `web` registered with its
+/// cgroup, and the other cgroups `extra` made (unregistered).
+struct Setup {
+    cg: TestCgroup,
+    dir: TempDir,
+    socket: std::path::PathBuf,
+    agent: AgentProcess,
+}
+
+impl Setup {
+    fn start(name: &str, extra: &[&str]) -> Result<Self> {
+        let mut cg = TestCgroup::create(name)?;
+        for c in std::iter::once(&"web").chain(extra) {
+            cg.child(c)?;
+        }
+        let dir = TempDir::new(name)?;
+        let socket = dir.0.join("workload.sock");
+        let cgroup = cg.path.to_string_lossy().into_owned();
+        let agent = AgentProcess::start_dev(
+            name,
+            &[
+                "--cgroup",
+                &cgroup,
+                "--workload-api-socket",
+                &socket.to_string_lossy(),
+            ],
+        )?;
+        register(&agent, &json!({"Name": "web", "Port": 0, "cgroup": "web"}))?;
+        Ok(Self {
+            cg,
+            dir,
+            socket,
+            agent,
+        })
+    }
+}
+
 fn venv_python() -> Result<String> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv/bin/python3");
     ensure!(
@@ -157,23 +194,12 @@ fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
 fn py_spiffe_gets_each_cgroups_svid_and_nothing_elsewhere() -> Result<()> {
     require_privileges()?;
     let python = venv_python()?;
-    let mut cg = TestCgroup::create("wlapi")?;
-    for c in ["web", "socat", "nobody"] {
-        cg.child(c)?;
-    }
-    let dir = TempDir::new("wlapi")?;
-    let socket = dir.0.join("workload.sock");
-    let cgroup = cg.path.to_string_lossy().into_owned();
-    let agent = AgentProcess::start_dev(
-        "wlapi",
-        &[
-            "--cgroup",
-            &cgroup,
-            "--workload-api-socket",
-            &socket.to_string_lossy(),
-        ],
-    )?;
-    register(&agent, &json!({"Name": "web", "Port": 0, "cgroup": "web"}))?;
+    let Setup {
+        cg,
+        dir,
+        socket,
+        agent,
+    } = Setup::start("wlapi", &["socat", "nobody"])?;
     register(
         &agent,
         &json!({"Name": "socat", "Port": free_port()?, "cgroup": "socat"}),
@@ -313,21 +339,12 @@ fn py_spiffe_gets_each_cgroups_svid_and_nothing_elsewhere() -> Result<()> {
 fn a_watch_gets_the_new_bundle_then_a_leaf_of_the_new_root_after_a_rotation() -> Result<()> {
     require_privileges()?;
     let python = venv_python()?;
-    let mut cg = TestCgroup::create("wlrot")?;
-    cg.child("web")?;
-    let dir = TempDir::new("wlrot")?;
-    let socket = dir.0.join("workload.sock");
-    let cgroup = cg.path.to_string_lossy().into_owned();
-    let agent = AgentProcess::start_dev(
-        "wlrot",
-        &[
-            "--cgroup",
-            &cgroup,
-            "--workload-api-socket",
-            &socket.to_string_lossy(),
-        ],
-    )?;
-    register(&agent, &json!({"Name": "web", "Port": 0, "cgroup": "web"}))?;
+    let Setup {
+        cg,
+        dir,
+        socket,
+        agent,
+    } = Setup::start("wlrot", &[])?;
     let log = dir.0.join("watch.log");
     let watcher = CgroupProc::spawn(
         &cg.path.join("web"),
