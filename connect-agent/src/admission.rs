@@ -14,7 +14,11 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 /// A budget: at most `total` permits at once, and at most `per_peer` for one IP.
@@ -24,6 +28,7 @@ pub struct Budget {
     total: usize,
     per_peer: usize,
     held: Mutex<Held>,
+    log: LimitLog,
 }
 
 #[derive(Debug, Default)]
@@ -50,10 +55,10 @@ impl Refused {
     }
 
     /// Which limit refused, for logs.
-    pub fn what_limit(&self) -> &'static str {
+    pub fn what_limit(&self) -> String {
         match self {
-            Refused::Peer { .. } => "per-peer handshake budget",
-            Refused::Total { .. } => "handshake budget",
+            Refused::Peer { what, .. } => format!("{what} per peer"),
+            Refused::Total { what, .. } => (*what).to_owned(),
         }
     }
 }
@@ -73,13 +78,22 @@ impl Budget {
             total,
             per_peer: per_peer.min(total),
             held: Mutex::new(Held::default()),
+            log: LimitLog::default(),
         })
     }
 
-    /// A permit for `peer`, or why not. Never waits: a peer over its share is
-    /// turned away at once rather than queued behind itself.
+    /// A permit for `peer`, or why not (logged, rate-limited). Never waits: a
+    /// peer over its share is turned away at once rather than queued behind
+    /// itself.
     pub fn try_enter(self: &Arc<Self>, peer: IpAddr) -> Result<Permit, Refused> {
-        let peer = canonical(peer);
+        let entered = self.enter(canonical(peer));
+        if let Err(why) = &entered {
+            self.log.refused(why.what_limit(), why.max());
+        }
+        entered
+    }
+
+    fn enter(self: &Arc<Self>, peer: IpAddr) -> Result<Permit, Refused> {
         let mut held = self.lock();
         if held.total >= self.total {
             return Err(Refused::Total {
@@ -122,6 +136,44 @@ impl Drop for Permit {
             if *n == 0 {
                 held.by_peer.remove(&self.peer);
             }
+        }
+    }
+}
+
+/// Rate-limits a "limit reached" warning: the first refusal logs at once, then
+/// at most one line per [`LimitLog::EVERY`] with the count so far. Shared by the
+/// budgets here and the proxy's connection limit.
+#[derive(Debug, Default)]
+pub struct LimitLog {
+    refused: AtomicU64,
+    /// Milliseconds since `epoch` of the last line; 0 = never.
+    last_ms: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl LimitLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub fn refused(&self, limit: impl std::fmt::Display, max: usize) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let epoch = *self.epoch.get_or_init(Instant::now);
+        // +1 so that "never logged" (0) differs from "logged at the epoch".
+        let now = ms(epoch.elapsed()) + 1;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= ms(Self::EVERY);
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %limit,
+                max,
+                refused_total = refused,
+                "{limit} reached: refusing new connections until some close"
+            );
         }
     }
 }

@@ -66,13 +66,14 @@ use tokio_util::sync::CancellationToken;
 
 #[cfg(any(test, feature = "testing"))]
 pub use self::directory::MemDirectory;
-use self::{balance::Balancer, conns::Registry, metrics::LimitLog, pool::Pool, tls::TlsConfigs};
+use self::{balance::Balancer, conns::Registry, pool::Pool, tls::TlsConfigs};
 pub use self::{
     directory::EmptyDirectory,
     metrics::{Metrics, Outcome, Side},
     pool::PoolLimits,
     tls::{LeafRx, LeafSource, StaticLeaf},
 };
+use crate::admission::LimitLog;
 use crate::{
     ca::TrustBundle,
     identity::{Datacenter, ServiceName},
@@ -333,7 +334,6 @@ struct Shared {
     limit_log: LimitLog,
     /// Inbound handshakes in progress (see [`Limits::max_handshakes`]).
     handshakes: Arc<crate::admission::Budget>,
-    handshake_log: LimitLog,
     /// Spreads outbound dials over a destination's endpoints.
     outbound_lb: Balancer,
     /// Spreads inbound connections over a local service's instances.
@@ -378,7 +378,6 @@ impl Proxy {
                 parts.limits.max_handshakes,
                 parts.limits.max_handshakes_per_peer,
             ),
-            handshake_log: LimitLog::default(),
             outbound_lb: Balancer::new(balance::FAILURE_HOLD),
             inbound_lb: Balancer::new(balance::FAILURE_HOLD),
             pool,

@@ -213,12 +213,9 @@ async fn accept_loop(
                 continue;
             }
         };
-        let permit = match budget.try_enter(peer.ip()) {
-            Ok(permit) => permit,
-            Err(why) => {
-                tracing::debug!(%peer, reason = %why, "HTTPS connection refused before its handshake");
-                continue;
-            }
+        // Over the budget: closed at once (the budget logs it).
+        let Ok(permit) = budget.try_enter(peer.ip()) else {
+            continue;
         };
         let acceptor = acceptor.clone();
         let ready = ready.clone();

@@ -72,7 +72,6 @@ where
     let budget = Budget::new("API connections", bounds.connections, bounds.per_client);
     let stop = CancellationToken::new();
     let mut conns = JoinSet::new();
-    let refused = RefusalLog::default();
     tokio::pin!(shutdown);
     loop {
         let (io, peer) = tokio::select! {
@@ -81,13 +80,10 @@ where
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
-        let permit = match budget.try_enter(peer.ip()) {
-            Ok(permit) => permit,
-            Err(why) => {
-                refused.note(peer, &why);
-                drop(io);
-                continue;
-            }
+        // Over the budget: closed at once (the budget logs it).
+        let Ok(permit) = budget.try_enter(peer.ip()) else {
+            drop(io);
+            continue;
         };
         let router = router.clone();
         let stop = stop.clone();
@@ -128,30 +124,6 @@ where
         conns.shutdown().await;
     }
     Ok(())
-}
-
-/// Logs refused connections at most once per [`RefusalLog::EVERY`], with how
-/// many there were.
-#[derive(Debug, Default)]
-struct RefusalLog {
-    state: std::sync::Mutex<(Option<tokio::time::Instant>, u64)>,
-}
-
-impl RefusalLog {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    fn note(&self, peer: SocketAddr, why: &crate::admission::Refused) {
-        let mut s = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        s.1 += 1;
-        let due = s.0.is_none_or(|last| last.elapsed() >= Self::EVERY);
-        if due {
-            tracing::warn!(%peer, reason = %why, refused_total = s.1, "API connection refused");
-            s.0 = Some(tokio::time::Instant::now());
-        }
-    }
 }
 
 #[cfg(test)]

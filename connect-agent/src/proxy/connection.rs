@@ -91,10 +91,8 @@ impl<'m> Connection<'m> {
                 rec,
                 slot: Slot::Handshake(permit),
             }),
-            Err(refused) => {
-                shared
-                    .handshake_log
-                    .refused(refused.what_limit(), refused.max());
+            Err(_) => {
+                // The budget logged it.
                 rec.finish(Outcome::LimitReached);
                 None
             }

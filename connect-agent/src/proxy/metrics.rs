@@ -434,42 +434,6 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Rate-limits the "connection limit reached" warning: the first refusal logs at
-/// once, then at most one line per [`LimitLog::EVERY`] with the count since.
-#[derive(Debug, Default)]
-pub(crate) struct LimitLog {
-    refused: AtomicU64,
-    /// Milliseconds since `epoch` of the last line; 0 = never.
-    last_ms: AtomicU64,
-    epoch: std::sync::OnceLock<Instant>,
-}
-
-impl LimitLog {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    pub(crate) fn refused(&self, limit: &'static str, max: usize) {
-        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        let epoch = *self.epoch.get_or_init(Instant::now);
-        // +1 so that "never logged" (0) differs from "logged at the epoch".
-        let now = duration_ms(epoch.elapsed()) + 1;
-        let last = self.last_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= duration_ms(Self::EVERY);
-        if due
-            && self
-                .last_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(
-                limit,
-                max,
-                refused_total = refused,
-                "{limit} reached: refusing new connections until some close"
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
