@@ -61,10 +61,9 @@ pub struct DirIndex {
     cgroups: HashMap<CgroupId, ServiceName>,
     /// Instance addresses of other nodes → service.
     by_addr: HashMap<SocketAddrV4, ServiceName>,
-    /// Instance addresses of this node → service; consulted first.
-    local_by_addr: HashMap<SocketAddrV4, ServiceName>,
     /// This node's addresses (its own and its instances'): a destination there is
-    /// a local service or nothing, whatever another node's entry says.
+    /// a local service (by port, [`DirIndex::local_ports`]: a port belongs to one
+    /// service per node) or nothing, whatever another node's entry says.
     local_ips: BTreeSet<Ipv4Addr>,
     /// Local plaintext ports → service, for loopback destinations.
     local_ports: HashMap<u16, ServiceName>,
@@ -100,9 +99,7 @@ impl DirIndex {
             if let Some(SocketAddr::V4(a)) = inst.addr()
                 && inst.service.port != 0
             {
-                if local {
-                    ix.local_by_addr.insert(a, name.clone());
-                } else {
+                if !local {
                     ix.by_addr.insert(a, name.clone());
                 }
                 desired.destinations.insert((a, DestinationKind::Instance));
@@ -331,9 +328,6 @@ impl Directory for CatalogDirectory {
     /// IPs; then the instances of other nodes.
     fn destination_of(&self, OrigDst(orig_dst): OrigDst) -> Option<ServiceName> {
         let ix = self.index();
-        if let Some(n) = ix.local_by_addr.get(&orig_dst) {
-            return Some(n.clone());
-        }
         // eBPF redirects loopback connections to protected ports: a local service.
         if orig_dst.ip().is_loopback() || ix.local_ips.contains(orig_dst.ip()) {
             return ix.local_ports.get(&orig_dst.port()).cloned();
