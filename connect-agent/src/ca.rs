@@ -15,7 +15,8 @@
 //! [`CaProvider`] seam and the rcgen-based built-in provider), [`config`] (Consul's
 //! CA configuration), [`leaf`] (leaf values, CSR screening, renewal timing),
 //! [`verify`] (the validator), [`tls`] (rustls adapters), [`pki`] (encodings),
-//! [`api_cert`] (the agent's own HTTPS API certificate).
+//! [`api_cert`] (the agent's own HTTPS API certificate), [`jwt`] (JWT-SVIDs: the
+//! CA's JWT keys, signing, the JWKS, validation).
 //!
 //! Formats follow `reference/consul-connect.md` §5: roots are ECDSA P-256 (P-384 on
 //! request), CA:true, keyCertSign/cRLSign/digitalSignature, SubjectKeyId =
@@ -26,6 +27,7 @@
 
 pub mod api_cert;
 pub mod config;
+pub mod jwt;
 pub mod leaf;
 pub mod manager;
 pub mod pki;
@@ -118,6 +120,12 @@ pub enum Error {
     /// A CSR names another service than the one the request is for.
     #[error("the CSR is for service {csr:?}, not {requested:?}")]
     CsrServiceMismatch { csr: String, requested: String },
+    /// The active root has no JWT signing key and none could be made.
+    #[error("the active CA root has no JWT signing key")]
+    NoJwtKey,
+    /// A JWT-SVID request the CA refuses (the caller's audiences).
+    #[error("the JWT-SVID request is refused: {0}")]
+    JwtRequest(#[from] jwt::Rejection),
     /// The agent holds as many leaves as it may; none is idle enough to drop.
     #[error("this agent already holds {max} leaf certificates in use; refusing another")]
     TooManyLeaves { max: usize },
@@ -130,6 +138,7 @@ impl crate::fault::Blame for Error {
             Error::StateNotSettable
             | Error::CsrRefused { .. }
             | Error::CsrServiceMismatch { .. }
+            | Error::JwtRequest(_)
             | Error::NotServer { .. } => Fault::Caller,
             // A server refused this client agent's request: pass its answer on.
             Error::SignRefused { status, .. } => match status {

@@ -5,7 +5,10 @@
 //! the server over a CSR and chaining to the shared root; a leaf for a service not
 //! registered on its node is refused with a 403 that says why; the server's signing
 //! endpoint refuses a CSR without a token, with a token for another node, and for a
-//! service registered on another node.
+//! service registered on another node. The same holds for JWT-SVIDs: py-spiffe in
+//! web's cgroup on the client node gets one through the client's Workload API,
+//! signed by the server (`/v1/connect/ca/jwt-sign`, same checks), and the
+//! client validates it with the JWKS it reads from the store.
 //!
 //! Needs Debian's `etcd-server` and `etcd-client` (`etcd`, `etcdctl` on PATH),
 //! `openssl`, and the agent binary (`cargo build -p connect-agent --bin
@@ -22,6 +25,7 @@ use anyhow::{Context, Result, bail, ensure};
 use connect_tests::{
     agent::{AgentProcess, http, http_with_token, private_tempdir},
     etcd::EtcdCluster,
+    lab::{CgroupProc, TestCgroup, require_privileges},
 };
 use serde_json::{Value, json};
 
@@ -140,8 +144,22 @@ fn csr(dir: &Path, name: &str, uri: &str) -> Result<String> {
     std::fs::read_to_string(&csr).context("reading the CSR")
 }
 
+/// py-spiffe in a cgroup: a JWT-SVID for `socat`, validated by the same agent.
+const JWT: &str = r#"
+import sys
+from spiffe import WorkloadApiClient
+with WorkloadApiClient(socket_path="unix://" + sys.argv[1]) as c:
+    svid = c.fetch_jwt_svid(audience={"socat"})
+    print("id=%s" % svid.spiffe_id)
+    print("validated=%s" % c.validate_jwt_svid(svid.token, "socat").spiffe_id)
+    print("token=%s" % svid.token)
+"#;
+
 #[test]
 fn client_agent_gets_leaves_from_the_server_and_never_the_ca_key() -> Result<()> {
+    require_privileges()?;
+    let mut cg = TestCgroup::create("srvcli")?;
+    let web_cgroup = cg.child("web")?.to_owned();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -193,10 +211,15 @@ fn client_agent_gets_leaves_from_the_server_and_never_the_ca_key() -> Result<()>
     let token_file = secret_file(secrets.path(), "client-token", &client_token)?;
 
     let client_dir = private_tempdir("connect-client-")?;
+    let workload_socket = client_dir.path().join("workload.sock");
     let client = AgentProcess::start_in(
         client_dir.path(),
         &["--store", &store],
         &[
+            "--cgroup",
+            &cg.path.display().to_string(),
+            "--workload-api-socket",
+            &workload_socket.display().to_string(),
             "--etcd-user-file",
             &client_user.display().to_string(),
             "--server-addr",
@@ -293,7 +316,7 @@ fn client_agent_gets_leaves_from_the_server_and_never_the_ca_key() -> Result<()>
         &client,
         "PUT",
         "/v1/agent/service/register",
-        Some(&json!({"Name": "web", "Port": 8080})),
+        Some(&json!({"Name": "web", "Port": 8080, "cgroup": "web"})),
         Some(&root_token),
     )?;
     ok(
@@ -435,9 +458,80 @@ fn client_agent_gets_leaves_from_the_server_and_never_the_ca_key() -> Result<()>
         "signed for another ID: {signed}"
     );
 
+    // JWT-SVIDs: the endpoint's checks are the CSR's ...
+    let jwt_sign = |body: Value, token: Option<&str>| -> Result<(u16, String)> {
+        http_with_token(
+            server.http_addr,
+            "POST",
+            "/v1/connect/ca/jwt-sign",
+            Some(&body.to_string()),
+            token,
+        )
+    };
+    let (status, text) = jwt_sign(
+        json!({"Node": "client", "Service": "web", "Audience": ["socat"]}),
+        None,
+    )?;
+    ensure!(
+        status == 403,
+        "unauthenticated JWT request: {status} {text}"
+    );
+    let (status, text) = jwt_sign(
+        json!({"Node": "server", "Service": "db", "Audience": ["socat"]}),
+        Some(&client_token),
+    )?;
+    ensure!(status == 403, "JWT as another node: {status} {text}");
+    let (status, text) = jwt_sign(
+        json!({"Node": "client", "Service": "db", "Audience": ["socat"]}),
+        Some(&client_token),
+    )?;
+    ensure!(
+        status == 403 && text.contains("not registered on node"),
+        "JWT for another node's service: {status} {text}"
+    );
+    let (status, text) = jwt_sign(
+        json!({"Node": "client", "Service": "web", "Audience": []}),
+        Some(&client_token),
+    )?;
+    ensure!(status == 400, "JWT without audience: {status} {text}");
+    // ... and through the client's Workload API, py-spiffe in web's cgroup gets
+    // one that the server signed and the client validates.
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv/bin/python3");
+    ensure!(
+        python.is_file(),
+        "{} is missing: `cargo xtask test` creates the venv with py-spiffe",
+        python.display()
+    );
+    let (code, out, err) = CgroupProc::spawn(
+        &web_cgroup,
+        &python.to_string_lossy(),
+        &["-c", JWT, &workload_socket.to_string_lossy()],
+    )?
+    .output(Duration::from_secs(30))?;
+    ensure!(
+        code == 0 && out.contains(&format!("id={web_uri}")),
+        "JWT-SVID through the client agent ({code}): {out}\n{err}\n{}",
+        client.log()
+    );
+    ensure!(
+        out.contains(&format!("validated={web_uri}")),
+        "the client validates it: {out}"
+    );
+    ensure!(
+        server
+            .log()
+            .contains("signed a JWT-SVID for a client agent"),
+        "the server did not sign the client's JWT-SVID:\n{}",
+        server.log()
+    );
+
     // Neither credential nor token reached a log.
     for (who, log) in [("server", server.log()), ("client", client.log())] {
-        for secret in [SERVER_USER.1, CLIENT_USER.1, client_token.as_str()] {
+        let jwt = out
+            .lines()
+            .find_map(|l| l.strip_prefix("token="))
+            .context("no token printed")?;
+        for secret in [SERVER_USER.1, CLIENT_USER.1, client_token.as_str(), jwt] {
             if log.contains(secret) {
                 bail!("the {who} agent logged a secret");
             }

@@ -417,3 +417,128 @@ fn a_watch_gets_the_new_bundle_then_a_leaf_of_the_new_root_after_a_rotation() ->
     );
     Ok(())
 }
+
+/// py-spiffe's JWT calls: fetch a JWT-SVID for `socat`, have the agent validate
+/// it, validate it locally against the JWKS the agent publishes (PyJWT checks
+/// our signature), and try the rejected cases; prints one line per result.
+const JWT: &str = r#"
+import sys, time, json, base64
+from spiffe import WorkloadApiClient, JwtSvid
+from spiffe.errors import PySpiffeError
+def b64d(s): return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+def b64e(b): return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+with WorkloadApiClient(socket_path="unix://" + sys.argv[1]) as c:
+    try:
+        svid = c.fetch_jwt_svid(audience={"socat"})
+    except PySpiffeError as e:
+        print("fetch_error=%s" % e)
+        try:
+            c.fetch_jwt_bundles()
+            print("bundles=served")
+        except PySpiffeError as e:
+            print("bundles_error=%s" % e)
+        sys.exit(0)
+    print("id=%s" % svid.spiffe_id)
+    print("aud=%s" % ",".join(sorted(svid.audience)))
+    print("ttl=%d" % (svid.expiry - time.time()))
+    print("validated=%s" % c.validate_jwt_svid(svid.token, "socat").spiffe_id)
+    bundle = c.fetch_jwt_bundles().get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+    print("local=%s" % JwtSvid.parse_and_validate(svid.token, bundle, {"socat"}).spiffe_id)
+    h, p, s = svid.token.split(".")
+    claims = json.loads(b64d(p))
+    claims["sub"] = claims["sub"].replace("/svc/web", "/svc/socat")
+    sig = bytearray(b64d(s)); sig[5] ^= 1
+    for name, aud, tok in [("other", "other", svid.token),
+                           ("tampered", "socat", ".".join([h, b64e(json.dumps(claims).encode()), s])),
+                           ("flipped", "socat", ".".join([h, p, b64e(bytes(sig))]))]:
+        try:
+            c.validate_jwt_svid(tok, aud)
+            print("%s=accepted" % name)
+        except PySpiffeError as e:
+            print("%s=rejected" % name)
+            print("%s_reason=%s" % (name, e))
+"#;
+
+/// JWT-SVIDs through py-spiffe: web gets a token whose `sub` is its SPIFFE ID and
+/// `aud` is `socat`, living the default 5 minutes, that the agent validates and
+/// that PyJWT validates with the published JWKS; the agent rejects it for
+/// audience `other`, with a changed claim and with a changed signature. Outside
+/// every service's cgroup every JWT call is PERMISSION_DENIED.
+#[test]
+fn py_spiffe_fetches_and_validates_jwt_svids_and_forgeries_are_rejected() -> Result<()> {
+    require_privileges()?;
+    let python = venv_python()?;
+    // `dir` holds the socket: bound, not dropped.
+    let Setup {
+        cg,
+        dir: _dir,
+        socket,
+        agent,
+    } = Setup::start("wljwt", &["nobody"])?;
+    let out =
+        run_in(Some(&cg.path.join("web")), &python, JWT, &socket).with_context(|| agent.log())?;
+    let id = field(&out, "id=").with_context(|| format!("no JWT-SVID: {out}\n{}", agent.log()))?;
+    ensure!(id.ends_with("/ns/default/dc/dc1/svc/web"), "sub: {out}");
+    ensure!(field(&out, "aud=") == Some("socat"), "aud: {out}");
+    let ttl: i64 = field(&out, "ttl=").context("ttl")?.parse()?;
+    ensure!((280..=300).contains(&ttl), "5 minutes by default: {out}");
+    ensure!(
+        field(&out, "validated=") == Some(id),
+        "agent validation: {out}"
+    );
+    ensure!(field(&out, "local=") == Some(id), "PyJWT + JWKS: {out}");
+    for case in ["other", "tampered", "flipped"] {
+        ensure!(
+            field(&out, &format!("{case}=")) == Some("rejected"),
+            "{case}: {out}"
+        );
+    }
+    ensure!(
+        field(&out, "other_reason=").is_some_and(|r| r.contains("audience")),
+        "the reason names the audience: {out}"
+    );
+    for (where_, cgroup) in [
+        ("a cgroup no service names", Some(cg.path.join("nobody"))),
+        ("outside --cgroup", None),
+    ] {
+        let out = run_in(cgroup.as_deref(), &python, JWT, &socket)?;
+        ensure!(
+            field(&out, "id=").is_none(),
+            "{where_} got a JWT-SVID: {out}"
+        );
+        ensure!(
+            field(&out, "fetch_error=")
+                .is_some_and(|e| e.contains("PERMISSION_DENIED") || e.contains("no identity")),
+            "{where_}: {out}"
+        );
+        ensure!(
+            field(&out, "bundles_error=").is_some(),
+            "{where_} got the JWT bundles: {out}"
+        );
+    }
+    // The configured lifetime applies to tokens signed next.
+    let (status, text) = connect_tests::agent::http(
+        agent.http_addr,
+        "PUT",
+        "/v1/connect/ca/configuration",
+        Some(&json!({"Provider": "consul", "Config": {"JWTSVIDTTL": "90s"}}).to_string()),
+    )?;
+    ensure!(status == 200, "CA configuration: {status} {text}");
+    let script = JWT.replace("audience={\"socat\"}", "audience={\"socat\", \"db\"}");
+    let out = run_in(Some(&cg.path.join("web")), &python, &script, &socket)?;
+    let ttl: i64 = field(&out, "ttl=").context("ttl")?.parse()?;
+    ensure!((70..=90).contains(&ttl), "JWTSVIDTTL 90s: {out}");
+    ensure!(field(&out, "aud=") == Some("db,socat"), "aud: {out}");
+    let (_, metrics) = connect_tests::agent::http(
+        agent.http_addr,
+        "GET",
+        "/v1/agent/metrics?format=prometheus",
+        None,
+    )?;
+    ensure!(
+        metrics.contains("connect_workload_api_jwt_validations_total{result=\"valid\"} 2")
+            && metrics.contains("connect_workload_api_jwt_validations_total{result=\"invalid\"} 6"),
+        "validations counted:\n{metrics}"
+    );
+    Ok(())
+}

@@ -58,6 +58,17 @@ fn workload_metrics(agent: &Agent, out: &mut String) {
     ] {
         let _ = writeln!(out, "{name}{{decision=\"{decision}\"}} {value}");
     }
+    let name = "connect_workload_api_jwt_validations_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} ValidateJWTSVID answers by result.\n# TYPE {name} counter"
+    );
+    for (result, value) in [
+        ("valid", c.jwt_valid.load(Relaxed)),
+        ("invalid", c.jwt_invalid.load(Relaxed)),
+    ] {
+        let _ = writeln!(out, "{name}{{result=\"{result}\"}} {value}");
+    }
 }
 
 fn vip_metrics(agent: &Agent, out: &mut String) {

@@ -1,8 +1,8 @@
 //! HTTP routes of the `ca` area (reference §2.1, §2.2, §2.4, §2.5):
 //! `GET /v1/agent/connect/ca/roots`, `GET /v1/agent/connect/ca/leaf/:service`,
 //! `GET /v1/connect/ca/roots`, `GET|PUT /v1/connect/ca/configuration`, and
-//! `POST /v1/connect/ca/sign` (server agents sign client agents' CSRs; see
-//! [`crate::ca::remote`]).
+//! `POST /v1/connect/ca/sign` and `POST /v1/connect/ca/jwt-sign` (server agents
+//! sign client agents' CSRs and JWT-SVIDs; see [`crate::ca::remote`]).
 //!
 //! Everything is read from the CA manager's in-memory snapshot and leaf cache;
 //! blocking reads wake on the manager's change watches. The JSON types here are
@@ -35,7 +35,9 @@ use crate::{
     acl::Caller,
     ca::{
         self, CaState, Leaf,
-        remote::{SIGN_PATH, SignRequest, SignResponse},
+        remote::{
+            JWT_SIGN_PATH, JwtSignRequest, JwtSignResponse, SIGN_PATH, SignRequest, SignResponse,
+        },
     },
     identity::ServiceName,
 };
@@ -54,6 +56,7 @@ pub fn routes() -> Router<ApiState> {
             get(get_configuration).put(put_configuration),
         )
         .route(SIGN_PATH, post(sign))
+        .route(JWT_SIGN_PATH, post(jwt_sign))
 }
 
 /// `IndexedCARoots`.
@@ -273,9 +276,49 @@ async fn sign(
     authz: Authz,
     Json(body): Json<SignRequest>,
 ) -> Result<Response, Error> {
+    let service = client_node_service(&agent, &authz, &body.node, &body.service, "leaves").await?;
+    let issued = agent.ca.sign_csr_for(body.csr.as_bytes(), &service)?;
+    tracing::info!(node = %body.node, %service, serial = %issued.serial_hex(), "signed a leaf for a client agent");
+    Ok(axum::Json(SignResponse {
+        serial_number: issued.serial_hex(),
+        cert_pem: issued.cert_pem.clone(),
+        service: issued.service.to_string(),
+        service_uri: issued.spiffe_id.to_string(),
+        root_id: issued.root_id.clone(),
+    })
+    .into_response())
+}
+
+/// `POST /v1/connect/ca/jwt-sign`: a server agent signs a JWT-SVID for a
+/// service registered on the client's node (the same checks as a CSR's).
+async fn jwt_sign(
+    State(agent): State<ApiState>,
+    authz: Authz,
+    Json(body): Json<JwtSignRequest>,
+) -> Result<Response, Error> {
+    let service =
+        client_node_service(&agent, &authz, &body.node, &body.service, "JWT-SVIDs").await?;
+    let svid = agent.ca.jwt_svid(&service, &body.audience).await?;
+    tracing::info!(node = %body.node, %service, audience = ?svid.audience, "signed a JWT-SVID for a client agent");
+    Ok(axum::Json(JwtSignResponse {
+        token: svid.token.clone(),
+    })
+    .into_response())
+}
+
+/// The checks of signing for a client agent: this is a server, the caller's
+/// real token holds `node:write` on `node`, and `service` is registered on
+/// `node`. Returns the service.
+async fn client_node_service(
+    agent: &ApiState,
+    authz: &Authz,
+    node: &str,
+    service: &str,
+    what: &str,
+) -> Result<ServiceName, Error> {
     if !agent.ca.is_server() {
         return Err(Error::BadRequest(
-            "this is a client agent, which never holds the CA key: send the CSR to a server agent"
+            "this is a client agent, which never holds the CA key: send the request to a server agent"
                 .to_owned(),
         ));
     }
@@ -295,29 +338,18 @@ async fn sign(
             ));
         }
     }
-    authz.require(Right::NodeWrite(&body.node))?;
-    let service: ServiceName = body
-        .service
+    authz.require(Right::NodeWrite(node))?;
+    let service: ServiceName = service
         .parse()
         .map_err(|e: crate::identity::Error| Error::BadRequest(e.to_string()))?;
-    if !registered_on(&agent, &body.node, &service).await {
-        tracing::info!(node = %body.node, %service, "refused to sign: service not registered on the node");
+    if !registered_on(agent, node, &service).await {
+        tracing::info!(%node, %service, what, "refused to sign: service not registered on the node");
         return Err(Error::Forbidden(format!(
-            "service {:?} is not registered on node {:?}: a client agent gets leaves only for its own services",
+            "service {:?} is not registered on node {node:?}: a client agent gets {what} only for its own services",
             service.to_string(),
-            body.node
         )));
     }
-    let issued = agent.ca.sign_csr_for(body.csr.as_bytes(), &service)?;
-    tracing::info!(node = %body.node, %service, serial = %issued.serial_hex(), "signed a leaf for a client agent");
-    Ok(axum::Json(SignResponse {
-        serial_number: issued.serial_hex(),
-        cert_pem: issued.cert_pem.clone(),
-        service: issued.service.to_string(),
-        service_uri: issued.spiffe_id.to_string(),
-        root_id: issued.root_id.clone(),
-    })
-    .into_response())
+    Ok(service)
 }
 
 /// Whether the catalog lists `service` on `node`, waiting (bounded) for this

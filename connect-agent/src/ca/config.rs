@@ -29,6 +29,14 @@ pub const DEFAULT_ROOT_CERT_TTL: Duration = Duration::from_secs(87600 * 3600);
 pub const MIN_LEAF_CERT_TTL: Duration = Duration::from_secs(3600);
 /// Consul's upper bound on LeafCertTTL (one year).
 pub const MAX_LEAF_CERT_TTL: Duration = Duration::from_secs(8760 * 3600);
+/// JWT-SVID lifetime when none is configured (`JWTSVIDTTL`; not a Consul
+/// setting: Consul has no JWT-SVIDs). Short, because a bearer token cannot be
+/// revoked: SPIRE's default is 5 minutes too.
+pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(5 * 60);
+/// Bounds of `JWTSVIDTTL`: long enough to outlast the validators' clock skew,
+/// short enough to stay a short-lived token.
+pub const MIN_JWT_SVID_TTL: Duration = Duration::from_secs(60);
+pub const MAX_JWT_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Consul's CSR rate default (echoed; signing is local to each agent here).
 pub const DEFAULT_CSR_MAX_PER_SECOND: f64 = 50.0;
 
@@ -74,6 +82,8 @@ pub struct CaConfig {
     pub rotation_period: Duration,
     pub intermediate_cert_ttl: Duration,
     pub root_cert_ttl: Duration,
+    /// Lifetime of JWT-SVIDs (`JWTSVIDTTL`).
+    pub jwt_svid_ttl: Duration,
     pub key_type: KeyType,
     /// A CA key the operator supplied (`PrivateKey`); `None` = the CA generates one.
     pub private_key: Option<SecretPem>,
@@ -104,6 +114,7 @@ impl Default for CaConfig {
             rotation_period: DEFAULT_ROTATION_PERIOD,
             intermediate_cert_ttl: DEFAULT_INTERMEDIATE_CERT_TTL,
             root_cert_ttl: DEFAULT_ROOT_CERT_TTL,
+            jwt_svid_ttl: DEFAULT_JWT_SVID_TTL,
             key_type: KeyType::EcP256,
             private_key: None,
             csr_max_per_second: DEFAULT_CSR_MAX_PER_SECOND,
@@ -190,6 +201,7 @@ impl CaConfig {
                     c.intermediate_cert_ttl = as_duration("IntermediateCertTTL", v)?
                 }
                 "rootcertttl" => c.root_cert_ttl = as_duration("RootCertTTL", v)?,
+                "jwtsvidttl" => c.jwt_svid_ttl = as_duration("JWTSVIDTTL", v)?,
                 "privatekeytype" => {
                     key_type_name = Some(
                         v.as_str()
@@ -283,6 +295,16 @@ impl CaConfig {
                 ),
             );
         }
+        if !(MIN_JWT_SVID_TTL..=MAX_JWT_SVID_TTL).contains(&self.jwt_svid_ttl) {
+            return bad(
+                "JWTSVIDTTL",
+                format!(
+                    "JWT-SVID TTL must be between {} and {}",
+                    duration::format(MIN_JWT_SVID_TTL),
+                    duration::format(MAX_JWT_SVID_TTL)
+                ),
+            );
+        }
         if !(self.csr_max_per_second.is_finite() && self.csr_max_per_second >= 0.0) {
             return bad(
                 "CSRMaxPerSecond",
@@ -324,11 +346,12 @@ impl CaConfig {
         let present = |m: &Map<String, Value>, key: &str| {
             m.keys().any(|k| normalize_key(k) == normalize_key(key))
         };
-        let defaults: [(&str, Value); 7] = [
+        let defaults: [(&str, Value); 8] = [
             ("LeafCertTTL", go_dur(self.leaf_cert_ttl)),
             ("RotationPeriod", go_dur(self.rotation_period)),
             ("IntermediateCertTTL", go_dur(self.intermediate_cert_ttl)),
             ("RootCertTTL", go_dur(self.root_cert_ttl)),
+            ("JWTSVIDTTL", go_dur(self.jwt_svid_ttl)),
             ("PrivateKeyType", Value::from(self.key_type.type_name())),
             ("PrivateKeyBits", Value::from(self.key_type.bits())),
             ("CSRMaxPerSecond", go_number(self.csr_max_per_second)),
@@ -451,6 +474,18 @@ mod tests {
         assert_eq!(m["PrivateKeyType"], json!("ec"));
         assert_eq!(m["PrivateKeyBits"], json!(256));
         assert_eq!(m["CSRMaxPerSecond"], json!(50));
+        assert_eq!(c.jwt_svid_ttl, DEFAULT_JWT_SVID_TTL);
+        assert_eq!(m["JWTSVIDTTL"], json!("5m0s"));
+    }
+
+    #[test]
+    fn the_jwt_svid_ttl_is_configurable_within_bounds() {
+        let c = CaConfig::from_request(&json!({"Config": {"jwt_svid_ttl": "90s"}})).expect("valid");
+        assert_eq!(c.jwt_svid_ttl, Duration::from_secs(90));
+        for bad in ["59s", "25h"] {
+            let e = CaConfig::from_request(&json!({"Config": {"JWTSVIDTTL": bad}})).expect_err(bad);
+            assert!(e.to_string().contains("JWT-SVID TTL"), "{e}");
+        }
     }
 
     #[test]

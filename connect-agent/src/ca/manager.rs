@@ -9,6 +9,7 @@
 //! when the manager is dropped.
 
 mod follow;
+mod jwts;
 mod leaves;
 
 use std::{
@@ -104,6 +105,8 @@ struct Inner {
     leaf_changes: watch::Sender<Index>,
     leaf_index: AtomicU64,
     leaves: Mutex<HashMap<ServiceName, LeafEntry>>,
+    /// JWT-SVIDs kept for reuse ([`jwts`]).
+    jwts: Mutex<HashMap<jwts::JwtKey, Arc<super::jwt::JwtSvid>>>,
 }
 
 impl Drop for CaManager {
@@ -201,7 +204,13 @@ impl CaManager {
             leaf_changes,
             leaf_index: AtomicU64::new(0),
             leaves: Mutex::new(HashMap::new()),
+            jwts: Mutex::new(HashMap::new()),
         });
+        if server && let Err(error) = inner.ensure_jwt_key().await {
+            // Not fatal: X.509 identities work without it, and the first
+            // JWT-SVID request tries again.
+            tracing::warn!(%error, "cannot make the JWT signing key of the active CA root");
+        }
         let records = Records {
             inner: inner.clone(),
             records: Mutex::new(BTreeMap::new()),
@@ -252,6 +261,17 @@ impl CaManager {
     /// renewed in the background while anyone uses it.
     pub async fn leaf(&self, service: &ServiceName) -> Result<LeafWatch, Error> {
         self.inner.leaf(service).await
+    }
+
+    /// A JWT-SVID of `service` for `audience`: `sub` is the service's SPIFFE ID,
+    /// signed by the active root's JWT key (by a server agent on a client), and
+    /// reused while more than half its lifetime (`JWTSVIDTTL`) is left.
+    pub async fn jwt_svid(
+        &self,
+        service: &ServiceName,
+        audience: &[String],
+    ) -> Result<Arc<super::jwt::JwtSvid>, Error> {
+        self.inner.jwt_svid(service, audience).await
     }
 
     /// Whether this agent holds the CA's keys (a server agent).

@@ -7,6 +7,8 @@
 //! ([`SIGN_PATH`]) and keeps the key; only the certificate travels back. The server
 //! signs only if the requesting node's token holds `node:write` on that node and
 //! the service is registered on that node in the catalog (`api::ca`).
+//! JWT-SVIDs travel the same way ([`JWT_SIGN_PATH`]): the server signs, the
+//! client checks the token against the bundle's JWT keys before handing it out.
 //!
 //! Authentication: an ACL token (`--agent-token-file`), sent as `X-Consul-Token`.
 //! The alternative, mTLS with a certificate naming the node, needs a node
@@ -37,11 +39,12 @@ use std::{
 
 use rcgen::{CertificateParams, KeyPair, PublicKeyData};
 use rustls::pki_types::{CertificateDer, UnixTime};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::{
     Error,
+    jwt::{self, JwtSvid},
     leaf::IssuedCert,
     pki,
     state::{CaState, cert_facts},
@@ -51,6 +54,8 @@ use crate::identity::SpiffeId;
 
 /// The signing endpoint of server agents.
 pub const SIGN_PATH: &str = "/v1/connect/ca/sign";
+/// The JWT-SVID endpoint of server agents (same authentication and checks).
+pub const JWT_SIGN_PATH: &str = "/v1/connect/ca/jwt-sign";
 /// Bound of one signing request to one server.
 pub const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -81,6 +86,25 @@ pub struct SignResponse {
     /// The root that signed it.
     #[serde(rename = "RootID")]
     pub root_id: String,
+}
+
+/// Body of `POST /v1/connect/ca/jwt-sign`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct JwtSignRequest {
+    /// The requesting node; the token must hold `node:write` on it.
+    pub node: String,
+    /// The service the token is for; it must be registered on `node`.
+    pub service: String,
+    pub audience: Vec<String>,
+}
+
+/// Answer of `POST /v1/connect/ca/jwt-sign`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct JwtSignResponse {
+    /// The JWT-SVID, compact JWS.
+    pub token: String,
 }
 
 /// Where a client agent sends its CSRs, and as whom.
@@ -195,6 +219,55 @@ impl RemoteSigner {
             service: id.service.to_string(),
             csr: csr_pem,
         };
+        let resp: SignResponse = self.call(state, SIGN_PATH, &body).await?;
+        self.accept(state, id, key, resp)
+    }
+
+    /// Has a server sign a JWT-SVID for `id` and `audience`. The answer is
+    /// checked before it is used: signed by a key of `state`'s bundle, for `id`
+    /// and for each of the audiences.
+    pub async fn sign_jwt(
+        &self,
+        state: &CaState,
+        id: &SpiffeId,
+        audience: &[String],
+    ) -> Result<JwtSvid, Error> {
+        let body = JwtSignRequest {
+            node: self.node.clone(),
+            service: id.service.to_string(),
+            audience: audience.to_vec(),
+        };
+        let resp: JwtSignResponse = self.call(state, JWT_SIGN_PATH, &body).await?;
+        let bad = |reason: String| Error::BadCertificate {
+            what: "JWT-SVID signed by the server agent",
+            reason,
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut expires_at = None;
+        for a in audience {
+            let v = jwt::validate(&resp.token, a, &state.jwt_keys, &state.trust_domain, now)
+                .map_err(|e| bad(e.to_string()))?;
+            if v.spiffe_id != *id {
+                return Err(bad(format!("it is for {}, not {id}", v.spiffe_id)));
+            }
+            expires_at = v.claims.get("exp").and_then(serde_json::Value::as_i64);
+        }
+        Ok(JwtSvid {
+            token: resp.token,
+            spiffe_id: id.clone(),
+            audience: audience.to_vec(),
+            expires_at: expires_at.ok_or_else(|| bad("no audience was asked".to_owned()))?,
+        })
+    }
+
+    /// POSTs `body` to `path` of each server in turn until one answers: a
+    /// transport failure or a 5xx moves on, a 4xx is the answer.
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        state: &CaState,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, Error> {
         let mut failures = Vec::new();
         let servers = self.candidates();
         if servers.is_empty() {
@@ -203,8 +276,8 @@ impl RemoteSigner {
             });
         }
         for server in &servers {
-            match self.post(state, server, &body).await {
-                Ok(resp) => return self.accept(state, id, key, resp),
+            match self.post(state, server, path, body).await {
+                Ok(resp) => return Ok(resp),
                 Err(Attempt::Refused { status, message }) => {
                     return Err(Error::SignRefused {
                         server: server.clone(),
@@ -223,12 +296,13 @@ impl RemoteSigner {
         })
     }
 
-    async fn post(
+    async fn post<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         state: &CaState,
         server: &str,
-        body: &SignRequest,
-    ) -> Result<SignResponse, Attempt> {
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, Attempt> {
         let https = server.starts_with("https://");
         let mut builder = reqwest::Client::builder()
             .timeout(SIGN_TIMEOUT)
@@ -247,7 +321,7 @@ impl RemoteSigner {
         let client = builder
             .build()
             .map_err(|e| Attempt::Failed(format!("cannot build an HTTP client: {e}")))?;
-        let mut req = client.post(format!("{server}{SIGN_PATH}")).json(body);
+        let mut req = client.post(format!("{server}{path}")).json(body);
         if let Some(token) = &self.token {
             req = req.header("X-Consul-Token", token);
         }
@@ -270,7 +344,7 @@ impl RemoteSigner {
                 message.chars().take(512).collect::<String>()
             )));
         }
-        resp.json::<SignResponse>()
+        resp.json::<Resp>()
             .await
             .map_err(|e| Attempt::Failed(format!("unreadable answer: {e}")))
     }

@@ -2,8 +2,10 @@
 //! snapshot ([`CaState`]) built from them.
 //!
 //! Keys: `ca/cluster` (cluster id, trust domain), `ca/config` (the configuration
-//! document), `ca/roots/<hex id>` (one record per root, public), and
-//! `secrets/ca/keys/<hex id>` (that root's private key, PKCS#8 PEM). The keys live
+//! document), `ca/roots/<hex id>` (one record per root, public),
+//! `secrets/ca/keys/<hex id>` (that root's private key, PKCS#8 PEM), and each
+//! root's JWT signing key, `ca/jwt/<hex id>` and `secrets/ca/keys/jwt/<hex id>`
+//! ([`super::jwt`]). The keys live
 //! outside `ca/` on purpose: on etcd, [`SECRETS_PREFIX`] is the one range that the
 //! `connect-client` role cannot read, so client agents list and watch `ca/` (the
 //! trust bundle) without touching a key. Stores written before this layout kept the
@@ -25,6 +27,7 @@ use x509_parser::{
 use super::{
     Error,
     config::{CaConfig, ConfigDocument},
+    jwt::{self, JwtKey, JwtKeyRecord, JwtSigner},
     pki,
     provider::{CaProvider, GeneratedRoot, Signer},
     verify::TrustBundle,
@@ -171,6 +174,11 @@ pub struct CaState {
     active: usize,
     /// The active root's signer: only on agents that may read the keys (servers).
     signer: Option<Arc<dyn Signer>>,
+    /// The JWT keys of the listed roots (the JWKS), oldest root first.
+    pub jwt_keys: Vec<JwtKey>,
+    /// The active root's JWT signer (servers only; `None` also while a store
+    /// written before JWT keys has none for the active root yet).
+    jwt_signer: Option<Arc<JwtSigner>>,
 }
 
 impl std::fmt::Debug for CaState {
@@ -194,6 +202,23 @@ impl CaState {
     /// the CA's keys and sends CSRs to a server agent instead).
     pub fn signer(&self) -> Option<&Arc<dyn Signer>> {
         self.signer.as_ref()
+    }
+
+    /// The active root's JWT signer (server agents only).
+    pub fn jwt_signer(&self) -> Option<&Arc<JwtSigner>> {
+        self.jwt_signer.as_ref()
+    }
+
+    /// Whether the active root has a JWT key (stores written before JWT-SVIDs
+    /// have none until a server adds it, see [`jwt_key_txn`]).
+    pub fn active_has_jwt_key(&self) -> bool {
+        let id = self.active_root().id();
+        self.jwt_keys.iter().any(|k| k.record.root_id == id)
+    }
+
+    /// The JWKS of this trust domain: every listed root's JWT key.
+    pub fn jwks(&self) -> Vec<u8> {
+        jwt::jwks(&self.jwt_keys)
     }
 
     /// The cross-signed certificates to send after a leaf of the active root: those
@@ -262,6 +287,46 @@ impl CaState {
                 Some(provider.signer(&roots[active].cert_der, &key_pem)?)
             }
         };
+        let mut jwt_keys = Vec::new();
+        for kv in listing
+            .items
+            .iter()
+            .filter(|kv| kv.key.starts_with(jwt::JWT_PREFIX))
+        {
+            let record: JwtKeyRecord = decode(kv)?;
+            // A key outlives its root only between two transactions' reads.
+            if roots.iter().any(|r| r.id() == record.root_id) {
+                jwt_keys.push(JwtKey::from_record(record).map_err(|e| corrupt(&kv.key, e))?);
+            }
+        }
+        jwt_keys.sort_by_key(|k| {
+            roots
+                .iter()
+                .position(|r| r.id() == k.record.root_id)
+                .unwrap_or(usize::MAX)
+        });
+        let active_id = roots[active].id();
+        let jwt_signer = match (
+            keys,
+            jwt_keys.iter().find(|k| k.record.root_id == active_id),
+        ) {
+            (Some(keys), Some(public)) => {
+                let key_key = jwt::private_key_key(active_id);
+                let kv = keys
+                    .items
+                    .iter()
+                    .find(|kv| kv.key == key_key)
+                    .ok_or_else(|| corrupt(&key_key, "it is missing"))?;
+                let pem = super::config::SecretPem(
+                    String::from_utf8(kv.value.clone())
+                        .map_err(|_| corrupt(&kv.key, "not UTF-8"))?,
+                );
+                Some(Arc::new(
+                    JwtSigner::new(public, &pem).map_err(|e| corrupt(&key_key, e))?,
+                ))
+            }
+            _ => None,
+        };
         let roots_index = roots.iter().map(|r| r.modify_index).max().unwrap_or(0);
         let bundle = TrustBundle::new(
             cluster.trust_domain.clone(),
@@ -282,8 +347,31 @@ impl CaState {
             bundle: Arc::new(bundle),
             active,
             signer,
+            jwt_keys,
+            jwt_signer,
         }))
     }
+}
+
+/// Adds `txn`'s writes of a new JWT key for the root `root_id`.
+fn with_jwt_key(txn: Txn, root_id: &str) -> Result<Txn, Error> {
+    let key = jwt::generate(root_id)?;
+    Ok(txn
+        .put(jwt::public_key_key(root_id), encode(&key.record)?)
+        .put(
+            jwt::private_key_key(root_id),
+            key.key_pem.0.clone().into_bytes(),
+        ))
+}
+
+/// Gives the active root of a store written before JWT-SVIDs its JWT key, if no
+/// other server did so first.
+pub fn jwt_key_txn(current: &CaState) -> Result<Txn, Error> {
+    let id = current.active_root().id();
+    with_jwt_key(
+        Txn::new().when(Compare::Absent(jwt::public_key_key(id))),
+        id,
+    )
 }
 
 /// The first-start transaction: cluster identity, default configuration and the
@@ -298,7 +386,7 @@ pub fn bootstrap_txn(
         trust_domain: TrustDomain::for_cluster(&cluster_id),
     };
     let record = RootRecord::new(root, &[]);
-    Ok(Txn::new()
+    let txn = Txn::new()
         .when(Compare::Absent(CLUSTER_KEY.to_owned()))
         .put(CLUSTER_KEY, encode(&cluster)?)
         .put(CONFIG_KEY, encode(&config.to_document())?)
@@ -306,7 +394,8 @@ pub fn bootstrap_txn(
         .put(
             private_key_key(&record.id),
             root.key_pem.0.clone().into_bytes(),
-        ))
+        );
+    with_jwt_key(txn, &record.id)
 }
 
 /// The rotation transaction: the configuration, the old root marked inactive, the
@@ -324,14 +413,15 @@ pub fn rotation_txn(
     old_record.active = false;
     old_record.rotated_out_at = Some(now.unix_timestamp());
     let new_record = RootRecord::new(new_root, std::slice::from_ref(cross_signed));
-    Ok(config_txn(current, next)?
+    let txn = config_txn(current, next)?
         .when(Compare::ModIndex(root_key(old.id()), old.modify_index))
         .put(root_key(old.id()), encode(&old_record)?)
         .put(root_key(&new_record.id), encode(&new_record)?)
         .put(
             private_key_key(&new_record.id),
             new_root.key_pem.0.clone().into_bytes(),
-        ))
+        );
+    with_jwt_key(txn, &new_record.id)
 }
 
 /// A configuration change that keeps the root.
@@ -360,7 +450,9 @@ pub fn prune_txn(current: &CaState, dead: &[&Root]) -> Result<Txn, Error> {
             .when(Compare::ModIndex(root_key(r.id()), r.modify_index))
             .delete(root_key(r.id()))
             .delete(private_key_key(r.id()))
-            .delete(legacy_private_key_key(r.id()));
+            .delete(legacy_private_key_key(r.id()))
+            .delete(jwt::public_key_key(r.id()))
+            .delete(jwt::private_key_key(r.id()));
     }
     Ok(txn)
 }

@@ -692,3 +692,175 @@ async fn rustls_handshake_with_the_verifiers() {
     assert!(err.to_string().contains("Mismatch"), "{err}");
     assert!(server.await.expect("server task"), "server saw the failure");
 }
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+#[tokio::test]
+async fn jwt_keys_rotate_with_the_roots_and_old_tokens_validate_while_their_root_is_listed() {
+    let store = MemStore::new();
+    let ca = start(&store).await;
+    let peer = start(&store).await;
+    let before = ca.state();
+    assert_eq!(before.jwt_keys.len(), 1, "the first root has its JWT key");
+    assert!(before.active_has_jwt_key());
+    let aud = vec!["socat".to_owned()];
+    let old = ca.jwt_svid(&svc("web"), &aud).await.expect("jwt");
+    assert_eq!(old.spiffe_id.service, svc("web"));
+    // Reused while more than half its lifetime is left, whatever the order and
+    // repetition of the audiences asked.
+    let again = ca.jwt_svid(&svc("web"), &aud).await.expect("jwt");
+    assert_eq!(again.token, old.token);
+    let two = ca
+        .jwt_svid(&svc("web"), &["socat".to_owned(), "db".to_owned()])
+        .await
+        .expect("jwt");
+    let two_again = ca
+        .jwt_svid(
+            &svc("web"),
+            &["db".to_owned(), "socat".to_owned(), "db".to_owned()],
+        )
+        .await
+        .expect("jwt");
+    assert_eq!(two.token, two_again.token);
+    assert_ne!(two.token, old.token);
+    let lifetime = old.expires_at - now_unix();
+    assert!(
+        (290..=300).contains(&lifetime),
+        "5 minutes by default: {lifetime}"
+    );
+    // Bad audiences are the caller's fault.
+    let e = ca
+        .jwt_svid(&svc("web"), &[])
+        .await
+        .expect_err("no audience");
+    assert!(matches!(e, Error::JwtRequest(_)), "{e}");
+
+    ca.set_config(
+        CaConfig::from_request(
+            &json!({"Provider": "consul", "Config": {"PrivateKeyBits": 384, "JWTSVIDTTL": "2m"}}),
+        )
+        .expect("config"),
+    )
+    .await
+    .expect("rotate");
+    let after = ca.state();
+    assert_eq!(
+        after.jwt_keys.len(),
+        2,
+        "old and new root's keys are listed"
+    );
+    assert_eq!(
+        after.jwt_keys[1].record.root_id,
+        after.active_root().id(),
+        "the new root's key is last"
+    );
+    jwt::validate(
+        &old.token,
+        "socat",
+        &after.jwt_keys,
+        &after.trust_domain,
+        now_unix(),
+    )
+    .expect("a token of the old key validates while its root is listed");
+    // New tokens come from the new key, with the new lifetime; the cache does not
+    // hand out the old one for longer than half of the new lifetime.
+    let new = ca
+        .jwt_svid(&svc("web"), &["other".to_owned()])
+        .await
+        .expect("jwt");
+    let kid_of = |t: &str| -> String {
+        use base64::Engine;
+        let h = t.split('.').next().expect("header");
+        let h = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(h)
+            .expect("b64");
+        let v: serde_json::Value = serde_json::from_slice(&h).expect("json");
+        v["kid"].as_str().expect("kid").to_owned()
+    };
+    assert_eq!(kid_of(&new.token), after.jwt_keys[1].record.key_id);
+    assert_eq!(kid_of(&old.token), after.jwt_keys[0].record.key_id);
+    assert!(new.expires_at - now_unix() <= 120);
+    // The other agent follows: its JWKS has both keys.
+    crate::test_support::eventually("the peer to see the new JWT key", || {
+        peer.state().jwt_keys.len() == 2
+    })
+    .await;
+
+    // Kept two leaf lifetimes (72 h each) after the rotation.
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(145);
+    assert_eq!(ca.prune(later).await.expect("prune"), 1);
+    let pruned = ca.state();
+    assert_eq!(pruned.jwt_keys.len(), 1);
+    assert!(matches!(
+        jwt::validate(
+            &old.token,
+            "socat",
+            &pruned.jwt_keys,
+            &pruned.trust_domain,
+            now_unix()
+        ),
+        Err(jwt::Rejection::UnknownKey(_))
+    ));
+    for key in [
+        jwt::public_key_key(before.active_root().id()),
+        jwt::private_key_key(before.active_root().id()),
+    ] {
+        assert!(
+            store.get(&key).await.expect("get").is_none(),
+            "{key} pruned"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_store_written_before_jwt_keys_gets_one_from_a_server_and_a_client_never_reads_it() {
+    let store = MemStore::new();
+    let first = start(&store).await;
+    let root = first.state().active_root().id().to_owned();
+    drop(first);
+    // As an older agent left it: no JWT key at all.
+    store
+        .txn(
+            crate::store::Txn::new()
+                .delete(jwt::public_key_key(&root))
+                .delete(jwt::private_key_key(&root)),
+        )
+        .await
+        .expect("delete");
+    let client = CaManager::start(
+        Datacenter::default(),
+        CaRole::Client(remote::RemoteSigner::new(&[], "n1".to_owned(), None)),
+        Arc::new(store.clone()),
+    )
+    .await
+    .expect("client starts");
+    assert!(client.state().jwt_keys.is_empty());
+    assert!(client.state().jwt_signer().is_none());
+    let server = start(&store).await;
+    assert!(server.state().active_has_jwt_key(), "made at start");
+    assert!(server.state().jwt_signer().is_some());
+    assert!(
+        store
+            .get(&jwt::private_key_key(&root))
+            .await
+            .expect("get")
+            .is_some()
+    );
+    crate::test_support::eventually("the client to see the JWKS", || {
+        client.state().jwt_keys.len() == 1
+    })
+    .await;
+    assert!(
+        client.state().jwt_signer().is_none(),
+        "clients never hold the key"
+    );
+    let t = server
+        .jwt_svid(&svc("web"), &["socat".to_owned()])
+        .await
+        .expect("jwt");
+    let c = client.state();
+    jwt::validate(&t.token, "socat", &c.jwt_keys, &c.trust_domain, now_unix())
+        .expect("the client validates a server's token");
+}

@@ -10,8 +10,10 @@
 //! are bounded per calling process, per service and in all, and end when the
 //! agent stops.
 //!
-//! JWT-SVIDs are not served yet: those calls answer `Unimplemented` after the
-//! same attestation.
+//! JWT-SVIDs: `FetchJWTSVID` signs (or reuses, see [`crate::ca::jwt`]) a token
+//! whose `sub` is the caller's SPIFFE ID for the audiences it asks;
+//! `FetchJWTBundles` streams the JWKS of the trust domain; `ValidateJWTSVID`
+//! checks a token's signature, expiry and audience for an attested caller.
 
 use std::{
     collections::HashMap,
@@ -45,7 +47,7 @@ use super::{
 };
 use crate::{
     agent::Agent,
-    ca::{Leaf, TrustBundle},
+    ca::{Leaf, TrustBundle, jwt},
     identity::ServiceName,
 };
 
@@ -78,6 +80,9 @@ pub struct Counters {
     pub denied: AtomicU64,
     pub invalid: AtomicU64,
     pub limited: AtomicU64,
+    /// `ValidateJWTSVID` answers.
+    pub jwt_valid: AtomicU64,
+    pub jwt_invalid: AtomicU64,
 }
 
 /// The service (see the module doc).
@@ -354,27 +359,37 @@ fn trust_domain_id(bundle: &TrustBundle) -> String {
 
 type StreamOf<T> = ReceiverStream<Result<T, Status>>;
 
-/// A stream of the full state: `build` of the leaf (when given) and the bundle
-/// at once, and again whenever either changes, until the client goes, the agent
-/// stops or a source ends. Holds `slot` while it lives.
-fn follow<T: Send + 'static>(
+/// A stream of the full state: `build` of the leaf (when given) and `source`
+/// at once, and again whenever either changes into something new, until the
+/// client goes, the agent stops or a source ends. Holds `slot` while it lives.
+fn follow<S, T>(
     slot: StreamSlot,
     stop: CancellationToken,
     mut leaf: Option<watch::Receiver<Arc<Leaf>>>,
-    mut bundle: watch::Receiver<Arc<TrustBundle>>,
-    build: impl Fn(Option<&Leaf>, &TrustBundle) -> T + Send + 'static,
-) -> StreamOf<T> {
+    mut source: watch::Receiver<S>,
+    build: impl Fn(Option<&Leaf>, &S) -> T + Send + 'static,
+) -> StreamOf<T>
+where
+    S: Clone + Send + Sync + 'static,
+    T: Clone + PartialEq + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         let _slot = slot;
+        let mut last: Option<T> = None;
         loop {
             let msg = {
                 let l = leaf.as_mut().map(|l| l.borrow_and_update().clone());
-                let b = bundle.borrow_and_update().clone();
+                let b = source.borrow_and_update().clone();
                 build(l.as_deref(), &b)
             };
-            if tx.send(Ok(msg)).await.is_err() {
-                return;
+            // The source may move for what this stream does not carry (e.g. the
+            // CA's configuration): send only what is new.
+            if last.as_ref() != Some(&msg) {
+                if tx.send(Ok(msg.clone())).await.is_err() {
+                    return;
+                }
+                last = Some(msg);
             }
             let leaf_changed = async {
                 match leaf.as_mut() {
@@ -384,13 +399,44 @@ fn follow<T: Send + 'static>(
             };
             tokio::select! {
                 r = leaf_changed => if r.is_err() { return },
-                r = bundle.changed() => if r.is_err() { return },
+                r = source.changed() => if r.is_err() { return },
                 () = stop.cancelled() => return,
                 () = tx.closed() => return,
             }
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The status of a failed JWT-SVID signing.
+fn jwt_status(e: crate::ca::Error) -> Status {
+    match e {
+        crate::ca::Error::JwtRequest(r) => Status::invalid_argument(r.to_string()),
+        other => Status::unavailable(format!("cannot sign a JWT-SVID: {other}")),
+    }
+}
+
+/// A JSON object as a protobuf `Struct` (the claims of `ValidateJWTSVID`).
+fn to_struct(m: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: m.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
+
+fn to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
 }
 
 #[tonic::async_trait]
@@ -464,24 +510,89 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        self.admit(&req, "FetchJWTSVID")?;
-        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+        let caller = self.admit(&req, "FetchJWTSVID")?;
+        let body = req.into_inner();
+        let svid = self
+            .agent
+            .ca
+            .jwt_svid(&caller.service, &body.audience)
+            .await
+            .map_err(jwt_status)?;
+        let id = svid.spiffe_id.to_string();
+        // A caller may name the identity it wants; it has exactly one.
+        if !body.spiffe_id.is_empty() && body.spiffe_id != id {
+            tracing::info!(pid = caller.pid, service = %caller.service, asked = %body.spiffe_id, "JWT-SVID for another identity refused");
+            return Err(Status::permission_denied(format!(
+                "no identity {:?} for this caller (it is {id})",
+                body.spiffe_id
+            )));
+        }
+        tracing::info!(pid = caller.pid, service = %caller.service, audience = ?svid.audience, "JWT-SVID issued");
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![proto::Jwtsvid {
+                spiffe_id: id,
+                svid: svid.token.clone(),
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.admit(&req, "FetchJWTBundles")?;
-        Err(Status::unimplemented("JWT bundles are not served yet"))
+        let caller = self.admit(&req, "FetchJWTBundles")?;
+        let slot = self.open_stream(&caller)?;
+        let stream = follow(
+            slot,
+            self.stop.clone(),
+            None,
+            self.agent.ca.watch_state(),
+            |_, state| JwtBundlesResponse {
+                bundles: HashMap::from([(
+                    format!("spiffe://{}", state.trust_domain),
+                    state.jwks(),
+                )]),
+            },
+        );
+        Ok(Response::new(stream))
     }
 
     async fn validate_jwtsvid(
         &self,
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        self.admit(&req, "ValidateJWTSVID")?;
-        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+        let caller = self.admit(&req, "ValidateJWTSVID")?;
+        let body = req.into_inner();
+        if body.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if body.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let state = self.agent.ca.state();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match jwt::validate(
+            &body.svid,
+            &body.audience,
+            &state.jwt_keys,
+            &state.trust_domain,
+            now,
+        ) {
+            Ok(v) => {
+                self.counters.jwt_valid.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(pid = caller.pid, service = %caller.service, subject = %v.spiffe_id, audience = %body.audience, "JWT-SVID validated");
+                Ok(Response::new(ValidateJwtsvidResponse {
+                    spiffe_id: v.spiffe_id.to_string(),
+                    claims: Some(to_struct(v.claims)),
+                }))
+            }
+            Err(e) => {
+                self.counters.jwt_invalid.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(pid = caller.pid, service = %caller.service, audience = %body.audience, reason = %e, "JWT-SVID rejected");
+                Err(Status::invalid_argument(format!("invalid JWT-SVID: {e}")))
+            }
+        }
     }
 }
 

@@ -124,7 +124,7 @@ impl Inner {
     }
 
     /// The SPIFFE ID of `service`'s leaf in this datacenter and `state`'s trust domain.
-    fn leaf_id(&self, state: &CaState, service: &ServiceName) -> SpiffeId {
+    pub(super) fn leaf_id(&self, state: &CaState, service: &ServiceName) -> SpiffeId {
         SpiffeId::service(
             state.trust_domain.clone(),
             self.datacenter.clone(),
