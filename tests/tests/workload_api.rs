@@ -12,6 +12,10 @@
 //!   INVALID_ARGUMENT.
 //! - One process gets at most 16 streams at once (RESOURCE_EXHAUSTED beyond),
 //!   and closed streams give their place back.
+//! - JWT-SVIDs: fetched for an audience, validated by the agent and by PyJWT
+//!   with the published JWKS, rejected for another audience and when a claim or
+//!   the signature is changed; denied outside every service's cgroup; the JWKS
+//!   stream gets the new root's key at once after a rotation.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -83,6 +87,28 @@ def err(e):
     done.set()
 client = WorkloadApiClient(socket_path="unix://" + sys.argv[1])
 handle = client.stream_x509_contexts(ok, err, retry_connect=False)
+done.wait(float(sys.argv[2]))
+handle.cancel()
+client.close()
+"#;
+
+/// py-spiffe's JWT bundle watch: one line per update (time, keys in the JWKS)
+/// to argv[3] until it saw two keys or argv[2] seconds passed.
+const JWT_WATCH: &str = r#"
+import sys, time, threading
+from spiffe import WorkloadApiClient
+done = threading.Event()
+out = open(sys.argv[3], "a", buffering=1)
+def ok(bundle_set):
+    keys = sum(len(b.jwt_authorities) for b in bundle_set.bundles)
+    out.write("jwks t=%.3f keys=%d\n" % (time.time(), keys))
+    if keys >= 2:
+        done.set()
+def err(e):
+    out.write("error=%r\n" % e)
+    done.set()
+client = WorkloadApiClient(socket_path="unix://" + sys.argv[1])
+handle = client.stream_jwt_bundles(ok, err, retry_connect=False)
 done.wait(float(sys.argv[2]))
 handle.cancel()
 client.close()
@@ -334,7 +360,8 @@ fn py_spiffe_gets_each_cgroups_svid_and_nothing_elsewhere() -> Result<()> {
 /// A watch gets the new bundle first after a root rotation, then, within 60 s
 /// (the agent re-signs within a random 30 s of the change), web's leaf signed by
 /// the new root; every update carries the full state. Driven by the agent's own
-/// renewal: the client only listens.
+/// renewal: the client only listens. A JWT bundle watch gets the new root's
+/// JWT key at once.
 #[test]
 fn a_watch_gets_the_new_bundle_then_a_leaf_of_the_new_root_after_a_rotation() -> Result<()> {
     require_privileges()?;
@@ -357,9 +384,22 @@ fn a_watch_gets_the_new_bundle_then_a_leaf_of_the_new_root_after_a_rotation() ->
             &log.to_string_lossy(),
         ],
     )?;
+    let jwt_log = dir.0.join("jwt-watch.log");
+    let jwt_watcher = CgroupProc::spawn(
+        &cg.path.join("web"),
+        &python,
+        &[
+            "-c",
+            JWT_WATCH,
+            &socket.to_string_lossy(),
+            "30",
+            &jwt_log.to_string_lossy(),
+        ],
+    )?;
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let read_jwt = || std::fs::read_to_string(&jwt_log).unwrap_or_default();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !read().contains("update ") {
+    while !read().contains("update ") || !read_jwt().contains("jwks ") {
         ensure!(
             std::time::Instant::now() < deadline,
             "no first update: {}\n{}",
@@ -378,6 +418,29 @@ fn a_watch_gets_the_new_bundle_then_a_leaf_of_the_new_root_after_a_rotation() ->
         Some(r#"{"Provider": "consul", "Config": {"PrivateKeyBits": 384}}"#),
     )?;
     ensure!(status == 200, "rotation: {status} {body}");
+    // The JWKS follows the roots: one key before, the new root's key added.
+    let (code, out, err) = jwt_watcher.output(Duration::from_secs(40))?;
+    ensure!(code == 0, "JWT bundle watcher: {out}\n{err}");
+    let jwks: Vec<(f64, usize)> = read_jwt()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.strip_prefix("jwks ")?.split(' ');
+            let t = f.next()?.strip_prefix("t=")?.parse().ok()?;
+            let keys = f.next()?.strip_prefix("keys=")?.parse().ok()?;
+            Some((t, keys))
+        })
+        .collect();
+    ensure!(
+        jwks.first().map(|j| j.1) == Some(1),
+        "one JWT key before the rotation: {}",
+        read_jwt()
+    );
+    let two = jwks
+        .iter()
+        .find(|j| j.1 == 2)
+        .with_context(|| format!("no JWKS with both keys: {}", read_jwt()))?;
+    let jwks_took = two.0 - rotated_at;
+    ensure!(jwks_took < 5.0, "the new JWKS came {jwks_took:.1} s after");
     let (code, out, err) = watcher.output(Duration::from_secs(90))?;
     ensure!(code == 0, "watcher: {out}\n{err}");
     let updates: Vec<(f64, usize, String)> = read()
@@ -411,7 +474,7 @@ fn a_watch_gets_the_new_bundle_then_a_leaf_of_the_new_root_after_a_rotation() ->
         "the new leaf came {took:.1} s after the rotation"
     );
     println!(
-        "rotation: bundle after {:.2} s, leaf of the new root after {took:.2} s ({} updates)",
+        "rotation: bundle after {:.2} s, JWKS after {jwks_took:.2} s, leaf of the new root after {took:.2} s ({} updates)",
         updates[bundle].0 - rotated_at,
         updates.len()
     );
@@ -437,6 +500,11 @@ with WorkloadApiClient(socket_path="unix://" + sys.argv[1]) as c:
             print("bundles=served")
         except PySpiffeError as e:
             print("bundles_error=%s" % e)
+        try:
+            c.validate_jwt_svid("e30.e30.e30", "socat")
+            print("validate=answered")
+        except PySpiffeError as e:
+            print("validate_error=%s" % e)
         sys.exit(0)
     print("id=%s" % svid.spiffe_id)
     print("aud=%s" % ",".join(sorted(svid.audience)))
@@ -514,6 +582,11 @@ fn py_spiffe_fetches_and_validates_jwt_svids_and_forgeries_are_rejected() -> Res
         ensure!(
             field(&out, "bundles_error=").is_some(),
             "{where_} got the JWT bundles: {out}"
+        );
+        ensure!(
+            field(&out, "validate_error=")
+                .is_some_and(|e| e.contains("PERMISSION_DENIED") || e.contains("no identity")),
+            "{where_}: ValidateJWTSVID is an attested call too: {out}"
         );
     }
     // The configured lifetime applies to tokens signed next.
