@@ -99,6 +99,18 @@ pub fn run(args: TestArgs) -> Result<()> {
             },
         });
     }
+    // `cargo test --all-targets` builds examples as test harnesses; the
+    // integration tests run the real programs (`target/debug/examples/*`, e.g.
+    // `spiffe_native` in workload_native.rs), so build those too. Same compiler
+    // wrapper and features as above: only the examples themselves compile again.
+    if built.is_some() {
+        timed("build examples", &mut steps, || {
+            let mut cmd = util::cargo_cmd();
+            cmd.args(["build", "--workspace", "--examples"])
+                .env("RUSTC_WORKSPACE_WRAPPER", clippy_driver()?);
+            util::run_status(&mut cmd)
+        });
+    }
     let tests = built.map(|b| b.exes);
     if let Some(tests) = &tests {
         let (unit, integration): (Vec<_>, Vec<_>) = tests
@@ -175,7 +187,8 @@ struct TestExe {
 /// What the lint-and-build step produced.
 #[derive(Debug)]
 struct Built {
-    /// The test executables to run (benches are built and linted, not run).
+    /// The test executables to run (benches and examples are built and linted,
+    /// not run).
     exes: Vec<TestExe>,
     /// Warnings rustc and clippy reported on workspace crates.
     warnings: usize,
@@ -214,13 +227,13 @@ fn build_test_executables(args: &[&str]) -> Result<Built> {
                 }
             }
             Some("compiler-artifact") if msg["profile"]["test"] == true => {
-                let is_bench = msg["target"]["kind"]
+                let not_run = msg["target"]["kind"]
                     .as_array()
-                    .is_some_and(|k| k.iter().any(|k| k == "bench"));
+                    .is_some_and(|k| k.iter().any(|k| k == "bench" || k == "example"));
                 let Some(path) = msg["executable"].as_str() else {
                     continue;
                 };
-                if is_bench {
+                if not_run {
                     continue;
                 }
                 let package = package_name(msg["package_id"].as_str().unwrap_or(""));
