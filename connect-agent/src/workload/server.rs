@@ -63,7 +63,7 @@ pub const MAX_STREAMS_PER_PROCESS: usize = 16;
 /// Why the Workload API cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot prepare the Workload API socket {path}: {source}")]
+    #[error("cannot serve the Workload API on {path} (--workload-api-socket): {source}")]
     Socket {
         path: PathBuf,
         #[source]
@@ -169,15 +169,24 @@ impl AsyncWrite for PeerStream {
 }
 
 /// Binds `path` (replacing a stale socket, refusing a live one), mode 0666:
-/// attestation decides who gets what, not file permissions.
+/// attestation decides who gets what, not file permissions. A directory it has to
+/// create (`/run/connect`) is made 0755, whatever the agent's umask (077, see
+/// [`crate::datadir`]), so that every workload can reach the socket.
 pub fn bind(path: &Path) -> Result<UnixListener, Error> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let fail = |source| Error::Socket {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(fail)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(fail)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
     }
     // A socket someone answers on belongs to a running agent: never take it over.
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -494,10 +503,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("run/workload.sock");
         let first = bind(&path).expect("first bind");
-        let mode = std::fs::metadata(&path).expect("meta").permissions();
+        let mode = |p: &Path| {
+            let m = std::fs::metadata(p).expect("meta").permissions();
+            std::os::unix::fs::PermissionsExt::mode(&m) & 0o777
+        };
+        assert_eq!(mode(&path), 0o666);
         assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-            0o666
+            mode(&dir.path().join("run")),
+            0o755,
+            "its directory is made reachable"
         );
         let e = bind(&path).expect_err("the socket is live");
         assert!(e.to_string().contains("another process serves it"), "{e}");
