@@ -15,7 +15,6 @@
 
 use std::{
     collections::HashMap,
-    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     pin::Pin,
     sync::{
@@ -35,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, transport::server::Connected};
 
 use super::{
-    attest::{self, Attested},
+    attest::{self, Attested, Peer},
     proto::{
         self, JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse,
         ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
@@ -124,21 +123,22 @@ impl Drop for StreamSlot {
     }
 }
 
-/// The accepted socket, with a duplicate of its descriptor for attestation.
+/// The accepted socket, with its peer pinned at accept ([`Peer::of`]).
 #[derive(Debug)]
 pub struct PeerStream {
     inner: UnixStream,
-    fd: Arc<OwnedFd>,
+    peer: PeerSocket,
 }
 
-/// What a request knows of its connection: the peer's socket.
+/// What a request knows of its connection: the peer that made it, as pinned at
+/// accept, or why it could not be.
 #[derive(Debug, Clone)]
-pub struct PeerSocket(Arc<OwnedFd>);
+pub struct PeerSocket(Arc<Result<Peer, attest::Error>>);
 
 impl Connected for PeerStream {
     type ConnectInfo = PeerSocket;
     fn connect_info(&self) -> PeerSocket {
-        PeerSocket(self.fd.clone())
+        self.peer.clone()
     }
 }
 
@@ -255,8 +255,12 @@ impl WorkloadApi {
                 "no identity: this agent runs without --cgroup, so it cannot tell workloads apart",
             ));
         };
-        let Some(PeerSocket(fd)) = req.extensions().get::<PeerSocket>() else {
+        let Some(PeerSocket(peer)) = req.extensions().get::<PeerSocket>() else {
             return Err(Status::internal("no peer socket on the request"));
+        };
+        let peer = match peer.as_ref() {
+            Ok(peer) => peer,
+            Err(e) => return Err(self.deny(call, e)),
         };
         let snapshot = self.agent.catalog.snapshot();
         let services: Vec<(PathBuf, ServiceName)> = snapshot
@@ -276,18 +280,21 @@ impl WorkloadApi {
                 .find(|(cg, _)| cg.as_path() == p)
                 .map(|(_, s)| s.clone())
         };
-        match attest::attest(&fd.as_fd(), root, lookup) {
+        match attest::attest_peer(peer, root, lookup) {
             Ok(a) => {
                 self.counters.attested.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(call, pid = a.pid, uid = a.uid, service = %a.service, cgroup = %a.cgroup.display(), "Workload API caller attested");
                 Ok(a)
             }
-            Err(e) => {
-                self.counters.denied.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(call, error = %e, "Workload API call denied");
-                Err(Status::permission_denied(format!("no identity: {e}")))
-            }
+            Err(e) => Err(self.deny(call, &e)),
         }
+    }
+
+    /// Counts and logs a caller without an identity, and says why.
+    fn deny(&self, call: &'static str, e: &attest::Error) -> Status {
+        self.counters.denied.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(call, error = %e, "Workload API call denied");
+        Status::permission_denied(format!("no identity: {e}"))
     }
 
     fn open_stream(&self, caller: &Attested) -> Result<StreamSlot, Status> {
@@ -327,12 +334,11 @@ fn async_stream_of(
                 () = stop.cancelled() => break,
                 a = listener.accept() => a,
             };
-            let item = accepted.and_then(|(inner, _)| {
-                let fd = inner.as_fd().try_clone_to_owned()?;
-                Ok(PeerStream {
-                    inner,
-                    fd: Arc::new(fd),
-                })
+            // Pinned now, once: a call much later on this connection must name
+            // the process that connected, not whoever holds its PID by then.
+            let item = accepted.map(|(inner, _)| {
+                let peer = PeerSocket(Arc::new(Peer::of(&inner)));
+                PeerStream { inner, peer }
             });
             if let Err(e) = &item {
                 tracing::warn!(error = %e, "Workload API accept failed");
