@@ -96,6 +96,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Before eBPF attaches: a redirected connection must find its listener.
     let transparent = config.cgroup.as_ref().map(|_| config.outbound_addr);
     let proxy_listeners = proxy::Listeners::bind(config.inbound_addr, transparent).await?;
+    let workload_listener = match &config.workload_api_socket {
+        Some(socket) => bind_workload_api(socket)?,
+        None => None,
+    };
 
     // Loaded now, attached once the maps hold what the store says (below).
     let redirect = match &config.cgroup {
@@ -131,16 +135,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
         _ => None,
     };
-    let workload_server = match &agent.config.workload_api_socket {
-        Some(path) => {
-            let listener = crate::workload::server::bind(path)?;
-            tracing::info!(socket = %path.display(), cgroup = ?agent.config.cgroup, "SPIFFE Workload API listening");
-            let api =
-                crate::workload::server::WorkloadApi::new(agent.clone(), shutdown.stop.clone());
-            Some(tokio::spawn(api.serve(listener)))
-        }
-        None => None,
-    };
+    let workload_server = workload_listener.map(|(listener, path)| {
+        tracing::info!(socket = %path.display(), cgroup = ?agent.config.cgroup, "SPIFFE Workload API listening");
+        let api = crate::workload::server::WorkloadApi::new(agent.clone(), shutdown.stop.clone());
+        (tokio::spawn(api.serve(listener)), path)
+    });
     // The catalog drives the virtual IPs, the proxy's routing, the eBPF maps and DNS.
     let _vip_allocation = catalog::virtual_ips::start(&agent.catalog, agent.vips.clone());
     let directory = catalog::directory::CatalogDirectory::start(
@@ -205,15 +204,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Ok(Err(e)) => return Err(Error::Serve(e)),
         Err(e) => tracing::error!(error = %e, "HTTP API task failed"),
     }
-    if let Some(task) = workload_server {
+    if let Some((task, path)) = workload_server {
         match task.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "Workload API server failed"),
             Err(e) => tracing::error!(error = %e, "Workload API task failed"),
         }
-        if let Some(path) = &agent.config.workload_api_socket {
-            let _ = std::fs::remove_file(path);
-        }
+        // Only the socket this agent bound: never another agent's.
+        let _ = std::fs::remove_file(&path);
     }
     if let Some(task) = https_server {
         match task.await {
@@ -318,6 +316,39 @@ pub async fn build_node(
         workload_counters: Arc::default(),
         shutdown,
     }))
+}
+
+/// Binds the Workload API's socket, or says why not.
+///
+/// A socket the operator named (`--workload-api-socket PATH`) that cannot be
+/// bound stops the agent with the flag in the error: workloads that were told to
+/// use that path would otherwise fail later, one by one, far from the cause.
+///
+/// The default socket ([`crate::config::DEFAULT_WORKLOAD_API_SOCKET`]) only warns
+/// and the agent runs without the API. Nobody asked for it, and its failures are
+/// ones a working deployment has: a second agent on the host (the lab's nodes
+/// share one filesystem, their network namespaces apart) finds the path served by
+/// the first — `bind` never takes over a live socket — and an agent run without
+/// root cannot create `/run/connect`. Failing there would turn an agent that ran
+/// yesterday into one that does not start after an upgrade, for an API it does not
+/// use. A workload of this agent that dials the default path then reaches the
+/// agent that serves it, which attests it against its own services only: no
+/// identity this agent would not have given. An operator who relies on the API
+/// names the path, and gets the loud failure.
+fn bind_workload_api(
+    socket: &crate::config::WorkloadApiSocket,
+) -> Result<Option<(tokio::net::UnixListener, std::path::PathBuf)>, Error> {
+    match crate::workload::server::bind(&socket.path) {
+        Ok(listener) => Ok(Some((listener, socket.path.clone()))),
+        Err(e) if socket.explicit => Err(e.into()),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "the SPIFFE Workload API is off: its default socket cannot be served; give this agent its own --workload-api-socket PATH, or --workload-api-socket none"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// Keeps a client agent's list of server agents equal to the node records that

@@ -18,6 +18,11 @@ pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15001);
 /// Default inbound mTLS port on the node's address.
 pub const DEFAULT_INBOUND_PORT: u16 = 20000;
+/// Where the SPIFFE Workload API is served unless `--workload-api-socket` says
+/// otherwise (the choice; SPIRE's agent uses `/tmp/spire-agent/public/api.sock`).
+pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/connect/workload.sock";
+/// The `--workload-api-socket` value that turns the Workload API off.
+pub const WORKLOAD_API_OFF: &str = "none";
 
 /// Flags of `connect-agent` when it runs the agent.
 #[derive(Debug, Clone, Args)]
@@ -167,8 +172,11 @@ pub struct AgentArgs {
 
     /// Serve the SPIFFE Workload API on this Unix socket (mode 0666; the kernel
     /// attests each caller by its cgroup, which needs `--cgroup`). Clients use
-    /// `SPIFFE_ENDPOINT_SOCKET=unix://PATH`. Off unless given.
-    #[arg(long, value_name = "PATH")]
+    /// `SPIFFE_ENDPOINT_SOCKET=unix://PATH`. Default: /run/connect/workload.sock;
+    /// `none` turns the API off. A socket given here that cannot be served stops
+    /// the agent; the default one only logs a warning (e.g. a second agent on the
+    /// host, or an agent without permission to create /run/connect).
+    #[arg(long, value_name = "PATH|none")]
     pub workload_api_socket: Option<PathBuf>,
 
     /// Talk to a non-loopback etcd without TLS. The `connect-server` password and
@@ -266,8 +274,36 @@ pub struct Config {
     pub store_transport: StoreTransport,
     /// Idle node-to-node connections kept per source, destination and endpoint.
     pub proxy_pool_size: usize,
-    /// Where the SPIFFE Workload API is served (`--workload-api-socket`).
-    pub workload_api_socket: Option<PathBuf>,
+    /// Where the SPIFFE Workload API is served (`--workload-api-socket`); `None`
+    /// with `--workload-api-socket none`.
+    pub workload_api_socket: Option<WorkloadApiSocket>,
+}
+
+/// Where the Workload API is served, and whether the operator chose the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadApiSocket {
+    pub path: PathBuf,
+    /// Given with `--workload-api-socket`: a socket that cannot be served stops
+    /// the agent. The default path ([`DEFAULT_WORKLOAD_API_SOCKET`]) only warns
+    /// (see `app::bind_workload_api`).
+    pub explicit: bool,
+}
+
+impl WorkloadApiSocket {
+    /// From `--workload-api-socket`: the default when absent, nothing for `none`.
+    pub fn from_flag(flag: Option<PathBuf>) -> Option<Self> {
+        match flag {
+            None => Some(Self {
+                path: PathBuf::from(DEFAULT_WORKLOAD_API_SOCKET),
+                explicit: false,
+            }),
+            Some(p) if p.as_os_str() == WORKLOAD_API_OFF => None,
+            Some(path) => Some(Self {
+                path,
+                explicit: true,
+            }),
+        }
+    }
 }
 
 /// The HTTPS API's listener and certificates.
@@ -490,7 +526,7 @@ impl AgentArgs {
             etcd_user,
             etcd_tls,
             store_transport,
-            workload_api_socket: self.workload_api_socket,
+            workload_api_socket: WorkloadApiSocket::from_flag(self.workload_api_socket),
             proxy_pool_size: self.proxy_pool_size,
         })
     }
@@ -1034,6 +1070,36 @@ mod tests {
             ]),
             Err(Error::DnsRecursorLoop(_))
         ));
+    }
+
+    #[test]
+    fn the_workload_api_is_served_by_default_and_none_turns_it_off() {
+        let socket = |flags: &[&str]| config(flags).expect("config").workload_api_socket;
+        let default = WorkloadApiSocket {
+            path: DEFAULT_WORKLOAD_API_SOCKET.into(),
+            explicit: false,
+        };
+        for (flags, want) in [
+            (&[][..], Some(default)),
+            (&["--workload-api-socket", "none"][..], None),
+            (
+                &["--workload-api-socket", "/tmp/w.sock"][..],
+                Some(WorkloadApiSocket {
+                    path: "/tmp/w.sock".into(),
+                    explicit: true,
+                }),
+            ),
+            // The default path named explicitly is explicit: it must be served.
+            (
+                &["--workload-api-socket", DEFAULT_WORKLOAD_API_SOCKET][..],
+                Some(WorkloadApiSocket {
+                    path: DEFAULT_WORKLOAD_API_SOCKET.into(),
+                    explicit: true,
+                }),
+            ),
+        ] {
+            assert_eq!(socket(flags), want, "{flags:?}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! A workload connects to the agent's Unix socket; the kernel names the process
 //! at the other end ([`attest`]): its PID from `SO_PEERCRED`, a pidfd that pins it
-//! (`SO_PEERPIDFD`, or `pidfd_open` on kernels before 6.5), and its cgroup from
+//! (`SO_PEERPIDFD`, or `pidfd_open` on kernels before 6.5), taken once when the
+//! connection is accepted, and at each call its cgroup from
 //! `/proc/<pid>/cgroup`. The caller is the registered local service whose cgroup
 //! (the definition's `cgroup`, relative to `--cgroup`) contains that process. The
 //! pidfd defeats PID reuse: the process is checked to be alive after its cgroup

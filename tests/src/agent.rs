@@ -1,6 +1,12 @@
 //! A real `connect-agent` process for tests: started on free loopback ports and a
 //! temporary data directory, waited for until its API answers, and stopped by PID
 //! in `Drop` (SIGTERM, then SIGKILL) even when the test fails.
+//!
+//! Each agent serves the Workload API on a socket of its own in a temporary
+//! directory ([`AgentProcess::workload_socket`]), never on the default
+//! `/run/connect/workload.sock`, which the machine's own agent, or another test's,
+//! may serve. Agents a test starts by hand pass [`NO_WORKLOAD_API`] or a path of
+//! their own.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -54,6 +60,10 @@ pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
     Ok(ports)
 }
 
+/// Flags for an agent a test starts by hand that must not serve the Workload API
+/// on the default socket (it may be the machine's own agent's).
+pub const NO_WORKLOAD_API: [&str; 2] = ["--workload-api-socket", "none"];
+
 /// A running agent.
 #[derive(Debug)]
 pub struct AgentProcess {
@@ -61,10 +71,38 @@ pub struct AgentProcess {
     pub http_addr: SocketAddr,
     /// Where the agent serves DNS (UDP and TCP).
     pub dns_addr: SocketAddr,
+    /// Where the agent serves the Workload API: a socket in a temporary directory
+    /// of its own unless the test's flags name one (`None`: `none`).
+    pub workload_socket: Option<PathBuf>,
     pub data_dir: PathBuf,
     /// Where the agent's stderr goes, for failure messages.
     pub log_path: PathBuf,
     owns_data_dir: bool,
+    /// The directory of `workload_socket` when the harness chose it.
+    _socket_dir: Option<tempfile::TempDir>,
+}
+
+/// How [`AgentProcess::start_in_opts`] runs the agent, beyond its flags.
+#[derive(Debug, Default, Clone, Copy)]
+struct Launch<'a> {
+    env: &'a [(&'a str, &'a str)],
+    dns_addr: Option<SocketAddr>,
+    soft_nofile: Option<u64>,
+    run: Run,
+}
+
+/// The `/run` an agent sees.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// The machine's, and a `--workload-api-socket` in a directory of its own.
+    #[default]
+    Machine,
+    /// A mount namespace of its own with an empty tmpfs on `/run`, and no
+    /// `--workload-api-socket`: the default socket there is its alone.
+    Own,
+    /// The mount namespace of the agent with this PID (one started [`Run::Own`]),
+    /// and no `--workload-api-socket`.
+    Of(u32),
 }
 
 impl AgentProcess {
@@ -86,24 +124,65 @@ impl AgentProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
-        Self::start_dev_opts(name, dns_addr, extra, env, None)
+        Self::start_dev_launch(
+            name,
+            extra,
+            Launch {
+                env,
+                dns_addr,
+                ..Launch::default()
+            },
+        )
     }
 
     /// [`AgentProcess::start_dev`] with a soft limit of `soft_nofile` open files
     /// (the hard limit unchanged), as systemd and most shells give a daemon.
     pub fn start_dev_nofile(name: &str, extra: &[&str], soft_nofile: u64) -> Result<Self> {
-        Self::start_dev_opts(name, None, extra, &[], Some(soft_nofile))
+        Self::start_dev_launch(
+            name,
+            extra,
+            Launch {
+                soft_nofile: Some(soft_nofile),
+                ..Launch::default()
+            },
+        )
     }
 
-    fn start_dev_opts(
-        name: &str,
-        dns_addr: Option<SocketAddr>,
-        extra: &[&str],
-        env: &[(&str, &str)],
-        soft_nofile: Option<u64>,
-    ) -> Result<Self> {
+    /// [`AgentProcess::start_dev`] without `--workload-api-socket`, in a mount
+    /// namespace of its own whose `/run` is an empty tmpfs: the agent serves the
+    /// default `/run/connect/workload.sock` there, and the machine's `/run` never
+    /// sees it. The namespace, and the tmpfs with it, ends with the agent.
+    /// [`AgentProcess::workload_socket`] reaches the socket from outside, through
+    /// `/proc/<pid>/root`.
+    pub fn start_dev_own_run(name: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_dev_launch(
+            name,
+            extra,
+            Launch {
+                run: Run::Own,
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// [`AgentProcess::start_dev`] without `--workload-api-socket`, in the mount
+    /// namespace of `other` (started with [`AgentProcess::start_dev_own_run`]):
+    /// a second agent on the same host, as far as `/run` goes.
+    pub fn start_dev_in_run_of(name: &str, other: &Self, extra: &[&str]) -> Result<Self> {
+        let pid = other.pid().context("the other agent is stopped")?;
+        Self::start_dev_launch(
+            name,
+            extra,
+            Launch {
+                run: Run::Of(pid),
+                ..Launch::default()
+            },
+        )
+    }
+
+    fn start_dev_launch(name: &str, extra: &[&str], launch: Launch<'_>) -> Result<Self> {
         let dir = private_dir(name)?;
-        let mut p = match Self::start_in_opts(&dir, &["--dev"], extra, env, dns_addr, soft_nofile) {
+        let mut p = match Self::start_in_opts(&dir, &["--dev"], extra, launch) {
             Ok(p) => p,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -127,17 +206,47 @@ impl AgentProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
-        Self::start_in_opts(dir, base, extra, env, None, None)
+        Self::start_in_opts(
+            dir,
+            base,
+            extra,
+            Launch {
+                env,
+                ..Launch::default()
+            },
+        )
     }
 
     fn start_in_opts(
         dir: &Path,
         base: &[&str],
         extra: &[&str],
-        env: &[(&str, &str)],
-        dns_addr: Option<SocketAddr>,
-        soft_nofile: Option<u64>,
+        launch: Launch<'_>,
     ) -> Result<Self> {
+        let Launch {
+            env,
+            dns_addr,
+            soft_nofile,
+            run,
+        } = launch;
+        // The test's own --workload-api-socket, or one in a directory of this
+        // agent's own (not in `dir`: the agent refuses a data directory holding a
+        // file others may open, and a socket left by a killed agent is one).
+        let given = base
+            .iter()
+            .chain(extra)
+            .skip_while(|a| **a != "--workload-api-socket")
+            .nth(1);
+        let (mut workload_socket, socket_dir, socket_flag) = match given {
+            Some(&"none") => (None, None, None),
+            Some(p) => (Some(PathBuf::from(p)), None, None),
+            None if run != Run::Machine => (None, None, None),
+            None => {
+                let d = private_tempdir("connect-wl-")?;
+                let p = d.path().join("workload.sock");
+                (Some(p.clone()), Some(d), Some(p))
+            }
+        };
         let [http, dns, outbound, inbound] = free_ports::<4>()?;
         let http_addr: SocketAddr = format!("127.0.0.1:{http}").parse()?;
         let dns_addr = match dns_addr {
@@ -154,17 +263,35 @@ impl AgentProcess {
             .mode(0o600)
             .open(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        // util-linux's prlimit sets the limit and execs the agent (same PID).
-        let mut cmd = match soft_nofile {
-            Some(n) => {
+        // util-linux's prlimit sets the limit and execs the agent (same PID);
+        // unshare (without --fork) and sh exec it too.
+        let mut cmd = match (soft_nofile, run) {
+            (Some(n), _) => {
                 let mut c = Command::new("prlimit");
                 c.arg(format!("--nofile={n}:"))
                     .arg("--")
                     .arg(agent_binary()?);
                 c
             }
-            None => Command::new(agent_binary()?),
+            (None, Run::Own) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(r#"mount -t tmpfs -o mode=0755,size=1m connect-test-run /run && exec "$0" "$@""#)
+                    .arg(agent_binary()?);
+                c
+            }
+            (None, Run::Of(pid)) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--mount=/proc/{pid}/ns/mnt"))
+                    .arg("--")
+                    .arg(agent_binary()?);
+                c
+            }
+            (None, Run::Machine) => Command::new(agent_binary()?),
         };
+        if let Some(p) = &socket_flag {
+            cmd.arg("--workload-api-socket").arg(p);
+        }
         cmd.args(base)
             .arg("--data-dir")
             .arg(dir)
@@ -183,13 +310,21 @@ impl AgentProcess {
             .stdout(Stdio::null())
             .stderr(log);
         let child = cmd.spawn().context("starting connect-agent")?;
+        if run != Run::Machine {
+            workload_socket =
+                Some(Path::new(&format!("/proc/{}/root", child.id())).join(
+                    connect_agent::config::DEFAULT_WORKLOAD_API_SOCKET.trim_start_matches('/'),
+                ));
+        }
         let mut p = Self {
             child: Some(child),
             http_addr,
             dns_addr,
+            workload_socket,
             data_dir: dir.to_owned(),
             log_path,
             owns_data_dir: false,
+            _socket_dir: socket_dir,
         };
         p.wait_ready(Duration::from_secs(20))?;
         Ok(p)

@@ -1,6 +1,7 @@
 //! Integration-test helpers: real agent processes (`agent`), real etcd clusters
 //! (`etcd`), cgroups and processes for the privileged eBPF tests (`lab`), mesh
-//! processes (`mesh`), python probes (`probes`) and `dig` (`dig`).
+//! processes (`mesh`), python probes (`probes`), `dig` (`dig`) and a Workload API
+//! client over a connection it is given (`workload`).
 
 pub mod agent;
 pub mod dig;
@@ -9,3 +10,4 @@ pub mod lab;
 pub mod mesh;
 pub mod probes;
 pub mod wait;
+pub mod workload;

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use connect_tests::agent::{
-    AgentProcess, agent_binary, free_port, http, http_with_token, private_dir,
+    AgentProcess, NO_WORKLOAD_API, agent_binary, free_port, http, http_with_token, private_dir,
 };
 
 /// Kills a child process (by its handle) however the test ends.
@@ -453,6 +453,7 @@ fn data_dir_and_key_files_are_protected() -> Result<()> {
             .args(["--dns-addr", &format!("127.0.0.1:{}", free_port()?)])
             .args(["--outbound-addr", &format!("127.0.0.1:{}", free_port()?)])
             .args(["--inbound-addr", &format!("127.0.0.1:{}", free_port()?)])
+            .args(NO_WORKLOAD_API)
             .args(extra)
             .output()?;
         Ok(out)
@@ -518,6 +519,7 @@ fn data_dir_and_key_files_are_protected() -> Result<()> {
         .args(["--dns-addr", &format!("127.0.0.1:{}", free_port()?)])
         .args(["--outbound-addr", &format!("127.0.0.1:{}", free_port()?)])
         .args(["--inbound-addr", &format!("127.0.0.1:{}", free_port()?)])
+        .args(NO_WORKLOAD_API)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

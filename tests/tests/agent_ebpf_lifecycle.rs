@@ -281,6 +281,8 @@ fn an_agent_inside_its_own_cgroup_refuses_to_start() -> Result<()> {
             &cgroup,
             "--http-addr",
             "127.0.0.1:0",
+            "--workload-api-socket",
+            "none",
         ],
     )?;
     let (code, _, err) = agent.output(Duration::from_secs(20))?;

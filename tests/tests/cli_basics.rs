@@ -4,7 +4,10 @@
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use connect_tests::{agent::agent_binary, lab::TestCgroup};
+use connect_tests::{
+    agent::{NO_WORKLOAD_API, agent_binary},
+    lab::TestCgroup,
+};
 
 #[test]
 fn version_and_help() -> Result<()> {
@@ -51,6 +54,7 @@ fn without_privileges_the_agent_says_why_in_one_line() -> Result<()> {
         .arg("--data-dir")
         .arg(&dir)
         .args(["--http-addr", "127.0.0.1:0"])
+        .args(NO_WORKLOAD_API)
         .output()
         .context("running setpriv")?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use connect_tests::{
-    agent::{AgentProcess, agent_binary, free_port, http, private_dir},
+    agent::{AgentProcess, NO_WORKLOAD_API, agent_binary, free_port, http, private_dir},
     dig::{Dig, dig},
     lab::{CgroupProc, TestCgroup, require_privileges},
     mesh::{Spawned, TempDir, cli, get_json, register, socat_echo, wait_listening},
@@ -195,7 +195,8 @@ fn start_expecting_failure(name: &str, dns_addr: SocketAddr) -> Result<(i32, Str
         .arg(&dir)
         .args(["--http-addr", &http_addr])
         .args(["--dns-addr", &dns_addr.to_string()])
-        .args(["--inbound-addr", &inbound, "--outbound-addr", &outbound]);
+        .args(["--inbound-addr", &inbound, "--outbound-addr", &outbound])
+        .args(NO_WORKLOAD_API);
     let mut p = Spawned::start("connect-agent", &mut cmd)?;
     p.close_stdin();
     let status = p.wait_exit(Duration::from_secs(20))?;

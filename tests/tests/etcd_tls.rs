@@ -12,7 +12,7 @@ use std::{process::Command, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use connect_tests::{
-    agent::{AgentProcess, agent_binary, http, private_tempdir},
+    agent::{AgentProcess, NO_WORKLOAD_API, agent_binary, http, private_tempdir},
     etcd::EtcdCluster,
     mesh::run_bounded,
     wait::wait_for_ok,
@@ -46,6 +46,7 @@ fn failing_agent(cluster: &EtcdCluster, flags: &[&str]) -> Result<String> {
                 "--inbound-addr",
                 &addr(free[3]),
             ])
+            .args(NO_WORKLOAD_API)
             .args(flags),
         None,
         Duration::from_secs(40),

@@ -11,7 +11,9 @@
 //!
 //! Each block runs in a PID namespace of its own (`unshare --pid --kill-child`), so
 //! that ending the one process the test started ends every daemon the block put
-//! in the background.
+//! in the background, and in a mount namespace of its own whose `/run` is an
+//! empty tmpfs, as a host of its own has: its agent serves the Workload API on
+//! the default `/run/connect/workload.sock` there, not on the machine's.
 
 use std::{
     fs,
@@ -111,15 +113,17 @@ impl Running {
             bin_dir.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        // The block as pasted, then a marker, then a process that keeps the PID
-        // namespace (and the daemons in it) alive until the test ends it.
+        // The host's own /run, then the block as pasted, then a marker, then a
+        // process that keeps the PID namespace (and the daemons in it) alive
+        // until the test ends it.
         let wrapped = format!(
-            "set -euo pipefail\n{script}\ntouch '{}'\nexec sleep 600\n",
+            "set -euo pipefail\nmount -t tmpfs -o mode=0755,size=1m connect-readme-run /run\n{script}\ntouch '{}'\nexec sleep 600\n",
             done.display()
         );
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
-            .args(["unshare", "--pid", "--fork", "--kill-child", "bash", "-c"])
+            .args(["unshare", "--pid", "--fork", "--kill-child", "--mount"])
+            .args(["--propagation", "private", "bash", "-c"])
             .arg(wrapped)
             .env("PATH", path)
             .env_remove("CONNECT_HTTP_TOKEN_FILE")

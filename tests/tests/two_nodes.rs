@@ -156,6 +156,9 @@ impl Node {
             HTTP,
             "--cgroup",
             &cgroup.to_string_lossy(),
+            // Both nodes share the machine's /run: a socket each, in its directory.
+            "--workload-api-socket",
+            &dir.join("workload.sock").to_string_lossy(),
         ]
         .iter()
         .map(|s| s.to_string())

@@ -484,6 +484,9 @@ impl ConnectPair {
                 .arg(dir.join("data"))
                 .arg("--config-dir")
                 .arg(&config)
+                // Both agents share the machine's /run: a socket each.
+                .arg("--workload-api-socket")
+                .arg(dir.join("workload.sock"))
                 .args([
                     "--store",
                     &format!("etcd://{SERVER_IP}:{ETCD_PORT}"),

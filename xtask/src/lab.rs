@@ -506,6 +506,10 @@ fn up_inner(n: u8, st: &mut LabState) -> Result<()> {
             agent_key.clone(),
             "--cgroup".to_owned(),
             node.cgroup.to_string_lossy().into_owned(),
+            // The nodes share the machine's /run: each serves the Workload API
+            // in its own directory (`lab exec` points workloads at it).
+            "--workload-api-socket".to_owned(),
+            workload_socket(node).to_string_lossy().into_owned(),
         ];
         spawn_recorded(st, &node.name, Role::Agent, argv, "agent.log")?;
         wait_agent(st, node)?;
@@ -785,6 +789,13 @@ fn start_node(name: &str, node: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where `node`'s agent serves the Workload API: in the node's directory, since
+/// the nodes share the machine's filesystem and so its default
+/// `/run/connect/workload.sock`.
+fn workload_socket(node: &NodeState) -> PathBuf {
+    node.dir.join("workload.sock")
+}
+
 fn exec(name: &str, node: &str, service: Option<&str>, command: &[String]) -> Result<()> {
     let st = load_state(name)?.with_context(|| format!("no lab {name} is up"))?;
     let n = st.node(node)?;
@@ -823,7 +834,11 @@ fn exec(name: &str, node: &str, service: Option<&str>, command: &[String]) -> Re
             c
         }
     };
-    cmd.env("PATH", path);
+    // SPIFFE libraries find the node's Workload API here.
+    cmd.env("PATH", path).env(
+        "SPIFFE_ENDPOINT_SOCKET",
+        format!("unix://{}", workload_socket(n).display()),
+    );
     let status = util::status(&mut cmd)?;
     std::process::exit(status.code().unwrap_or(1));
 }

@@ -9,7 +9,14 @@
 //! same process throughout. With `SO_PEERPIDFD` (Linux 6.5) the pidfd is the
 //! peer's own, taken by the kernel at `connect()`, and there is no window at all.
 //! Without it, `pidfd_open(pid)` leaves the window between the peer's exit and
-//! that call (a few microseconds after accept), as SPIRE's peertracker does.
+//! that call, as SPIRE's peertracker does; so the pidfd is taken once, when the
+//! connection is accepted ([`Peer::of`]), not at each call: a connection the
+//! peer passed on before it exited, used much later by another process, still
+//! names the process that connected, not whoever holds its PID by then
+//! (tests/tests/workload_pid_reuse.rs). `pidfd_open` is used only where the
+//! kernel does not know `SO_PEERPIDFD`; any other refusal of it means the peer is
+//! gone (Linux 6.5 to 6.15 answer `EINVAL` for a reaped peer, 6.16 and later a
+//! pidfd of the dead process).
 
 use std::{
     io,
@@ -48,6 +55,60 @@ pub enum Error {
     NoService { pid: i32, cgroup: PathBuf },
 }
 
+/// A connection's peer as the kernel names it, pinned when the connection was
+/// accepted: its credentials and a pidfd of that very process.
+#[derive(Debug)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pidfd: OwnedFd,
+}
+
+impl Peer {
+    /// Pins the peer of `socket` (a connected Unix stream); call it at accept.
+    pub fn of(socket: &impl AsFd) -> Result<Self, Error> {
+        let fd = socket.as_fd();
+        let (pid, uid) = credentials(fd)?;
+        let pidfd = match peer_pidfd(fd) {
+            Ok(pidfd) => pidfd,
+            // Linux before 6.5: no SO_PEERPIDFD; pin by PID, racing the peer's exit.
+            Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+                pidfd_open(pid).map_err(|source| pidfd_error(pid, source))?
+            }
+            Err(source) => return Err(pidfd_error(pid, source)),
+        };
+        Ok(Self { pid, uid, pidfd })
+    }
+
+    /// As a kernel without `SO_PEERPIDFD` pins it (`pidfd_open`).
+    #[cfg(test)]
+    fn by_pid(socket: &impl AsFd) -> Result<Self, Error> {
+        let (pid, uid) = credentials(socket.as_fd())?;
+        let pidfd = pidfd_open(pid).map_err(|source| pidfd_error(pid, source))?;
+        Ok(Self { pid, uid, pidfd })
+    }
+}
+
+/// The peer's PID and uid from `SO_PEERCRED`.
+fn credentials(fd: BorrowedFd<'_>) -> Result<(i32, u32), Error> {
+    let cred = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(Error::Credentials)?;
+    let (pid, uid) = (cred.pid(), cred.uid());
+    if pid <= 0 {
+        return Err(Error::Gone { pid });
+    }
+    Ok((pid, uid))
+}
+
+/// A pidfd refused: `ESRCH` (no such process) and `EINVAL` (`SO_PEERPIDFD` of a
+/// reaped peer, Linux 6.5 to 6.15) mean the peer is gone.
+fn pidfd_error(pid: i32, source: io::Error) -> Error {
+    match source.raw_os_error() {
+        Some(libc::ESRCH | libc::EINVAL) => Error::Gone { pid },
+        _ => Error::Pidfd { pid, source },
+    }
+}
+
 /// A peer the kernel vouched for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attested {
@@ -83,29 +144,27 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
         .ok_or_else(|| io::Error::other("no cgroup2 mount"))
 }
 
-/// Attests the peer of `socket` (a connected Unix stream): the service whose
-/// cgroup, as `service_of` maps paths relative to `root` (`--cgroup`), contains
-/// the peer process. `service_of` gets the peer's cgroup and then each of its
-/// ancestors up to `root`, and the first name it returns wins (the most
-/// specific cgroup).
+/// Attests the peer of `socket` (a connected Unix stream) now: [`Peer::of`],
+/// then [`attest_peer`].
 pub fn attest(
     socket: &impl AsFd,
     root: &Path,
     service_of: impl Fn(&Path) -> Option<ServiceName>,
 ) -> Result<Attested, Error> {
-    let fd = socket.as_fd();
-    let cred = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(Error::Credentials)?;
-    let (pid, uid) = (cred.pid(), cred.uid());
-    if pid <= 0 {
-        return Err(Error::Gone { pid });
-    }
-    let pidfd = peer_pidfd(fd)
-        .or_else(|_| pidfd_open(pid))
-        .map_err(|source| match source.raw_os_error() {
-            Some(libc::ESRCH) => Error::Gone { pid },
-            _ => Error::Pidfd { pid, source },
-        })?;
+    attest_peer(&Peer::of(socket)?, root, service_of)
+}
+
+/// Attests a pinned peer: the service whose cgroup, as `service_of` maps paths
+/// relative to `root` (`--cgroup`), contains the peer process, which must still
+/// run. `service_of` gets the peer's cgroup and then each of its ancestors up to
+/// `root`, and the first name it returns wins (the most specific cgroup).
+pub fn attest_peer(
+    peer: &Peer,
+    root: &Path,
+    service_of: impl Fn(&Path) -> Option<ServiceName>,
+) -> Result<Attested, Error> {
+    let Peer { pid, uid, pidfd } = peer;
+    let (pid, uid) = (*pid, *uid);
     let dir = cgroup_dir_of(&pid.to_string()).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => Error::Gone { pid },
         _ => Error::Cgroup { pid, source },
@@ -256,5 +315,38 @@ mod tests {
         let e = attest(&conn, &root, |_| Some(svc("web"))).expect_err("gone");
         assert!(matches!(e, Error::Gone { .. }), "{e}");
         let _ = conn.write_all(b"x");
+    }
+
+    /// A peer pinned at accept, by either way of pinning, is the process that
+    /// connected: once it exits, the connection earns nothing, whoever holds it.
+    #[test]
+    fn a_peer_pinned_at_accept_that_exits_later_gets_no_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let own = cgroup_dir_of("self").expect("own cgroup");
+        let root = own.parent().expect("parent").to_owned();
+        type Pin = fn(&UnixStream) -> Result<Peer, Error>;
+        let pins: [Pin; 2] = [|s| Peer::of(s), |s| Peer::by_pid(s)];
+        for pin in pins {
+            let mut child = Command::new("python3")
+                .args([
+                    "-c",
+                    "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'x'); sys.stdin.read()",
+                ])
+                .arg(&path)
+                .stdin(Stdio::piped())
+                .spawn()
+                .expect("python3");
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut b = [0u8; 1];
+            conn.read_exact(&mut b).expect("the child wrote");
+            let peer = pin(&conn).expect("pinned while it runs");
+            attest_peer(&peer, &root, |_| Some(svc("web"))).expect("attested while it runs");
+            drop(child.stdin.take());
+            assert!(child.wait().expect("wait").success());
+            let e = attest_peer(&peer, &root, |_| Some(svc("web"))).expect_err("gone");
+            assert!(matches!(e, Error::Gone { .. }), "{e}");
+        }
     }
 }

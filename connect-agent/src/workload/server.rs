@@ -17,7 +17,6 @@
 
 use std::{
     collections::HashMap,
-    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     pin::Pin,
     sync::{
@@ -37,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, transport::server::Connected};
 
 use super::{
-    attest::{self, Attested},
+    attest::{self, Attested, Peer},
     proto::{
         self, JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse,
         ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
@@ -65,7 +64,7 @@ pub const MAX_STREAMS_PER_PROCESS: usize = 16;
 /// Why the Workload API cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot prepare the Workload API socket {path}: {source}")]
+    #[error("cannot serve the Workload API on {path} (--workload-api-socket): {source}")]
     Socket {
         path: PathBuf,
         #[source]
@@ -129,21 +128,22 @@ impl Drop for StreamSlot {
     }
 }
 
-/// The accepted socket, with a duplicate of its descriptor for attestation.
+/// The accepted socket, with its peer pinned at accept ([`Peer::of`]).
 #[derive(Debug)]
 pub struct PeerStream {
     inner: UnixStream,
-    fd: Arc<OwnedFd>,
+    peer: PeerSocket,
 }
 
-/// What a request knows of its connection: the peer's socket.
+/// What a request knows of its connection: the peer that made it, as pinned at
+/// accept, or why it could not be.
 #[derive(Debug, Clone)]
-pub struct PeerSocket(Arc<OwnedFd>);
+pub struct PeerSocket(Arc<Result<Peer, attest::Error>>);
 
 impl Connected for PeerStream {
     type ConnectInfo = PeerSocket;
     fn connect_info(&self) -> PeerSocket {
-        PeerSocket(self.fd.clone())
+        self.peer.clone()
     }
 }
 
@@ -174,15 +174,24 @@ impl AsyncWrite for PeerStream {
 }
 
 /// Binds `path` (replacing a stale socket, refusing a live one), mode 0666:
-/// attestation decides who gets what, not file permissions.
+/// attestation decides who gets what, not file permissions. A directory it has to
+/// create (`/run/connect`) is made 0755, whatever the agent's umask (077, see
+/// [`crate::datadir`]), so that every workload can reach the socket.
 pub fn bind(path: &Path) -> Result<UnixListener, Error> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let fail = |source| Error::Socket {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(fail)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(fail)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
     }
     // A socket someone answers on belongs to a running agent: never take it over.
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -251,8 +260,12 @@ impl WorkloadApi {
                 "no identity: this agent runs without --cgroup, so it cannot tell workloads apart",
             ));
         };
-        let Some(PeerSocket(fd)) = req.extensions().get::<PeerSocket>() else {
+        let Some(PeerSocket(peer)) = req.extensions().get::<PeerSocket>() else {
             return Err(Status::internal("no peer socket on the request"));
+        };
+        let peer = match peer.as_ref() {
+            Ok(peer) => peer,
+            Err(e) => return Err(self.deny(call, e)),
         };
         let snapshot = self.agent.catalog.snapshot();
         let services: Vec<(PathBuf, ServiceName)> = snapshot
@@ -272,18 +285,21 @@ impl WorkloadApi {
                 .find(|(cg, _)| cg.as_path() == p)
                 .map(|(_, s)| s.clone())
         };
-        match attest::attest(&fd.as_fd(), root, lookup) {
+        match attest::attest_peer(peer, root, lookup) {
             Ok(a) => {
                 self.counters.attested.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(call, pid = a.pid, uid = a.uid, service = %a.service, cgroup = %a.cgroup.display(), "Workload API caller attested");
                 Ok(a)
             }
-            Err(e) => {
-                self.counters.denied.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(call, error = %e, "Workload API call denied");
-                Err(Status::permission_denied(format!("no identity: {e}")))
-            }
+            Err(e) => Err(self.deny(call, &e)),
         }
+    }
+
+    /// Counts and logs a caller without an identity, and says why.
+    fn deny(&self, call: &'static str, e: &attest::Error) -> Status {
+        self.counters.denied.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(call, error = %e, "Workload API call denied");
+        Status::permission_denied(format!("no identity: {e}"))
     }
 
     fn open_stream(&self, caller: &Attested) -> Result<StreamSlot, Status> {
@@ -323,12 +339,11 @@ fn async_stream_of(
                 () = stop.cancelled() => break,
                 a = listener.accept() => a,
             };
-            let item = accepted.and_then(|(inner, _)| {
-                let fd = inner.as_fd().try_clone_to_owned()?;
-                Ok(PeerStream {
-                    inner,
-                    fd: Arc::new(fd),
-                })
+            // Pinned now, once: a call much later on this connection must name
+            // the process that connected, not whoever holds its PID by then.
+            let item = accepted.map(|(inner, _)| {
+                let peer = PeerSocket(Arc::new(Peer::of(&inner)));
+                PeerStream { inner, peer }
             });
             if let Err(e) = &item {
                 tracing::warn!(error = %e, "Workload API accept failed");
@@ -605,10 +620,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("run/workload.sock");
         let first = bind(&path).expect("first bind");
-        let mode = std::fs::metadata(&path).expect("meta").permissions();
+        let mode = |p: &Path| {
+            let m = std::fs::metadata(p).expect("meta").permissions();
+            std::os::unix::fs::PermissionsExt::mode(&m) & 0o777
+        };
+        assert_eq!(mode(&path), 0o666);
         assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-            0o666
+            mode(&dir.path().join("run")),
+            0o755,
+            "its directory is made reachable"
         );
         let e = bind(&path).expect_err("the socket is live");
         assert!(e.to_string().contains("another process serves it"), "{e}");
