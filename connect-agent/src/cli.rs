@@ -68,6 +68,9 @@ pub enum Command {
     /// upgrade must not open the services' plaintext ports); this is the deliberate
     /// way to take them away. Run it after stopping the agent.
     Detach(DetachArgs),
+    /// List Connect's eBPF programs loaded in this kernel, with the verifier's
+    /// instruction counts (what a kernel upgrade or a program change moves).
+    Programs,
 }
 
 /// Arguments of `connect-agent detach`.
@@ -134,6 +137,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Services(cmd) => services::run(cmd).await,
         Command::Proxy(args) => proxy::run(args).await,
         Command::Detach(args) => detach(&args),
+        Command::Programs => programs(),
     };
     match result {
         Ok(code) => code,
@@ -161,6 +165,40 @@ fn detach(args: &DetachArgs) -> anyhow::Result<ExitCode> {
             args.cgroup.display(),
             dir.path.display()
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn programs() -> anyhow::Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("listing the kernel's eBPF programs needs root: run it with sudo");
+    }
+    let uname = nix::sys::utsname::uname().context("uname")?;
+    println!("kernel {}", uname.release().to_string_lossy());
+    let names: Vec<&str> = crate::redirect::program_names().collect();
+    let mut found = 0;
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("cannot read a loaded program's info")?;
+        let Some(name) = info.name_as_str().filter(|n| names.contains(n)) else {
+            continue;
+        };
+        found += 1;
+        let kind = format!("{:?}", info.program_type());
+        let kind = kind
+            .strip_prefix("BPF_PROG_TYPE_")
+            .unwrap_or(&kind)
+            .to_lowercase();
+        let insns = info
+            .verified_instruction_count()
+            .map_or_else(|| "n/a (kernel before 5.16)".to_owned(), |n| n.to_string());
+        println!(
+            "{name:<14} {kind:<18} id {:<6} verified_insns {insns}",
+            info.id()
+        );
+    }
+    if found == 0 {
+        println!("no Connect program is loaded");
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }

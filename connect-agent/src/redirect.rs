@@ -276,6 +276,11 @@ const PROGRAMS: [(&str, Hook); 8] = [
     (program::INGRESS, Hook::SkbIngress),
 ];
 
+/// The names of Connect's programs, as the kernel lists them.
+pub fn program_names() -> impl Iterator<Item = &'static str> {
+    PROGRAMS.iter().map(|(name, _)| *name)
+}
+
 /// Checks what loading needs, so the user gets one line that says what is missing.
 pub fn preflight(cgroup: &Path) -> Result<(), Error> {
     if !nix::unistd::geteuid().is_root() {
