@@ -50,6 +50,21 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("vagrant", "vagrant"),
 ];
 
+/// Debian packages of the VM lab (`cargo xtask vm-lab`): building its box and
+/// running its VMs under qemu.
+const VM_LAB_PACKAGES: &[(&str, &str)] = &[
+    ("debootstrap", "debootstrap"),
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("qemu-utils", "qemu-img"),
+    ("e2fsprogs", "mkfs.ext4"),
+    ("openssh-client", "ssh"),
+];
+
+/// Installs the VM lab's packages that are missing.
+pub fn vm_lab_packages() -> Result<()> {
+    apt_install(VM_LAB_PACKAGES)
+}
+
 /// Where bootstrap puts protoc and its include files (see `.cargo/config.toml`).
 const PROTOC_DIR: &str = "target/tools/protoc";
 
@@ -251,7 +266,32 @@ fn works(bin: &Path) -> bool {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES)
+}
+
+/// Installs what is missing of `packages`. Twice at most: installing one package
+/// can remove another (Debian's qemu-system-x86 replaces a backported
+/// qemu-utils), so what is missing is checked again afterwards.
+fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
+    for _ in 0..2 {
+        apt_install_once(packages)?;
+    }
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(pkg, _)| !dpkg_installed(pkg))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "Debian packages {} are still missing after apt-get install",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn apt_install_once(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(pkg, _)| !dpkg_installed(pkg))
         .map(|(pkg, _)| *pkg)

@@ -14,6 +14,7 @@ mod loadgen;
 mod netns;
 mod test;
 mod util;
+mod vmlab;
 
 use std::path::PathBuf;
 
@@ -53,6 +54,8 @@ enum Command {
     Test(test::TestArgs),
     /// A multi-node lab in network namespaces: `up [--nodes N]`, `status`, `down`.
     Lab(lab::LabArgs),
+    /// The lab on VMs with their own kernel: `box` builds the Vagrant box.
+    VmLab(vmlab::VmLabArgs),
     /// Benchmarks against a direct connection and a stunnel pair, on two namespace nodes.
     Bench(bench::BenchArgs),
     /// (internal) the echo server the benchmarks run inside a namespace.
@@ -82,6 +85,7 @@ fn main() {
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Lab(args) => lab::run(args),
+        Command::VmLab(args) => vmlab::run(args),
         Command::BenchEcho(args) => loadgen::echo(args),
         Command::BenchClient(cmd) => loadgen::client(cmd),
         Command::LabProbe(cmd) => lab::probe(cmd),

@@ -131,6 +131,14 @@ pub fn run(args: TestArgs) -> Result<()> {
                     .env("CONNECT_BOX", "connect/debian12");
                 util::run_status(&mut cmd)
             });
+            // The VM lab's test (tests/tests/vm_lab.rs) boots the cached box with
+            // the release agent: both are made here, before the integration tests
+            // run side by side, so that no test builds while others are timed.
+            // If this fails, only that test fails (saying why); the others run.
+            timed("VM lab box and release agent", &mut steps, || {
+                crate::build()?;
+                crate::vmlab::build_box()
+            });
             // `target/debug/connect-agent`, which the integration tests start, came
             // out of the build above.
             let venv = timed(
