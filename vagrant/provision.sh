@@ -4,9 +4,14 @@
 set -euo pipefail
 : "${NODE_NAME:?}" "${NODE_IP:?}" "${ETCD_INITIAL_CLUSTER:?}" "${CONNECT_STORE:?}" "${DEMO_ROLE:?}"
 
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends etcd-server socat netcat-openbsd python3 bpftool
+# The lab's own box (`cargo xtask vm-lab box`) has every package; another box
+# gets them from its mirror.
+if ! command -v etcd socat nc bpftool >/dev/null 2>&1 ||
+   [ "$(command -v etcd socat nc bpftool | wc -l)" -ne 4 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends etcd-server socat netcat-openbsd bpftool
+fi
 
 # The kernel must have what Connect needs.
 test -e /sys/kernel/btf/vmlinux || { echo "this kernel has no BTF; use a Debian 12 kernel" >&2; exit 1; }
@@ -38,8 +43,12 @@ After=network-online.target etcd.service
 [Service]
 # etcd is plaintext on the lab's isolated libvirt network until the VM lab makes
 # its certificates (the namespace lab's etcd runs TLS); the agent refuses that
-# without --etcd-insecure-plaintext, and `connect-agent doctor` reports it.
-ExecStart=/usr/local/bin/connect-agent --cgroup $CG2/app --config-dir /etc/connect.d --data-dir /var/lib/connect --store $CONNECT_STORE --etcd-insecure-plaintext --server --node-name $NODE_NAME --advertise-addr $NODE_IP
+# without --etcd-insecure-plaintext, and connect-agent doctor reports it.
+# ACLs default to allow as in the namespace lab (cargo xtask lab): the lab shows
+# the mesh; connect-agent doctor reports it, and the README's cluster section
+# shows the production setup. (No backquotes in this unquoted here-document:
+# the shell would run them.)
+ExecStart=/usr/local/bin/connect-agent --cgroup $CG2/app --config-dir /etc/connect.d --data-dir /var/lib/connect --store $CONNECT_STORE --etcd-insecure-plaintext --server --node-name $NODE_NAME --advertise-addr $NODE_IP --acl-default-policy allow
 ExecReload=/bin/kill -HUP \$MAINPID
 Restart=on-failure
 
@@ -54,7 +63,8 @@ case "$DEMO_ROLE" in
 [Unit]
 Description=Demo echo service
 [Service]
-ExecStart=/bin/sh -c 'echo \$\$ > $CG2/app/socat/cgroup.procs && exec socat tcp-l:8181,fork,reuseaddr exec:/bin/cat'
+# systemd turns \$\$ into \$: four here make the shell's \$\$ (its PID).
+ExecStart=/bin/sh -c 'echo \$\$\$\$ > $CG2/app/socat/cgroup.procs && exec socat tcp-l:8181,fork,reuseaddr exec:/bin/cat'
 [Install]
 WantedBy=multi-user.target
 UNIT
@@ -67,3 +77,13 @@ UNIT
 esac
 systemctl daemon-reload
 systemctl enable --now connect-agent
+
+# Intentions deny by default: web may reach socat. Made on the web node once its
+# agent answers; etcd carries it to every node.
+if [ "$DEMO_ROLE" = web ]; then
+  for _ in $(seq 1 60); do
+    connect-agent intention create -allow -replace web socat >/dev/null 2>&1 && break
+    sleep 1
+  done
+  connect-agent intention list
+fi
