@@ -7,7 +7,8 @@
 //!   (checked with openssl); the bundle is exactly those roots.
 //! - From socat's cgroup it gets socat's ID.
 //! - From a cgroup under `--cgroup` that no service names, and from outside
-//!   `--cgroup`, it gets PERMISSION_DENIED and no SVID.
+//!   `--cgroup`, it gets PERMISSION_DENIED and no SVID; from an agent without
+//!   `--cgroup` every call is PERMISSION_DENIED.
 //! - A raw gRPC call without the `workload.spiffe.io` header gets
 //!   INVALID_ARGUMENT.
 //! - One process gets at most 16 streams at once (RESOURCE_EXHAUSTED beyond),
@@ -612,6 +613,47 @@ fn py_spiffe_fetches_and_validates_jwt_svids_and_forgeries_are_rejected() -> Res
         metrics.contains("connect_workload_api_jwt_validations_total{result=\"valid\"} 2")
             && metrics.contains("connect_workload_api_jwt_validations_total{result=\"invalid\"} 6"),
         "validations counted:\n{metrics}"
+    );
+    Ok(())
+}
+
+/// An agent without `--cgroup` cannot tell workloads apart: every call, X.509
+/// and JWT, is PERMISSION_DENIED, saying why.
+#[test]
+fn without_cgroup_every_call_is_denied() -> Result<()> {
+    require_privileges()?;
+    let python = venv_python()?;
+    let agent = AgentProcess::start_dev("wlnocg", &[])?;
+    let socket = agent
+        .workload_socket
+        .clone()
+        .context("the harness gives every agent a Workload API socket")?;
+    register(&agent, &json!({"Name": "web", "Port": 0}))?;
+    let out = run_in(None, &python, FETCH, &socket)?;
+    ensure!(
+        field(&out, "id=").is_none(),
+        "an SVID without --cgroup: {out}"
+    );
+    ensure!(
+        field(&out, "error=").is_some_and(|e| e.contains("without --cgroup")),
+        "X.509: {out}"
+    );
+    let out = run_in(None, &python, JWT, &socket)?;
+    ensure!(
+        field(&out, "id=").is_none(),
+        "a JWT-SVID without --cgroup: {out}"
+    );
+    for key in ["fetch_error=", "bundles_error=", "validate_error="] {
+        ensure!(
+            field(&out, key)
+                .is_some_and(|e| e.contains("PERMISSION_DENIED") || e.contains("without --cgroup")),
+            "{key} {out}"
+        );
+    }
+    ensure!(
+        agent.log().contains("this agent runs without --cgroup"),
+        "the denial is logged:\n{}",
+        agent.log()
     );
     Ok(())
 }
