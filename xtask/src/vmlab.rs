@@ -817,7 +817,7 @@ fn status() -> Result<()> {
             .and_then(|s| s.trim().parse::<i32>().ok());
         let running = pid.is_some_and(is_our_qemu);
         let facts = if running {
-            ssh(i, "echo $(uname -r) agent=$(systemctl is-active connect-agent) etcd=$(systemctl is-active etcd)")?
+            ssh(i, "echo $(uname -r) agent=$(sudo systemctl is-active connect-agent) etcd=$(sudo systemctl is-active etcd)")?
                 .output()
                 .ok()
                 .filter(|o| o.status.success())
