@@ -41,33 +41,39 @@ pub const METRICS: &[MetricsFn] = &[
     workload_metrics,
 ];
 
-/// The Workload API's decisions, by outcome.
+/// The Workload API's decisions, by outcome, and its JWT validations.
 fn workload_metrics(agent: &Agent, out: &mut String) {
     use std::sync::atomic::Ordering::Relaxed;
     let c = &agent.workload_counters;
-    let name = "connect_workload_api_decisions_total";
-    let _ = writeln!(
+    labelled_counter(
         out,
-        "# HELP {name} Workload API calls by decision.\n# TYPE {name} counter"
+        "connect_workload_api_decisions_total",
+        "Workload API calls by decision.",
+        "decision",
+        &[
+            ("attested", c.attested.load(Relaxed)),
+            ("denied", c.denied.load(Relaxed)),
+            ("invalid_argument", c.invalid.load(Relaxed)),
+            ("limited", c.limited.load(Relaxed)),
+        ],
     );
-    for (decision, value) in [
-        ("attested", c.attested.load(Relaxed)),
-        ("denied", c.denied.load(Relaxed)),
-        ("invalid_argument", c.invalid.load(Relaxed)),
-        ("limited", c.limited.load(Relaxed)),
-    ] {
-        let _ = writeln!(out, "{name}{{decision=\"{decision}\"}} {value}");
-    }
-    let name = "connect_workload_api_jwt_validations_total";
-    let _ = writeln!(
+    labelled_counter(
         out,
-        "# HELP {name} ValidateJWTSVID answers by result.\n# TYPE {name} counter"
+        "connect_workload_api_jwt_validations_total",
+        "ValidateJWTSVID answers by result.",
+        "result",
+        &[
+            ("valid", c.jwt_valid.load(Relaxed)),
+            ("invalid", c.jwt_invalid.load(Relaxed)),
+        ],
     );
-    for (result, value) in [
-        ("valid", c.jwt_valid.load(Relaxed)),
-        ("invalid", c.jwt_invalid.load(Relaxed)),
-    ] {
-        let _ = writeln!(out, "{name}{{result=\"{result}\"}} {value}");
+}
+
+/// One counter family with one label.
+fn labelled_counter(out: &mut String, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (v, n) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{v}\"}} {n}");
     }
 }
 

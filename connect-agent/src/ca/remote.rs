@@ -243,20 +243,39 @@ impl RemoteSigner {
             reason,
         };
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let mut expires_at = None;
-        for a in audience {
-            let v = jwt::validate(&resp.token, a, &state.jwt_keys, &state.trust_domain, now)
-                .map_err(|e| bad(e.to_string()))?;
-            if v.spiffe_id != *id {
-                return Err(bad(format!("it is for {}, not {id}", v.spiffe_id)));
-            }
-            expires_at = v.claims.get("exp").and_then(serde_json::Value::as_i64);
+        // One signature check; the other audiences are read off its claims.
+        let first = audience
+            .first()
+            .ok_or_else(|| bad("no audience was asked".to_owned()))?;
+        let v = jwt::validate(
+            &resp.token,
+            first,
+            &state.jwt_keys,
+            &state.trust_domain,
+            now,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        if v.spiffe_id != *id {
+            return Err(bad(format!("it is for {}, not {id}", v.spiffe_id)));
         }
+        let aud: Vec<&str> = match v.claims.get("aud") {
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_str()).collect(),
+            Some(serde_json::Value::String(a)) => vec![a.as_str()],
+            _ => Vec::new(),
+        };
+        if let Some(missing) = audience.iter().find(|a| !aud.contains(&a.as_str())) {
+            return Err(bad(format!("it is not for audience {missing:?}")));
+        }
+        let expires_at = v
+            .claims
+            .get("exp")
+            .and_then(serde_json::Value::as_i64)
+            .ok_or_else(|| bad("it has no exp".to_owned()))?;
         Ok(JwtSvid {
             token: resp.token,
             spiffe_id: id.clone(),
             audience: audience.to_vec(),
-            expires_at: expires_at.ok_or_else(|| bad("no audience was asked".to_owned()))?,
+            expires_at,
         })
     }
 

@@ -280,11 +280,7 @@ impl CaState {
                     .find(|kv| kv.key == key_key)
                     .or_else(|| find(&legacy))
                     .ok_or_else(|| corrupt(&key_key, "it is missing"))?;
-                let key_pem = super::config::SecretPem(
-                    String::from_utf8(key_kv.value.clone())
-                        .map_err(|_| corrupt(&key_kv.key, "not UTF-8"))?,
-                );
-                Some(provider.signer(&roots[active].cert_der, &key_pem)?)
+                Some(provider.signer(&roots[active].cert_der, &secret_pem(key_kv)?)?)
             }
         };
         let mut jwt_keys = Vec::new();
@@ -317,12 +313,8 @@ impl CaState {
                     .iter()
                     .find(|kv| kv.key == key_key)
                     .ok_or_else(|| corrupt(&key_key, "it is missing"))?;
-                let pem = super::config::SecretPem(
-                    String::from_utf8(kv.value.clone())
-                        .map_err(|_| corrupt(&kv.key, "not UTF-8"))?,
-                );
                 Some(Arc::new(
-                    JwtSigner::new(public, &pem).map_err(|e| corrupt(&key_key, e))?,
+                    JwtSigner::new(public, &secret_pem(kv)?).map_err(|e| corrupt(&key_key, e))?,
                 ))
             }
             _ => None,
@@ -526,6 +518,13 @@ pub fn cert_facts(der: &[u8]) -> Result<CertFacts, String> {
         subject_key_id,
         authority_key_id,
     })
+}
+
+/// A stored private key (PKCS#8 PEM).
+fn secret_pem(kv: &KeyValue) -> Result<super::config::SecretPem, Error> {
+    String::from_utf8(kv.value.clone())
+        .map(super::config::SecretPem)
+        .map_err(|_| corrupt(&kv.key, "not UTF-8"))
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {

@@ -368,8 +368,9 @@ fn bundle_der(bundle: &TrustBundle) -> Vec<u8> {
         .collect()
 }
 
-fn trust_domain_id(bundle: &TrustBundle) -> String {
-    format!("spiffe://{}", bundle.trust_domain())
+/// A trust domain's SPIFFE ID, the key of the bundle maps.
+fn trust_domain_id(td: &crate::identity::TrustDomain) -> String {
+    format!("spiffe://{td}")
 }
 
 type StreamOf<T> = ReceiverStream<Result<T, Status>>;
@@ -515,7 +516,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
             self.agent.ca.bundle(),
             |_, bundle| X509BundlesResponse {
                 crl: Vec::new(),
-                bundles: HashMap::from([(trust_domain_id(bundle), bundle_der(bundle))]),
+                bundles: HashMap::from([(
+                    trust_domain_id(bundle.trust_domain()),
+                    bundle_der(bundle),
+                )]),
             },
         );
         Ok(Response::new(stream))
@@ -564,10 +568,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             None,
             self.agent.ca.watch_state(),
             |_, state| JwtBundlesResponse {
-                bundles: HashMap::from([(
-                    format!("spiffe://{}", state.trust_domain),
-                    state.jwks(),
-                )]),
+                bundles: HashMap::from([(trust_domain_id(&state.trust_domain), state.jwks())]),
             },
         );
         Ok(Response::new(stream))
