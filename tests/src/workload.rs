@@ -205,3 +205,40 @@ pub fn fetch_x509_svid(socket: &Path, timeout: Duration) -> Result<Fetched> {
         .with_context(|| format!("connecting to {}", socket.display()))?;
     fetch_x509_svid_over(stream, timeout)
 }
+
+/// The test venv's python3 (py-spiffe, py-consul, sslyze), which `cargo xtask
+/// test` creates.
+pub fn venv_python() -> Result<String> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv/bin/python3");
+    if !p.is_file() {
+        bail!(
+            "{} is missing: `cargo xtask test` creates the venv with py-spiffe",
+            p.display()
+        );
+    }
+    Ok(p.to_string_lossy().into_owned())
+}
+
+/// A dev agent with `--cgroup` on a test cgroup of its own, `children` made
+/// under it, serving the Workload API on the socket the harness gives every
+/// agent ([`AgentProcess::workload_socket`]); that socket's path is returned.
+pub fn agent_with_cgroups(
+    name: &str,
+    children: &[&str],
+) -> Result<(
+    crate::lab::TestCgroup,
+    crate::agent::AgentProcess,
+    std::path::PathBuf,
+)> {
+    let mut cg = crate::lab::TestCgroup::create(name)?;
+    for c in children {
+        cg.child(c)?;
+    }
+    let cgroup = cg.path.to_string_lossy().into_owned();
+    let agent = crate::agent::AgentProcess::start_dev(name, &["--cgroup", &cgroup])?;
+    let socket = agent
+        .workload_socket
+        .clone()
+        .context("the harness gives every agent a Workload API socket")?;
+    Ok((cg, agent, socket))
+}

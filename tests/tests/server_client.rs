@@ -402,15 +402,16 @@ fn client_agent_gets_leaves_from_the_server_and_never_the_ca_key() -> Result<()>
     let db_uri = format!("spiffe://{trust_domain}/ns/default/dc/dc1/svc/db");
     let web_csr = csr(work.path(), "web", &web_uri)?;
     let db_csr = csr(work.path(), "db", &db_uri)?;
-    let sign = |body: Value, token: Option<&str>| -> Result<(u16, String)> {
+    let post = |path: &str, body: Value, token: Option<&str>| -> Result<(u16, String)> {
         http_with_token(
             server.http_addr,
             "POST",
-            "/v1/connect/ca/sign",
+            path,
             Some(&body.to_string()),
             token,
         )
     };
+    let sign = |body: Value, token: Option<&str>| post("/v1/connect/ca/sign", body, token);
     let (status, text) = sign(
         json!({"Node": "client", "Service": "web", "CSR": web_csr}),
         None,
@@ -459,15 +460,7 @@ fn client_agent_gets_leaves_from_the_server_and_never_the_ca_key() -> Result<()>
     );
 
     // JWT-SVIDs: the endpoint's checks are the CSR's ...
-    let jwt_sign = |body: Value, token: Option<&str>| -> Result<(u16, String)> {
-        http_with_token(
-            server.http_addr,
-            "POST",
-            "/v1/connect/ca/jwt-sign",
-            Some(&body.to_string()),
-            token,
-        )
-    };
+    let jwt_sign = |body: Value, token: Option<&str>| post("/v1/connect/ca/jwt-sign", body, token);
     let (status, text) = jwt_sign(
         json!({"Node": "client", "Service": "web", "Audience": ["socat"]}),
         None,
@@ -496,15 +489,10 @@ fn client_agent_gets_leaves_from_the_server_and_never_the_ca_key() -> Result<()>
     ensure!(status == 400, "JWT without audience: {status} {text}");
     // ... and through the client's Workload API, py-spiffe in web's cgroup gets
     // one that the server signed and the client validates.
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv/bin/python3");
-    ensure!(
-        python.is_file(),
-        "{} is missing: `cargo xtask test` creates the venv with py-spiffe",
-        python.display()
-    );
+    let python = connect_tests::workload::venv_python()?;
     let (code, out, err) = CgroupProc::spawn(
         &web_cgroup,
-        &python.to_string_lossy(),
+        &python,
         &["-c", JWT, &workload_socket.to_string_lossy()],
     )?
     .output(Duration::from_secs(30))?;

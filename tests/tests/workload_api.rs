@@ -25,6 +25,7 @@ use connect_tests::{
     agent::{AgentProcess, free_port},
     lab::{CgroupProc, TestCgroup, require_privileges},
     mesh::{TempDir, get_json, register},
+    workload::{agent_with_cgroups, venv_python},
 };
 use serde_json::json;
 
@@ -156,22 +157,11 @@ struct Setup {
 
 impl Setup {
     fn start(name: &str, extra: &[&str]) -> Result<Self> {
-        let mut cg = TestCgroup::create(name)?;
-        for c in std::iter::once(&"web").chain(extra) {
-            cg.child(c)?;
-        }
+        let children: Vec<&str> = std::iter::once("web")
+            .chain(extra.iter().copied())
+            .collect();
+        let (cg, agent, socket) = agent_with_cgroups(name, &children)?;
         let dir = TempDir::new(name)?;
-        let socket = dir.0.join("workload.sock");
-        let cgroup = cg.path.to_string_lossy().into_owned();
-        let agent = AgentProcess::start_dev(
-            name,
-            &[
-                "--cgroup",
-                &cgroup,
-                "--workload-api-socket",
-                &socket.to_string_lossy(),
-            ],
-        )?;
         register(&agent, &json!({"Name": "web", "Port": 0, "cgroup": "web"}))?;
         Ok(Self {
             cg,
@@ -180,16 +170,6 @@ impl Setup {
             agent,
         })
     }
-}
-
-fn venv_python() -> Result<String> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv/bin/python3");
-    ensure!(
-        p.is_file(),
-        "{} is missing: `cargo xtask test` creates the venv with py-spiffe",
-        p.display()
-    );
-    Ok(p.to_string_lossy().into_owned())
 }
 
 fn run_in(cgroup: Option<&Path>, python: &str, script: &str, socket: &Path) -> Result<String> {

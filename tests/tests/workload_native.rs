@@ -29,6 +29,7 @@ use connect_tests::{
     agent::{AgentProcess, agent_binary},
     lab::{CgroupProc, TestCgroup, require_privileges},
     mesh::{Spawned, TempDir, cli, connect_address, register, roots, socat_echo},
+    workload::{agent_with_cgroups, venv_python},
 };
 use serde_json::json;
 
@@ -69,21 +70,8 @@ struct Native {
 impl Native {
     fn start(name: &str) -> Result<Self> {
         require_privileges()?;
-        let mut cg = TestCgroup::create(name)?;
-        cg.child("web")?;
-        cg.child("socat")?;
+        let (cg, agent, socket) = agent_with_cgroups(name, &["web", "socat"])?;
         let dir = TempDir::new(name)?;
-        let socket = dir.0.join("workload.sock");
-        let cgroup = cg.path.to_string_lossy().into_owned();
-        let agent = AgentProcess::start_dev(
-            name,
-            &[
-                "--cgroup",
-                &cgroup,
-                "--workload-api-socket",
-                &socket.to_string_lossy(),
-            ],
-        )?;
         let (socat, socat_port) = socat_echo()?;
         register(&agent, &json!({"Name": "web", "Port": 0, "cgroup": "web"}))?;
         register(
@@ -134,16 +122,6 @@ impl Native {
 
 fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
     out.lines().find_map(|l| l.strip_prefix(key))
-}
-
-fn venv_python() -> Result<String> {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv/bin/python3");
-    ensure!(
-        p.is_file(),
-        "{} is missing: `cargo xtask test` creates the venv with py-spiffe",
-        p.display()
-    );
-    Ok(p.to_string_lossy().into_owned())
 }
 
 /// `target/debug/examples/spiffe_native`, beside the agent binary; `cargo xtask
